@@ -1,0 +1,292 @@
+"""The embedding engine: turns texts into L2-normalised float32 vectors for registered models.
+
+All model work — loading and forward passes — happens in one worker thread owned by
+the engine, so the asyncio event loop (and with it Kafka heartbeats) never stalls on
+torch. :meth:`EmbeddingEngine.embed` splits a request into chunks of ``batch_size``
+texts and queues them by priority (lower number first: 0 read misses, 1 live changes,
+2 backfill; FIFO within a priority), so a later urgent request overtakes the rest of a
+large backfill after at most one chunk. :meth:`EmbeddingEngine.embed_sync` runs the
+same code in the caller's thread for the CLI, benchmarks and tests; a lock keeps it
+from running a model at the same time as the worker.
+
+Texts are sorted by length before chunking, so each chunk is one forward pass padded
+only to its own longest text, and the original order is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.modelkit import LoadedModel, load_model
+
+log = logging.getLogger("segue.engine")
+
+_WARM_UP_TEXT = "Segue warms the model up with this sentence."
+
+
+class DimensionMismatch(RuntimeError):
+    """A model produced vectors whose width differs from its registered dimension."""
+
+    def __init__(self, spec: ModelSpec, produced: int):
+        super().__init__(
+            f"model {spec.name!r} (v{spec.version}) produced {produced}-d vectors but is registered as {spec.dim}-d"
+        )
+        self.spec = spec
+        self.produced = produced
+
+
+class FingerprintMismatch(RuntimeError):
+    """The model at a registered source is no longer the model that was registered."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the registry table ``embedding_models``."""
+
+    version: int
+    name: str
+    source: str
+    kind: str
+    dim: int
+    pooling: str
+    normalize: bool
+    max_tokens: int
+    fingerprint: str
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    run: Callable[[], Any] | None = field(compare=False)  # None tells the worker to stop
+    future: asyncio.Future | None = field(compare=False)
+
+
+class EmbeddingEngine:
+    """Loads models and embeds texts with them on one device, in one worker thread."""
+
+    def __init__(self, *, device: str | None = None, batch_size: int = 32):
+        """``device`` None picks ``cuda`` when available, else ``cpu``; transformers run in fp16 on CUDA."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._batch_size = batch_size
+        if self._device == "cpu":
+            # torch defaults to one thread per physical core of the machine, which can exceed
+            # the cores this process may use; tokenizer threads would only add contention.
+            torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+        self._models: dict[int, LoadedModel] = {}  # written only under _model_lock
+        self._versions: frozenset[int] = frozenset()
+        self._model_lock = threading.Lock()  # one forward pass or load at a time
+        self._jobs: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._submit_lock = threading.Lock()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="segue-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def device(self) -> str:
+        """The torch device all transformer models run on (static models always compute in numpy)."""
+        return self._device
+
+    def loaded(self) -> set[int]:
+        """Versions of the models loaded so far."""
+        return set(self._versions)
+
+    async def ensure_loaded(self, specs: Iterable[ModelSpec]) -> dict[int, float]:
+        """Load and warm up every spec not loaded yet; return ``{version: seconds}`` for those loaded now.
+
+        Raises :class:`FingerprintMismatch` when a source no longer holds the registered
+        model, and :class:`DimensionMismatch` when it produces vectors of another width.
+        """
+        pending = {spec.version: spec for spec in specs if spec.version not in self._versions}
+        futures = [self._submit(0, functools.partial(self._load, spec)) for spec in pending.values()]
+        seconds = await self._gather(futures)
+        return {version: took for version, took in zip(pending, seconds) if took is not None}
+
+    async def embed(self, spec: ModelSpec, texts: Sequence[str], *, priority: int) -> np.ndarray:
+        """Embed ``texts`` with ``spec`` in the worker thread: float32 ``(len(texts), spec.dim)``, unit rows.
+
+        Lower ``priority`` numbers are served first. The model is loaded on first use if
+        :meth:`ensure_loaded` has not loaded it.
+        """
+        order, chunks = self._plan(texts)
+        futures = [self._submit(priority, functools.partial(self._encode, spec, chunk)) for chunk in chunks]
+        return self._assemble(spec, order, await self._gather(futures))
+
+    def embed_sync(self, spec: ModelSpec, texts: Sequence[str]) -> np.ndarray:
+        """Like :meth:`embed`, but blocking and in the caller's thread."""
+        if self._closed:
+            raise RuntimeError("the embedding engine is closed")
+        order, chunks = self._plan(texts)
+        return self._assemble(spec, order, [self._encode(spec, chunk) for chunk in chunks])
+
+    def close(self) -> None:
+        """Stop the worker after its current chunk, fail queued requests and free the models."""
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.put(_Job(-1, -1, None, None))
+        self._worker.join()
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job.future is not None:
+                _settle(job.future, None, RuntimeError("the embedding engine was closed"))
+        with self._model_lock:
+            self._models.clear()
+            self._versions = frozenset()
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # -- scheduling (event loop side) ----------------------------------------------------------
+
+    def _submit(self, priority: int, run: Callable[[], Any]) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        with self._submit_lock:
+            if self._closed:
+                raise RuntimeError("the embedding engine is closed")
+            self._jobs.put(_Job(priority, next(self._seq), run, future))
+        return future
+
+    @staticmethod
+    async def _gather(futures: list[asyncio.Future]) -> list[Any]:
+        try:
+            return await asyncio.gather(*futures)
+        except BaseException:
+            for future in futures:  # the worker skips chunks whose caller is gone
+                future.cancel()
+            raise
+
+    def _plan(self, texts: Sequence[str]) -> tuple[list[int], list[list[str]]]:
+        """Order the texts by length and cut them into chunks of ``batch_size``."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        size = self._batch_size
+        return order, [[texts[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
+
+    @staticmethod
+    def _assemble(spec: ModelSpec, order: list[int], parts: list[np.ndarray]) -> np.ndarray:
+        """Stack the chunks' vectors and put them back in the texts' original order."""
+        if not parts:
+            return np.zeros((0, spec.dim), dtype=np.float32)
+        vectors = np.empty((len(order), spec.dim), dtype=np.float32)
+        vectors[order] = np.concatenate(parts)
+        return vectors
+
+    # -- model work (worker thread, or the caller's thread for embed_sync) ----------------------
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job.run is None:
+                return
+            if job.future.cancelled():
+                continue
+            try:
+                result = job.run()
+            except Exception as exc:  # handed to the awaiting caller
+                _settle(job.future, None, exc)
+            else:
+                _settle(job.future, result, None)
+
+    def _load(self, spec: ModelSpec) -> float | None:
+        """Load ``spec`` unless it already is; return the seconds it took."""
+        with self._model_lock:
+            if spec.version in self._models:
+                return None
+            return self._load_locked(spec)
+
+    def _encode(self, spec: ModelSpec, texts: list[str]) -> np.ndarray:
+        """Vectors for one chunk (one forward pass), loading the model first if needed."""
+        with self._model_lock:
+            if spec.version not in self._models:
+                self._load_locked(spec)
+            return self._vectors(spec, self._models[spec.version], texts)
+
+    def _load_locked(self, spec: ModelSpec) -> float:
+        started = time.perf_counter()
+        loaded = load_model(spec.source)
+        if loaded.profile.fingerprint != spec.fingerprint:
+            raise FingerprintMismatch(
+                f"weights at {spec.source} changed since registration of model {spec.name!r} (v{spec.version}): "
+                f"fingerprint {loaded.profile.fingerprint[:12]}…, registered {spec.fingerprint[:12]}…"
+            )
+        if loaded.tokenizer is not None:
+            if self._device.startswith("cuda"):
+                loaded.model.half()
+            loaded.model.to(self._device)
+        self._vectors(spec, loaded, [_WARM_UP_TEXT])
+        self._models[spec.version] = loaded
+        self._versions = frozenset(self._models)
+        took = time.perf_counter() - started
+        log.info("loaded model %s v%d (%s, %d) on %s in %.2fs",
+                 spec.name, spec.version, spec.kind, spec.dim, self._device, took)
+        return took
+
+    def _vectors(self, spec: ModelSpec, loaded: LoadedModel, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``."""
+        if loaded.tokenizer is None:
+            raw = loaded.model.encode(
+                texts, max_length=spec.max_tokens or None, normalize=False, use_multiprocessing=False
+            ).astype(np.float32, copy=False)
+            norms = np.linalg.norm(raw, axis=1, keepdims=True)
+            vectors = raw / np.maximum(norms, 1e-12)
+        else:
+            vectors = self._transformer_vectors(spec, loaded, texts)
+        if vectors.shape[1] != spec.dim:
+            raise DimensionMismatch(spec, vectors.shape[1])
+        return vectors
+
+    def _transformer_vectors(self, spec: ModelSpec, loaded: LoadedModel, texts: list[str]) -> np.ndarray:
+        batch = loaded.tokenizer(
+            texts, padding=True, truncation=True, max_length=spec.max_tokens, return_tensors="pt"
+        ).to(self._device)
+        with torch.inference_mode():
+            hidden = loaded.model(**batch).last_hidden_state.float()
+            pooled = _pool(hidden, batch["attention_mask"], spec.pooling)
+            return torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token vectors ``(batch, tokens, dim)`` into one vector per text, as sentence-transformers does."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    if pooling == "max":
+        return hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Complete ``future`` from any thread, unless it is already done or its loop is gone."""
+
+    def resolve() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        future.get_loop().call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass

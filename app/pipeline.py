@@ -1,0 +1,383 @@
+"""Batch processing of document changes and read misses, independent of Kafka.
+
+The Faust agents hand each batch of raw records (:class:`Envelope`) to a processor
+and acknowledge the batch only once ``process`` returns, which it does only after
+every record's outcome is committed in PostgreSQL or the record is on the
+dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.engine import EmbeddingEngine, ModelSpec
+from app.isolation import process_isolating_poison
+from app.settings import Settings
+from app.store import ChangelogRow, DocumentRow, Store, StoredDocument, VectorRow
+from schemas.events import (
+    DeadLetterReason,
+    DocumentChange,
+    InvalidEvent,
+    ReadMiss,
+    SourcePosition,
+    decode_change,
+    decode_read_miss,
+)
+
+log = logging.getLogger("segue.pipeline")
+
+PRIORITY_READ_MISS = 0
+PRIORITY_CHANGE = 1
+PRIORITY_BACKFILL = 2
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A raw record as read from Kafka."""
+
+    key: bytes | None
+    value: bytes | None
+    source: SourcePosition
+    timestamp_ms: int | None = None
+
+    def key_text(self) -> str | None:
+        return self.key.decode(errors="replace") if self.key is not None else None
+
+    def latency_ms(self) -> float | None:
+        """Milliseconds from publication to now."""
+        return time.time() * 1000 - self.timestamp_ms if self.timestamp_ms else None
+
+
+class DeadLetterSink(Protocol):
+    """Publishes a record that cannot be processed, with the reason, to the dead-letter topic."""
+
+    async def send(self, envelope: Envelope, reason: DeadLetterReason, error: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    envelope: Envelope
+    reason: DeadLetterReason
+    error: str
+    origin: str
+    model_version: int | None = None
+
+
+def content_sha256(text: str) -> bytes:
+    """The hash a vector is tied to: sha256 of the UTF-8 body."""
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _model_slots(models: Sequence[ModelSpec]) -> list[int | None]:
+    """One changelog slot per live model; a single model-less slot when none is registered."""
+    return [m.version for m in models] or [None]
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class _Processor:
+    """What both processors share: the store, the engine and dead-lettering."""
+
+    origin: str
+
+    def __init__(self, settings: Settings, store: Store, engine: EmbeddingEngine, dead_letters: DeadLetterSink):
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.dead_letters = dead_letters
+
+    async def _isolate(self, items, process, on_poison) -> None:
+        await process_isolating_poison(
+            items,
+            process,
+            on_poison,
+            attempts=self.settings.retry_attempts,
+            backoff_s=self.settings.retry_backoff_s,
+        )
+
+    async def _dead_letter(self, letters: Sequence[DeadLetter], extra_rows: Sequence[ChangelogRow] = ()) -> None:
+        """Publish to the dead-letter topic, then record ``dead_lettered`` rows (and ``extra_rows``)."""
+        if not letters:
+            return
+        for letter in letters:
+            log.warning(
+                "dead-lettering %s[%d]@%d: %s: %s",
+                letter.envelope.source.topic,
+                letter.envelope.source.partition,
+                letter.envelope.source.offset,
+                letter.reason.value,
+                letter.error,
+            )
+            await self.dead_letters.send(letter.envelope, letter.reason, letter.error)
+        rows = list(extra_rows) + [
+            ChangelogRow(
+                doc_id=letter.envelope.key_text(),
+                model_version=letter.model_version,
+                action="dead_lettered",
+                origin=letter.origin,
+                latency_ms=letter.envelope.latency_ms(),
+                error=f"{letter.reason.value}: {letter.error}",
+            )
+            for letter in letters
+        ]
+
+        async def record(batch: Sequence[list[ChangelogRow]]) -> None:
+            async with self.store.transaction() as tx:
+                await tx.log([row for rows_ in batch for row in rows_])
+
+        async def unrecordable(rows_: list[ChangelogRow], error: BaseException) -> None:
+            log.error("could not record %d dead-letter changelog rows: %s", len(rows_), error)
+
+        await self._isolate([rows], record, unrecordable)
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    envelope: Envelope
+    change: DocumentChange
+
+
+def split_rounds(events: Sequence[ChangeEvent]) -> list[list[ChangeEvent]]:
+    """Cut a batch where an event follows a version-less tombstone of the same document.
+
+    A tombstone deletes whatever is stored when it is applied, so what came after it
+    in the partition must be applied after it, in a later round.
+    """
+    rounds: list[list[ChangeEvent]] = [[]]
+    tombstoned: set[str] = set()
+    for event in events:
+        doc_id = event.change.doc_id
+        if doc_id in tombstoned:
+            rounds.append([])
+            tombstoned = set()
+        rounds[-1].append(event)
+        if event.change.version is None:
+            tombstoned.add(doc_id)
+    return [r for r in rounds if r]
+
+
+def latest_per_document(events: Sequence[ChangeEvent]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+    """Keep the highest version per doc id (a tombstone beats what came before it).
+
+    Returns (winners, superseded); among equal versions the first one wins.
+    """
+    winners: dict[str, ChangeEvent] = {}
+    superseded: list[ChangeEvent] = []
+    for event in events:
+        doc_id = event.change.doc_id
+        current = winners.get(doc_id)
+        if current is None:
+            winners[doc_id] = event
+        elif event.change.version is None or (
+            current.change.version is not None and event.change.version > current.change.version
+        ):
+            superseded.append(current)
+            winners[doc_id] = event
+        else:
+            superseded.append(event)
+    return list(winners.values()), superseded
+
+
+class ChangeProcessor(_Processor):
+    """Dual-writes document changes: every live model, one transaction per batch."""
+
+    origin = "change"
+
+    async def process(self, envelopes: Sequence[Envelope]) -> None:
+        """Apply a batch of document-changes records; returns once every outcome is durable."""
+        events: list[ChangeEvent] = []
+        invalid: list[DeadLetter] = []
+        for envelope in envelopes:
+            try:
+                change = decode_change(envelope.key, envelope.value, max_text_bytes=self.settings.max_text_bytes)
+            except InvalidEvent as error:
+                invalid.append(DeadLetter(envelope, error.reason, str(error), self.origin))
+                continue
+            events.append(ChangeEvent(envelope, change))
+        await self._dead_letter(invalid)
+        for round_ in split_rounds(events):
+            await self._isolate(round_, self._apply, self._poison)
+
+    def _row(self, event: ChangeEvent, model_version: int | None, action: str, error: str | None = None):
+        return ChangelogRow(
+            doc_id=event.change.doc_id,
+            model_version=model_version,
+            action=action,
+            origin=self.origin,
+            doc_version=event.change.version,
+            event_id=event.change.event_id,
+            latency_ms=event.envelope.latency_ms(),
+            error=error,
+        )
+
+    async def _apply(self, events: Sequence[ChangeEvent]) -> None:
+        models = await self.store.live_models()
+        await self.engine.ensure_loaded(models)
+        winners, superseded = latest_per_document(events)
+        stored = await self.store.fetch([e.change.doc_id for e in winners], models)
+
+        upserts: list[tuple[ChangeEvent, bytes, list[ModelSpec]]] = []
+        deletes: list[ChangeEvent] = []
+        for event in winners:
+            known = stored[event.change.doc_id].newest_known_version()
+            if event.change.version is not None and known is not None and event.change.version <= known:
+                superseded.append(event)
+            elif event.change.is_delete:
+                deletes.append(event)
+            else:
+                sha = content_sha256(event.change.text)
+                held = stored[event.change.doc_id].model_sha256
+                upserts.append((event, sha, [m for m in models if held.get(m.version) != sha]))
+
+        vectors: dict[tuple[str, int], object] = {}
+        for model in models:
+            todo = [(event, sha) for event, sha, needed in upserts if model in needed]
+            if todo:
+                embedded = await self.engine.embed(
+                    model, [event.change.text for event, _ in todo], priority=PRIORITY_CHANGE
+                )
+                for (event, _), vector in zip(todo, embedded):
+                    vectors[(event.change.doc_id, model.version)] = vector
+
+        rows = [
+            DocumentRow(
+                doc_id=event.change.doc_id,
+                body=event.change.text,
+                version=event.change.version,
+                content_sha256=sha,
+                metadata=event.change.metadata,
+                vectors={m.version: vectors[(event.change.doc_id, m.version)] for m in needed},
+            )
+            for event, sha, needed in upserts
+        ]
+        slots = _model_slots(models)
+        async with self.store.transaction() as tx:
+            applied = await tx.upsert_documents(rows, models)
+            deleted = await tx.delete_documents([(e.change.doc_id, e.change.version) for e in deletes])
+            changelog: list[ChangelogRow] = []
+            for event, _, needed in upserts:
+                if event.change.doc_id not in applied:
+                    changelog += [self._row(event, v, "superseded") for v in slots]
+                    continue
+                needed_versions = {m.version for m in needed}
+                changelog += [
+                    self._row(event, v, "embedded" if v in needed_versions else "unchanged") for v in slots
+                ]
+            for event in deletes:
+                absent_already = stored[event.change.doc_id].version is None
+                action = "deleted" if event.change.doc_id in deleted or absent_already else "superseded"
+                changelog += [self._row(event, v, action) for v in slots]
+            for event in superseded:
+                changelog += [self._row(event, v, "superseded") for v in slots]
+            await tx.log(changelog)
+
+    async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
+        models = await self.store.live_models()
+        failed = [self._row(event, v, "failed", _error_text(error)) for v in _model_slots(models)]
+        letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin)
+        await self._dead_letter([letter], failed)
+
+
+@dataclass(frozen=True)
+class ReadMissEvent:
+    envelope: Envelope
+    miss: ReadMiss
+    model: ModelSpec
+
+
+class ReadMissProcessor(_Processor):
+    """Re-embeds the stored body of documents a reader found without a current vector."""
+
+    origin = "read_miss"
+
+    async def process(self, envelopes: Sequence[Envelope]) -> None:
+        """Apply a batch of read-misses records; returns once every outcome is durable."""
+        models = {m.name: m for m in await self.store.live_models()}
+        events: list[ReadMissEvent] = []
+        invalid: list[DeadLetter] = []
+        for envelope in envelopes:
+            try:
+                miss = decode_read_miss(envelope.value)
+            except InvalidEvent as error:
+                invalid.append(DeadLetter(envelope, error.reason, str(error), self.origin))
+                continue
+            model = models.get(miss.model)
+            if model is None:
+                invalid.append(
+                    DeadLetter(
+                        envelope,
+                        DeadLetterReason.UNKNOWN_MODEL,
+                        f"no live model named {miss.model!r} (live: {', '.join(sorted(models)) or 'none'})",
+                        self.origin,
+                    )
+                )
+                continue
+            events.append(ReadMissEvent(envelope, miss, model))
+        await self._dead_letter(invalid)
+        await self.engine.ensure_loaded(models.values())
+        for model in models.values():
+            mine = [e for e in events if e.model.version == model.version]
+            if mine:
+                await self._isolate(mine, self._apply, self._poison)
+
+    def _row(self, event: ReadMissEvent, action: str, doc_version: int | None = None, error: str | None = None):
+        return ChangelogRow(
+            doc_id=event.miss.doc_id,
+            model_version=event.model.version,
+            action=action,
+            origin=self.origin,
+            doc_version=doc_version,
+            event_id=event.miss.event_id,
+            latency_ms=event.envelope.latency_ms(),
+            error=error,
+        )
+
+    async def _apply(self, events: Sequence[ReadMissEvent]) -> None:
+        model = events[0].model
+        stored = await self.store.fetch(sorted({e.miss.doc_id for e in events}), [model], with_body=True)
+        unknown = [e for e in events if stored[e.miss.doc_id].version is None]
+        await self._dead_letter(
+            [
+                DeadLetter(e.envelope, DeadLetterReason.UNKNOWN_DOCUMENT, f"no document {e.miss.doc_id!r}",
+                           self.origin, model.version)
+                for e in unknown
+            ]
+        )
+        known = [e for e in events if stored[e.miss.doc_id].version is not None]
+        todo: dict[str, StoredDocument] = {
+            e.miss.doc_id: stored[e.miss.doc_id]
+            for e in known
+            if stored[e.miss.doc_id].model_sha256[model.version] != stored[e.miss.doc_id].content_sha256
+        }
+        docs = list(todo.values())
+        embedded = await self.engine.embed(model, [d.body for d in docs], priority=PRIORITY_READ_MISS)
+        async with self.store.transaction() as tx:
+            written = await tx.write_vectors(
+                model, [VectorRow(d.doc_id, d.content_sha256, v) for d, v in zip(docs, embedded)]
+            )
+            changelog = []
+            first_seen: set[str] = set()
+            for event in known:
+                doc = stored[event.miss.doc_id]
+                if event.miss.doc_id in written and event.miss.doc_id not in first_seen:
+                    action = "embedded"
+                elif event.miss.doc_id in todo and event.miss.doc_id not in written:
+                    action = "superseded"
+                else:
+                    action = "unchanged"
+                first_seen.add(event.miss.doc_id)
+                changelog.append(self._row(event, action, doc.version))
+            await tx.log(changelog)
+
+    async def _poison(self, event: ReadMissEvent, error: BaseException) -> None:
+        letter = DeadLetter(
+            event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin, event.model.version
+        )
+        await self._dead_letter([letter], [self._row(event, "failed", error=_error_text(error))])

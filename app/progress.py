@@ -1,0 +1,61 @@
+"""Migration progress as SQL sees it, and its rendering for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from rich.table import Table
+
+PROGRESS_COLUMNS = [
+    ("model_version", "v"),
+    ("model", "model"),
+    ("dim", "dim"),
+    ("serving_reads", "reads"),
+    ("total_documents", "docs"),
+    ("current_vectors", "current"),
+    ("stale_vectors", "stale"),
+    ("missing_vectors", "missing"),
+    ("coverage_pct", "coverage %"),
+    ("vectors_last_5m", "last 5 min"),
+    ("rate_per_s", "vec/s"),
+    ("eta", "ETA"),
+    ("failures_24h", "failures 24h"),
+]
+
+
+def fetch_progress(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Rows of the migration_progress view, one per live model."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM migration_progress ORDER BY model_version").fetchall()
+
+
+def dead_letter_count(conn: psycopg.Connection) -> int:
+    """Events dead-lettered in the last 24 hours (any model or none)."""
+    (count,) = conn.execute(
+        "SELECT coalesce(sum(events), 0) FROM activity_counters"
+        " WHERE action = 'dead_lettered' AND minute >= now() - interval '24 hours'"
+    ).fetchone()
+    return int(count)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "✓" if value else ""
+    if hasattr(value, "total_seconds"):
+        seconds = int(value.total_seconds())
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return str(value)
+
+
+def progress_table(rows: list[dict[str, Any]], *, title: str = "migration_progress") -> Table:
+    """A rich table of migration_progress rows."""
+    table = Table(title=title)
+    for _, header in PROGRESS_COLUMNS:
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for row in rows:
+        table.add_row(*(_cell(row[name]) for name, _ in PROGRESS_COLUMNS))
+    return table

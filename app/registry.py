@@ -1,0 +1,104 @@
+"""The model registry: ``embedding_models`` rows and the columns each model owns.
+
+Registering a model inspects it (dim, pooling, fingerprint), adds its vector and
+hash columns to ``documents`` and regenerates the counter triggers, all in one
+transaction. Existing vector columns are never altered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from app import db
+from app.engine import ModelSpec
+from app.modelkit import ModelProfile, inspect_model
+
+_SPEC_COLUMNS = [f.name for f in fields(ModelSpec)]
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be carried out (duplicate name, unknown model, …)."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registry row: the spec plus its lifecycle state."""
+
+    spec: ModelSpec
+    state: str
+    created_at: datetime
+    serving_reads: bool
+
+
+def _spec(row: dict) -> ModelSpec:
+    return ModelSpec(**{name: row[name] for name in _SPEC_COLUMNS})
+
+
+def list_models(conn: psycopg.Connection) -> list[RegisteredModel]:
+    """Every registered model, oldest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT m.*, s.read_model_version = m.version AS serving_reads"
+            " FROM embedding_models m LEFT JOIN serving s ON true ORDER BY m.version"
+        ).fetchall()
+    return [RegisteredModel(_spec(r), r["state"], r["created_at"], bool(r["serving_reads"])) for r in rows]
+
+
+def live_models(conn: psycopg.Connection) -> list[ModelSpec]:
+    """The models every change is embedded with (all that are not retired)."""
+    return [m.spec for m in list_models(conn) if m.state == "live"]
+
+
+def get_model(conn: psycopg.Connection, name: str) -> RegisteredModel:
+    """The registered model called ``name``."""
+    for model in list_models(conn):
+        if model.spec.name == name:
+            return model
+    raise RegistryError(f"no model named {name!r} is registered")
+
+
+def register_model(conn: psycopg.Connection, name: str, source: str, profile: ModelProfile | None = None) -> ModelSpec:
+    """Register ``source`` as ``name``: a new version, its columns and its counters.
+
+    ``profile`` may be passed when the caller already inspected the model.
+    """
+    profile = profile or inspect_model(source)
+    with conn.transaction():
+        conn.execute("LOCK TABLE embedding_models IN EXCLUSIVE MODE")
+        if conn.execute("SELECT 1 FROM embedding_models WHERE name = %s", (name,)).fetchone():
+            raise RegistryError(f"a model named {name!r} is already registered")
+        (version,) = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM embedding_models").fetchone()
+        spec = ModelSpec(
+            version=version,
+            name=name,
+            source=source,
+            kind=profile.kind,
+            dim=profile.dim,
+            pooling=profile.pooling,
+            normalize=profile.normalize,
+            max_tokens=profile.max_tokens,
+            fingerprint=profile.fingerprint,
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO embedding_models ({}) VALUES ({})").format(
+                sql.SQL(", ").join(map(sql.Identifier, _SPEC_COLUMNS)),
+                sql.SQL(", ").join(sql.Placeholder() * len(_SPEC_COLUMNS)),
+            ),
+            [getattr(spec, c) for c in _SPEC_COLUMNS],
+        )
+        conn.execute(
+            sql.SQL("ALTER TABLE documents ADD COLUMN {} vector({}), ADD COLUMN {} bytea").format(
+                db.vector_column(version), sql.Literal(spec.dim), db.sha_column(version)
+            )
+        )
+        conn.execute("INSERT INTO vector_counters (model_version) VALUES (%s)", (version,))
+        conn.execute(
+            "INSERT INTO serving (read_model_version) VALUES (%s) ON CONFLICT (singleton) DO NOTHING", (version,)
+        )
+        db.install_vector_counters(conn)
+    return spec

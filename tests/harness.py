@@ -1,0 +1,175 @@
+"""Test harness: embedded services, a worker subprocess, an aiokafka producer, SQL helpers.
+
+Nothing is mocked: the tests talk to the embedded PostgreSQL and the Tansu broker
+through real clients, and the worker runs as ``python -m app.cli worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from app import db, services
+from app.settings import Settings
+from app.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def change(doc_id: str, text: str | None, version: int, **extra: Any) -> bytes:
+    """A document-changes value."""
+    value = {"doc_id": doc_id, "version": version, **extra}
+    if text is not None:
+        value["text"] = text
+    return orjson.dumps(value)
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.2, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class Harness:
+    """One test session's embedded services and worker processes."""
+
+    def __init__(self, data_dir: Path):
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SEGUE_")}
+        self.env.update(
+            SEGUE_DATA_DIR=str(data_dir),
+            SEGUE_EMBEDDED_KAFKA_PORT=str(free_port()),
+            SEGUE_TOPIC_PARTITIONS="2",
+            SEGUE_BATCH_SIZE="32",
+            SEGUE_BATCH_TIMEOUT_S="0.2",
+            SEGUE_MAX_TEXT_BYTES="4000",
+            SEGUE_RETRY_BACKOFF_S="0.05",
+            SEGUE_GROUP_ID="segue-tests",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        self.settings = Settings(**{
+            "data_dir": data_dir,
+            "embedded_kafka_port": int(self.env["SEGUE_EMBEDDED_KAFKA_PORT"]),
+            "topic_partitions": 2,
+            "max_text_bytes": 4000,
+            "group_id": "segue-tests",
+        })
+        services.up(self.settings)
+        self.database_url = services.database_url(self.settings)
+        self.bootstrap = services.kafka_bootstrap(self.settings)
+        db.bootstrap(self.settings, self.database_url)
+        asyncio.run(ensure_topics(self.settings, self.bootstrap))
+        self.conn = db.connect(self.settings, self.database_url, autocommit=True)
+        self.workers: list[subprocess.Popen] = []
+        self.log_dir = data_dir / "logs"
+        self.log_dir.mkdir(exist_ok=True)
+
+    # -- SQL ----------------------------------------------------------------------------
+    def sql(self, query: Any, params: Any = None) -> list[tuple]:
+        return self.conn.execute(query, params).fetchall()
+
+    def scalar(self, query: Any, params: Any = None) -> Any:
+        rows = self.sql(query, params)
+        return rows[0][0] if rows else None
+
+    # -- Kafka --------------------------------------------------------------------------
+    def publish(self, topic: str, records: list[tuple[str | None, bytes | None]]) -> None:
+        """Produce (key, value) records in order with aiokafka and wait for the broker's acks."""
+
+        async def send() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+            await producer.start()
+            try:
+                for key, value in records:
+                    await producer.send_and_wait(topic, key=key.encode() if key else None, value=value)
+            finally:
+                await producer.stop()
+
+        asyncio.run(send())
+
+    def publish_changes(self, records: list[tuple[str | None, bytes | None]]) -> None:
+        self.publish(self.settings.topic_document_changes, records)
+
+    def publish_read_misses(self, records: list[tuple[str | None, bytes | None]]) -> None:
+        self.publish(self.settings.topic_read_misses, records)
+
+    def dead_letters(self) -> list[dict]:
+        """Every record on the dead-letters topic so far, decoded."""
+
+        async def read() -> list[dict]:
+            consumer = AIOKafkaConsumer(
+                self.settings.topic_dead_letters, bootstrap_servers=self.bootstrap,
+                auto_offset_reset="earliest", enable_auto_commit=False,
+            )
+            await consumer.start()
+            try:
+                batches = await consumer.getmany(timeout_ms=1500)
+                records = [r for batch in batches.values() for r in batch]
+                while batches:
+                    batches = await consumer.getmany(timeout_ms=500)
+                    records += [r for batch in batches.values() for r in batch]
+                return [orjson.loads(r.value) for r in records]
+            finally:
+                await consumer.stop()
+
+        return asyncio.run(read())
+
+    # -- workers ------------------------------------------------------------------------
+    def start_worker(self) -> subprocess.Popen:
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, worker: subprocess.Popen, *, timeout: float = 120.0) -> None:
+        """Wait until the worker writes a probe document (it has loaded models and joined the group)."""
+        probe = f"probe-{worker.pid}"
+        self.publish_changes([(probe, change(probe, "readiness probe", 1))])
+
+        def written() -> bool:
+            if worker.poll() is not None:
+                raise AssertionError(f"worker exited with {worker.returncode}; see {self.log_dir}")
+            return self.scalar("SELECT count(*) FROM documents WHERE doc_id = %s", (probe,)) == 1
+
+        wait_for(written, timeout=timeout, what="the worker to process a probe document")
+
+    def stop_worker(self, worker: subprocess.Popen, *, sig: int = signal.SIGTERM) -> None:
+        if worker.poll() is None:
+            worker.send_signal(sig)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            self.stop_worker(worker)
+        self.conn.close()
+        services.down(self.settings)

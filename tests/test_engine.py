@@ -1,0 +1,237 @@
+"""Tests of app.modelkit and app.engine with real models (MiniLM and tiny built ones), no mocks."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import asyncio
+import dataclasses
+import gzip
+import itertools
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.engine import DimensionMismatch, EmbeddingEngine, FingerprintMismatch, ModelSpec
+from app.modelkit import build_tiny_transformer, distill_static, inspect_model, minilm_path
+from tests.modelfactory import tiny_static, tiny_transformer_a, tiny_transformer_b
+
+SCIFACT = Path("/work/shared/data/scifact/corpus.jsonl.gz")
+REPO = Path(__file__).resolve().parents[1]
+SHORT_TEXTS = [
+    "p53",
+    "What causes type 2 diabetes?",
+    "COVID-19 vaccine efficacy in older adults",
+    "Ünïcödé têxt — with symbols ☃ and emoji 🚀",
+    "",
+]
+_versions = itertools.count(1)
+
+
+def spec_for(path: Path | str, name: str, **overrides) -> ModelSpec:
+    """A registry row for the model at ``path`` as the registry would write it, with optional edits."""
+    profile = inspect_model(str(path))
+    row = dict(version=next(_versions), name=name, source=str(path), **dataclasses.asdict(profile))
+    return ModelSpec(**{**row, **overrides})
+
+
+def varied_texts() -> list[str]:
+    """Short, medium and long texts, in no particular length order."""
+    base = SHORT_TEXTS + [
+        "Cells divide.",
+        "The mitochondrion is the powerhouse of the cell, " * 3,
+        "Randomised controlled trial of aspirin for the primary prevention of cardiovascular events " * 6,
+        "x",
+        "Gene expression profiling of breast tumours identifies distinct subtypes.",
+    ]
+    return base + [text.upper() for text in base[5:]]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def tiny_a(models_dir) -> Path:
+    return tiny_transformer_a(models_dir)
+
+
+@pytest.fixture(scope="module")
+def static_dir(models_dir) -> Path:
+    return tiny_static(models_dir)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = EmbeddingEngine(device="cpu", batch_size=8)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def minilm_spec() -> ModelSpec:
+    return spec_for(minilm_path(), "minilm")
+
+
+@pytest.fixture(scope="module")
+def scifact_texts() -> list[str]:
+    """14 abstracts, the longest of the first 300 (~800 tokens, so it is truncated), and short texts."""
+    with gzip.open(SCIFACT, "rt") as lines:
+        abstracts = [json.loads(line)["text"] for line in itertools.islice(lines, 300)]
+    return abstracts[:14] + [max(abstracts, key=len)] + SHORT_TEXTS
+
+
+def test_minilm_matches_sentence_transformers(engine, minilm_spec, scifact_texts):
+    from sentence_transformers import SentenceTransformer
+
+    reference_model = SentenceTransformer(str(minilm_path()), device="cpu")
+    assert len(reference_model.tokenizer(scifact_texts[14])["input_ids"]) > 2 * minilm_spec.max_tokens
+
+    asyncio.run(engine.ensure_loaded([minilm_spec]))
+    vectors = asyncio.run(engine.embed(minilm_spec, scifact_texts, priority=1))
+    reference = reference_model.encode(scifact_texts, normalize_embeddings=True)
+
+    assert vectors.dtype == np.float32 and vectors.shape == (len(scifact_texts), 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert cosine_rows(vectors, reference).min() >= 0.999
+
+
+def test_profiles(tiny_a, models_dir, static_dir, minilm_spec):
+    a = inspect_model(str(tiny_a))
+    assert (a.kind, a.dim, a.pooling, a.normalize, a.max_tokens) == ("transformer", 32, "mean", True, 128)
+    b = inspect_model(str(tiny_transformer_b(models_dir)))
+    assert (b.kind, b.dim, b.pooling) == ("transformer", 48, "mean")
+    static = inspect_model(str(static_dir))
+    assert (static.kind, static.dim, static.pooling, static.normalize) == ("static", 16, "none", True)
+    assert (minilm_spec.kind, minilm_spec.dim, minilm_spec.pooling, minilm_spec.max_tokens) == (
+        "transformer", 384, "mean", 256,
+    )
+    with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
+        inspect_model("segue-tests/no-such-model")
+
+
+def test_fingerprint_is_deterministic(tiny_a, tmp_path):
+    first = inspect_model(str(tiny_a)).fingerprint
+    assert inspect_model(str(tiny_a)).fingerprint == first
+    assert inspect_model(str(build_tiny_transformer(tmp_path / "again"))).fingerprint == first
+    other_process = subprocess.run(
+        [sys.executable, "-c", f"from app.modelkit import inspect_model; print(inspect_model({str(tiny_a)!r}).fingerprint)"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    assert other_process.stdout.strip() == first
+
+
+def test_fingerprint_changes_with_weights_and_settings(tiny_a, tmp_path):
+    def edited(name: str, edit) -> str:
+        copy = shutil.copytree(tiny_a, tmp_path / name)
+        edit(copy)
+        return inspect_model(str(copy)).fingerprint
+
+    def drop_normalize(folder: Path) -> None:
+        modules = json.loads((folder / "modules.json").read_text())
+        (folder / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
+
+    def shorter_limit(folder: Path) -> None:
+        (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+
+    fingerprints = [
+        inspect_model(str(tiny_a)).fingerprint,
+        inspect_model(str(build_tiny_transformer(tmp_path / "seed1", seed=1))).fingerprint,
+        inspect_model(str(build_tiny_transformer(tmp_path / "cls", pooling="cls"))).fingerprint,
+        edited("unnormalized", drop_normalize),
+        edited("limit64", shorter_limit),
+    ]
+    assert len(set(fingerprints)) == len(fingerprints)
+
+
+def test_distill_static_reuses_a_finished_model(tiny_a, static_dir):
+    before = (static_dir / "model.safetensors").stat().st_mtime_ns
+    assert distill_static(str(tiny_a), static_dir, dims=16) == static_dir
+    assert (static_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ensure_loaded_reports_and_logs(tiny_a, static_dir, caplog):
+    engine = EmbeddingEngine(device="cpu")
+    specs = [spec_for(tiny_a, "tiny-a"), spec_for(static_dir, "tiny-static")]
+    try:
+        with caplog.at_level(logging.INFO, logger="segue.engine"):
+            took = asyncio.run(engine.ensure_loaded(specs + specs))
+        assert set(took) == engine.loaded() == {spec.version for spec in specs}
+        assert asyncio.run(engine.ensure_loaded(specs)) == {}
+        assert f"loaded model tiny-a v{specs[0].version} (transformer, 32) on cpu in " in caplog.text
+        assert f"loaded model tiny-static v{specs[1].version} (static, 16) on cpu in " in caplog.text
+        empty = asyncio.run(engine.embed(specs[0], [], priority=0))
+        assert empty.shape == (0, 32) and empty.dtype == np.float32
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(engine.embed(specs[0], ["too late"], priority=0))
+
+
+def test_changed_weights_are_refused(engine, tiny_a, models_dir):
+    moved = spec_for(tiny_a, "tiny-a", source=str(tiny_transformer_b(models_dir)))
+    with pytest.raises(FingerprintMismatch, match=f"weights at {moved.source} changed since registration"):
+        asyncio.run(engine.ensure_loaded([moved]))
+    assert moved.version not in engine.loaded()
+
+
+@pytest.mark.parametrize("model", ["tiny-a", "tiny-static"])
+def test_dimension_guard(engine, tiny_a, static_dir, model):
+    source, true_dim = (tiny_a, 32) if model == "tiny-a" else (static_dir, 16)
+    spec = spec_for(source, model, dim=true_dim + 1)
+    expected = rf"model '{model}' \(v{spec.version}\) produced {true_dim}-d vectors but is registered as {true_dim + 1}-d"
+    with pytest.raises(DimensionMismatch, match=expected):
+        asyncio.run(engine.embed(spec, ["some text"], priority=1))
+    with pytest.raises(DimensionMismatch, match=expected):
+        engine.embed_sync(spec, ["some text"])
+
+
+def test_urgent_request_overtakes_queued_backfill(tiny_a):
+    engine = EmbeddingEngine(device="cpu", batch_size=2)
+    spec = spec_for(tiny_a, "tiny-a")
+    backfill = [f"backfill document {i} about protein folding and enzyme kinetics" for i in range(200)]
+
+    async def scenario() -> list[str]:
+        await engine.ensure_loaded([spec])
+        finished: list[str] = []
+
+        async def request(label: str, texts: list[str], priority: int) -> None:
+            await engine.embed(spec, texts, priority=priority)
+            finished.append(label)
+
+        low = asyncio.create_task(request("backfill", backfill, 2))
+        await asyncio.sleep(0)  # the backfill's 100 chunks are now queued
+        high = asyncio.create_task(request("read-miss", ["urgent query"], 0))
+        await asyncio.gather(low, high)
+        return finished
+
+    try:
+        assert asyncio.run(scenario()) == ["read-miss", "backfill"]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("model", ["tiny-a", "tiny-static", "minilm"])
+def test_batched_equals_one_at_a_time(engine, tiny_a, static_dir, minilm_spec, model):
+    spec = {"tiny-a": lambda: spec_for(tiny_a, model), "tiny-static": lambda: spec_for(static_dir, model),
+            "minilm": lambda: minilm_spec}[model]()
+    texts = varied_texts()
+    batched = asyncio.run(engine.embed(spec, texts, priority=2))
+    single = np.stack([engine.embed_sync(spec, [text])[0] for text in texts])
+    assert batched.shape == (len(texts), spec.dim)
+    nonzero = np.linalg.norm(single, axis=1) > 0  # a static model maps text without known tokens to zeros
+    assert cosine_rows(batched[nonzero], single[nonzero]).min() >= 0.9999
+    np.testing.assert_allclose(batched, engine.embed_sync(spec, texts), atol=1e-6)

@@ -1,0 +1,285 @@
+"""End to end: aiokafka producer → Tansu → worker subprocess → embedded PostgreSQL.
+
+The worker is a real ``python -m app.cli worker`` process with two tiny real models
+registered (a static "old" one and a transformer "new" one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+from psycopg import sql
+
+from app import db, registry
+from app.engine import EmbeddingEngine
+from tests import modelfactory
+from tests.conftest import NEW, OLD
+from tests.harness import change, wait_for
+
+
+def sha(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def live(harness):
+    with db.connect(harness.settings, harness.database_url) as conn:
+        return registry.live_models(conn)
+
+
+def document(harness, doc_id: str) -> dict | None:
+    """The document row with each live model's vector and hash, or None."""
+    models = live(harness)
+    columns = [sql.SQL("body, version, content_sha256")]
+    for m in models:
+        columns.append(sql.SQL("{}, {}").format(db.vector_column(m.version), db.sha_column(m.version)))
+    rows = harness.sql(
+        sql.SQL("SELECT {} FROM documents WHERE doc_id = %s").format(sql.SQL(", ").join(columns)), (doc_id,)
+    )
+    if not rows:
+        return None
+    body, version, content, *rest = rows[0]
+    vectors = {m.version: (rest[2 * i], rest[2 * i + 1]) for i, m in enumerate(models)}
+    return {"body": body, "version": version, "content_sha256": content, "vectors": vectors}
+
+
+def actions(harness, doc_id: str, origin: str = "change") -> list[tuple]:
+    return harness.sql(
+        "SELECT doc_version, model_version, action FROM migration_changelog"
+        " WHERE doc_id = %s AND origin = %s ORDER BY id",
+        (doc_id, origin),
+    )
+
+
+def wait_version(harness, doc_id: str, version: int) -> dict:
+    return wait_for(
+        lambda: (d := document(harness, doc_id)) and d["version"] == version and d,
+        what=f"{doc_id} at version {version}",
+    )
+
+
+def test_change_is_dual_written_with_hashes(harness, worker, model_cache):
+    doc_id = uid("dual")
+    text = "Mitochondria are the powerhouse of the cell."
+    harness.publish_changes([(doc_id, change(doc_id, text, 7, metadata={"lang": "en"}, event_id="evt-1"))])
+    doc = wait_version(harness, doc_id, 7)
+
+    models = live(harness)
+    assert [m.name for m in models][:2] == [OLD, NEW]
+    engine = EmbeddingEngine(device="cpu")
+    try:
+        for m in models:
+            vector, vector_sha = doc["vectors"][m.version]
+            assert vector is not None and len(vector.to_numpy()) == m.dim
+            assert vector_sha == sha(text) == doc["content_sha256"]
+            expected = engine.embed_sync(m, [text])[0]
+            assert float(np.dot(vector.to_numpy(), expected)) > 0.999
+    finally:
+        engine.close()
+    assert doc["body"] == text
+    assert harness.scalar("SELECT metadata FROM documents WHERE doc_id = %s", (doc_id,)) == {"lang": "en"}
+    assert sorted(actions(harness, doc_id)) == sorted((7, m.version, "embedded") for m in models)
+    assert harness.scalar("SELECT count(*) FROM migration_changelog WHERE event_id = 'evt-1'") == len(models)
+
+
+def test_unchanged_content_is_not_reembedded(harness, worker):
+    doc_id = uid("same")
+    harness.publish_changes([(doc_id, change(doc_id, "Stable text.", 1))])
+    before = wait_version(harness, doc_id, 1)
+    harness.publish_changes([(doc_id, change(doc_id, "Stable text.", 2, metadata={"touched": True}))])
+    after = wait_version(harness, doc_id, 2)
+
+    for version, (vector, vector_sha) in after["vectors"].items():
+        assert vector_sha == before["vectors"][version][1]
+        assert np.array_equal(vector.to_numpy(), before["vectors"][version][0].to_numpy())
+    second = [a for a in actions(harness, doc_id) if a[0] == 2]
+    assert {a[2] for a in second} == {"unchanged"} and len(second) == len(after["vectors"])
+
+
+def test_out_of_order_and_duplicate_versions_end_at_highest(harness, worker):
+    doc_id = uid("order")
+    # One burst (likely one batch): highest version first, then older, duplicate and in-between.
+    harness.publish_changes([
+        (doc_id, change(doc_id, "version three", 3)),
+        (doc_id, change(doc_id, "version one", 1)),
+        (doc_id, change(doc_id, "version three again", 3)),
+        (doc_id, change(doc_id, "version two", 2)),
+    ])
+    doc = wait_version(harness, doc_id, 3)
+    wait_for(lambda: len({a[0] for a in actions(harness, doc_id)}) == 3, what="all four events logged")
+    # Across batches: an older version arriving after the newer one is committed.
+    harness.publish_changes([(doc_id, change(doc_id, "late version two", 2))])
+    wait_for(lambda: len(actions(harness, doc_id)) == 5 * len(doc["vectors"]), what="the late event logged")
+
+    doc = document(harness, doc_id)
+    assert doc["version"] == 3 and doc["body"] == "version three"
+    logged = actions(harness, doc_id)
+    assert {a[2] for a in logged if a[0] != 3} == {"superseded"}
+    embedded_v3 = [a for a in logged if a[0] == 3 and a[2] == "embedded"]
+    assert len(embedded_v3) == len(doc["vectors"])  # the duplicate v3 did not embed again
+
+
+def test_delete_and_tombstone_remove_and_block_older_upserts(harness, worker):
+    deleted, tombstoned = uid("del"), uid("tomb")
+    harness.publish_changes([(deleted, change(deleted, "to be deleted", 1)),
+                             (tombstoned, change(tombstoned, "to be tombstoned", 4))])
+    wait_version(harness, deleted, 1)
+    wait_version(harness, tombstoned, 4)
+    before = harness.scalar("SELECT documents FROM corpus_counters")
+
+    harness.publish_changes([(deleted, orjson.dumps({"doc_id": deleted, "op": "delete", "version": 2})),
+                             (tombstoned, None)])
+    wait_for(lambda: document(harness, deleted) is None and document(harness, tombstoned) is None,
+             what="both documents deleted")
+    assert harness.scalar("SELECT documents FROM corpus_counters") == before - 2
+    # Late replays of older versions must not resurrect them.
+    harness.publish_changes([(deleted, change(deleted, "stale replay", 1)),
+                             (tombstoned, change(tombstoned, "stale replay", 3))])
+    wait_for(lambda: actions(harness, tombstoned)[-1][2] == "superseded", what="the replay to be superseded")
+    wait_for(lambda: actions(harness, deleted)[-1][2] == "superseded", what="the replay to be superseded")
+    assert document(harness, deleted) is None and document(harness, tombstoned) is None
+    assert {a[2] for a in actions(harness, deleted) if a[0] == 2} == {"deleted"}
+    assert harness.scalar("SELECT version FROM document_tombstones WHERE doc_id = %s", (tombstoned,)) == 4
+
+
+def test_read_miss_reembeds_the_stored_body(harness, worker):
+    doc_id = uid("miss")
+    harness.publish_changes([(doc_id, change(doc_id, "Read me again.", 1))])
+    wait_version(harness, doc_id, 1)
+    new = next(m for m in live(harness) if m.name == NEW)
+    # A missing vector, as for a document written before NEW was registered.
+    harness.sql(
+        sql.SQL("UPDATE documents SET {} = NULL, {} = NULL WHERE doc_id = %s RETURNING 1").format(
+            db.vector_column(new.version), db.sha_column(new.version)),
+        (doc_id,),
+    )
+    assert document(harness, doc_id)["vectors"][new.version] == (None, None)
+
+    harness.publish_read_misses([(doc_id, orjson.dumps({"doc_id": doc_id, "model": NEW, "event_id": "rm-1"}))])
+    doc = wait_for(lambda: (d := document(harness, doc_id))["vectors"][new.version][1] and d,
+                   what="the read miss to be re-embedded")
+    assert doc["vectors"][new.version][1] == sha("Read me again.")
+    assert actions(harness, doc_id, "read_miss") == [(1, new.version, "embedded")]
+    # A second miss for a now-current vector does no work.
+    harness.publish_read_misses([(doc_id, orjson.dumps({"doc_id": doc_id, "model": NEW}))])
+    wait_for(lambda: len(actions(harness, doc_id, "read_miss")) == 2, what="the second miss")
+    assert actions(harness, doc_id, "read_miss")[-1][2] == "unchanged"
+
+
+def test_bad_events_are_dead_lettered_and_valid_ones_written(harness, worker):
+    good, unknown_doc = uid("good"), uid("nodoc")
+    harness.publish_changes([
+        ("bad-json", b'{"doc_id": "bad-json", "text": '),
+        ("no-version", orjson.dumps({"doc_id": "no-version", "text": "hello"})),
+        ("too-big", change("too-big", "x" * (harness.settings.max_text_bytes + 1), 1)),
+        (good, change(good, "a perfectly good document", 1)),
+    ])
+    harness.publish_read_misses([
+        (good, orjson.dumps({"doc_id": good, "model": "no-such-model"})),
+        (unknown_doc, orjson.dumps({"doc_id": unknown_doc, "model": NEW})),
+        ("junk", b"\xff\xfe not json"),
+    ])
+    wait_version(harness, good, 1)
+
+    def letters():
+        found = {d["key"]: d for d in harness.dead_letters()}
+        keys = {"bad-json", "no-version", "too-big", good, unknown_doc, "junk"}
+        return keys <= found.keys() and found
+
+    found = wait_for(letters, timeout=60, what="six dead letters")
+    assert found["bad-json"]["reason"] == "bad_json"
+    assert found["bad-json"]["payload"] == '{"doc_id": "bad-json", "text": '
+    assert found["no-version"]["reason"] == "schema_violation" and "version" in found["no-version"]["error"]
+    assert found["too-big"]["reason"] == "text_too_large"
+    assert found[good]["reason"] == "unknown_model" and "no-such-model" in found[good]["error"]
+    assert found[unknown_doc]["reason"] == "unknown_document"
+    assert found["junk"]["reason"] == "bad_json" and found["junk"]["payload_encoding"] == "base64"
+    for letter in found.values():
+        assert letter["source"]["topic"] in {"document-changes", "read-misses"}
+        assert letter["source"]["offset"] >= 0 and letter["source"]["partition"] in (0, 1)
+    logged = dict(harness.sql(
+        "SELECT doc_id, error FROM migration_changelog WHERE action = 'dead_lettered' AND doc_id = ANY(%s)",
+        (["bad-json", "no-version", "too-big", unknown_doc],),
+    ))
+    assert logged["too-big"].startswith("text_too_large")
+    assert logged[unknown_doc].startswith("unknown_document")
+
+
+def test_poison_document_is_isolated(harness, worker):
+    """A document PostgreSQL rejects (a NUL character) fails alone; its batch-mates are written."""
+    ids = [uid("batch") for _ in range(6)]
+    poison = uid("poison")
+    records = [(i, change(i, f"healthy document {n}", 1)) for n, i in enumerate(ids)]
+    records.insert(3, (poison, change(poison, "bad \u0000 byte", 1)))
+    harness.publish_changes(records)
+    for doc_id in ids:
+        wait_version(harness, doc_id, 1)
+    letter = wait_for(lambda: [d for d in harness.dead_letters() if d["key"] == poison], what="the poison letter")
+    assert letter[0]["reason"] == "processing_failed"
+    assert document(harness, poison) is None
+    logged = [a[2] for a in actions(harness, poison)]
+    assert sorted(logged) == ["dead_lettered"] + ["failed"] * len(live(harness))
+    error = harness.scalar("SELECT error FROM migration_changelog WHERE doc_id = %s AND action = 'failed'", (poison,))
+    assert "NUL" in error or "0x00" in error
+
+
+def test_progress_matches_direct_counts(harness, worker):
+    doc_id = uid("count")
+    harness.publish_changes([(doc_id, change(doc_id, "counted", 1))])
+    wait_version(harness, doc_id, 1)
+    total = harness.scalar("SELECT count(*) FROM documents")
+    rows = harness.sql("SELECT model_version, total_documents, current_vectors, stale_vectors, missing_vectors,"
+                       " coverage_pct FROM migration_progress ORDER BY model_version")
+    assert [r[0] for r in rows] == [m.version for m in live(harness)]
+    for version, docs, current, stale, missing, coverage in rows:
+        v, h = db.vector_column(version), db.sha_column(version)
+        direct = harness.sql(sql.SQL(
+            "SELECT count(*) FILTER (WHERE {h} = content_sha256), count(*) FILTER (WHERE {h} <> content_sha256),"
+            " count(*) FILTER (WHERE {h} IS NULL) FROM documents").format(h=h, v=v))[0]
+        assert (docs, current, stale, missing) == (total, *direct)
+        assert float(coverage) == pytest.approx(100.0 * direct[0] / total, abs=0.01)
+
+
+def test_worker_killed_mid_stream_loses_nothing(harness, worker):
+    ids = [uid("kill") for _ in range(400)]
+    harness.publish_changes([(i, change(i, f"document {n} of the kill test, with words", 1)) for n, i in enumerate(ids)])
+    wait_for(lambda: harness.scalar("SELECT count(*) FROM documents WHERE doc_id = ANY(%s)", (ids,)) >= 20,
+             what="the worker to be mid-stream")
+    harness.stop_worker(worker, sig=signal.SIGKILL)
+    assert worker.returncode == -signal.SIGKILL
+    written_at_kill = harness.scalar("SELECT count(*) FROM documents WHERE doc_id = ANY(%s)", (ids,))
+
+    harness.start_worker()
+    wait_for(lambda: harness.scalar("SELECT count(*) FROM documents WHERE doc_id = ANY(%s)", (ids,)) == len(ids),
+             timeout=180, what="all documents after the restart")
+    models = live(harness)
+    complete = sql.SQL(" AND ").join(sql.SQL("{} = content_sha256").format(db.sha_column(m.version)) for m in models)
+    assert harness.scalar(sql.SQL("SELECT count(*) FROM documents WHERE doc_id = ANY(%s) AND {}").format(complete),
+                          (ids,)) == len(ids)
+    assert written_at_kill < len(ids), "the kill came too late to test anything"
+    for version, docs, current in harness.sql(
+        "SELECT model_version, total_documents, current_vectors FROM migration_progress"
+    ):
+        assert docs == harness.scalar("SELECT count(*) FROM documents")
+        assert current == harness.scalar(
+            sql.SQL("SELECT count(*) FROM documents WHERE {} = content_sha256").format(db.sha_column(version)))
+
+
+def test_new_model_is_picked_up_without_restart(harness, worker, model_cache):
+    with db.connect(harness.settings, harness.database_url) as conn:
+        added = registry.register_model(conn, "late-b", str(modelfactory.tiny_transformer_b(model_cache)))
+    doc_id = uid("late")
+    harness.publish_changes([(doc_id, change(doc_id, "written after late-b was registered", 1))])
+    doc = wait_version(harness, doc_id, 1)
+    vector, vector_sha = doc["vectors"][added.version]
+    assert vector_sha == sha("written after late-b was registered")
+    assert len(vector.to_numpy()) == modelfactory.TINY_B_DIM
+    assert {a[2] for a in actions(harness, doc_id)} == {"embedded"} and len(actions(harness, doc_id)) == 3
