@@ -1,4 +1,4 @@
-"""The Faust application: one agent for document changes, one for read misses.
+"""The Faust application: agents for document changes, read misses and the backfill, plus the sweeper.
 
 Each agent takes a batch, hands it to its processor in ``app.pipeline`` and moves on
 (which is when Faust acks the batch) only after the processor returned, i.e. after
@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import faust
 
 from app.engine import EmbeddingEngine
-from app.pipeline import ChangeProcessor, Envelope, ReadMissProcessor
+from app.pipeline import BackfillProcessor, ChangeProcessor, Envelope, ReadMissProcessor
 from app.settings import Settings
 from app.store import Store
-from schemas.events import DeadLetterReason, SourcePosition, encode_dead_letter
+from schemas.events import DeadLetterReason, SourcePosition, encode_dead_letter, read_miss_value
 
 log = logging.getLogger("segue.worker")
 
@@ -88,6 +88,9 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     dead_letters = KafkaDeadLetters(raw_topic(settings.topic_dead_letters))
     changes = ChangeProcessor(settings, Store(settings, database_url), engine, dead_letters)
     read_misses = ReadMissProcessor(settings, Store(settings, database_url), engine, dead_letters)
+    backfill = BackfillProcessor(settings, Store(settings, database_url), engine, dead_letters)
+    sweeper_store = Store(settings, database_url)
+    backfill_topic = raw_topic(settings.topic_backfill)
 
     @app.agent(raw_topic(settings.topic_document_changes), name="document-changes")
     async def document_changes(stream: faust.StreamT) -> None:
@@ -98,5 +101,22 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     async def read_miss_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=READ_MISS_BATCH_S):
             await _process_until_done("read-misses", read_misses, [_envelope(e) for e in events])
+
+    @app.agent(backfill_topic, name="backfill")
+    async def backfill_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
+            await _process_until_done("backfill", backfill, [_envelope(e) for e in events])
+
+    @app.timer(settings.sweeper_interval_s)
+    async def sweeper() -> None:
+        """Re-enqueue vectors stale or missing for too long, so a lost message heals itself."""
+        try:
+            stragglers = await sweeper_store.stragglers(max_age_s=settings.sweeper_max_age_s, limit=1000)
+            for doc_id, model in stragglers:
+                await backfill_topic.send(key=doc_id.encode(), value=read_miss_value(doc_id, model, "sweeper"))
+            if stragglers:
+                log.info("sweeper re-enqueued %d stale or missing vectors", len(stragglers))
+        except Exception:  # noqa: BLE001 - the next tick tries again
+            log.exception("sweeper failed; retrying at the next tick")
 
     return app

@@ -127,6 +127,216 @@ def status(settings: Settings) -> None:
         console.print(f"dead letters in the last 24 h: {dead_letter_count(conn)}")
 
 
+def _model_spec(conn, name: str, source: str | None):
+    """A registered model's spec, or (with --source) an unregistered one's, inspected."""
+    from app.engine import ModelSpec
+    from app.modelkit import inspect_model
+
+    try:
+        return registry.get_model(conn, name).spec
+    except registry.RegistryError:
+        if source is None:
+            raise click.ClickException(f"model {name!r} is not registered; pass --source to plan it") from None
+    profile = inspect_model(source)
+    return ModelSpec(version=0, name=name, source=source, kind=profile.kind, dim=profile.dim,
+                     pooling=profile.pooling, normalize=profile.normalize, max_tokens=profile.max_tokens,
+                     fingerprint=profile.fingerprint)
+
+
+@main.group()
+def migrate() -> None:
+    """Run a migration: plan, start, pause, resume, cutover, rollback, finish."""
+
+
+def _control(settings: Settings, action, **kwargs):
+    from app import migration
+
+    with db.connect(settings, _database(settings)) as conn:
+        try:
+            result = action(conn, **kwargs)
+        except (migration.MigrationError, registry.RegistryError) as error:
+            raise click.ClickException(str(error)) from None
+    return result
+
+
+@migrate.command("plan")
+@click.option("--to", "to_name", required=True, help="the new model (registered name, or any name with --source)")
+@click.option("--source", help="model folder, when the model is not registered yet")
+@click.option("--sample", default=64, show_default=True, help="documents embedded to measure throughput")
+@click.pass_obj
+def migrate_plan(settings: Settings, to_name: str, source: str | None, sample: int) -> None:
+    """Measure the new model here and estimate documents, time, cost, storage and index memory."""
+    from app.engine import EmbeddingEngine
+    from app.migration import coverage_pct
+    from app.plan import plan
+
+    with db.connect(settings, _database(settings)) as conn:
+        spec = _model_spec(conn, to_name, source)
+        todo = None
+        if spec.version:
+            (total,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
+            todo = round(total * (1 - coverage_pct(conn, spec.version) / 100))
+        engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+        try:
+            result = plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,
+                          documents_to_embed=todo)
+        finally:
+            engine.close()
+    for line in result.lines():
+        console.print(line)
+
+
+@migrate.command("start")
+@click.option("--to", "to_name", required=True, help="the new model's name")
+@click.option("--from", "from_name", help="the old model (default: the one serving reads)")
+@click.option("--source", help="register the new model from this folder first")
+@click.pass_obj
+def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None) -> None:
+    """Start a migration: NEW is dual-written from now on. One migration at a time."""
+    from app import migration
+
+    if source is not None:
+        with db.connect(settings, _database(settings)) as conn:
+            try:
+                registry.register_model(conn, to_name, source)
+            except registry.RegistryError as error:
+                raise click.ClickException(str(error)) from None
+    started = _control(settings, migration.start, to_name=to_name, from_name=from_name,
+                       settings={"cutover_min_coverage_pct": settings.cutover_min_coverage_pct})
+    console.print(f"migration {started.id} started: {started.from_name} → {started.to_name}; "
+                  "every change is dual-written; run segue backfill for the rest")
+
+
+@migrate.command("status")
+@click.pass_obj
+def migrate_status(settings: Settings) -> None:
+    """Show the migration, its gate and its progress."""
+    from app import migration
+    from app.progress import fetch_progress, progress_table
+
+    with db.connect(settings, _database(settings)) as conn:
+        current = migration.refresh(conn, settings.cutover_min_coverage_pct)
+        if current is None:
+            console.print("no migration in progress")
+        else:
+            check = migration.gate(conn, current, settings.cutover_min_coverage_pct)
+            console.print(f"migration {current.id}: {current.from_name} → {current.to_name}, [bold]{current.state}[/] "
+                          f"since {current.updated_at:%Y-%m-%d %H:%M:%S}")
+            console.print("cutover gate: " + ("open" if check.passed else "closed: " + "; ".join(check.reasons())))
+        console.print(progress_table(fetch_progress(conn)))
+
+
+@migrate.command("pause")
+@click.pass_obj
+def migrate_pause(settings: Settings) -> None:
+    """Pause the backfill; changes are still dual-written."""
+    from app import migration
+
+    console.print(f"migration {_control(settings, migration.pause).id} paused")
+
+
+@migrate.command("resume")
+@click.pass_obj
+def migrate_resume(settings: Settings) -> None:
+    """Resume a paused migration."""
+    from app import migration
+
+    console.print(f"migration {_control(settings, migration.resume).id} running")
+
+
+@migrate.command("cutover")
+@click.option("--min-coverage", type=float, help="coverage % the new model needs (default SEGUE_CUTOVER_MIN_COVERAGE_PCT)")
+@click.option("--force", is_flag=True, help="switch even though the gate is closed")
+@click.option("--reason", help="why the gate is forced (required with --force; logged)")
+@click.pass_obj
+def migrate_cutover(settings: Settings, min_coverage: float | None, force: bool, reason: str | None) -> None:
+    """Switch reads to the new model if coverage and the latest quality verdict pass."""
+    from app import migration
+
+    if force and not reason:
+        raise click.UsageError("--force needs --reason")
+    done = _control(settings, migration.cutover,
+                    min_coverage_pct=settings.cutover_min_coverage_pct if min_coverage is None else min_coverage,
+                    force_reason=reason if force else None)
+    console.print(f"reads now use {done.to_name} (migration {done.id} cut over); rollback is instant until finish")
+
+
+@migrate.command("rollback")
+@click.pass_obj
+def migrate_rollback(settings: Settings) -> None:
+    """Switch reads back to the old model (still dual-written)."""
+    from app import migration
+
+    done = _control(settings, migration.rollback)
+    console.print(f"reads back on {done.from_name} (migration {done.id} rolled back)")
+
+
+@migrate.command("finish")
+@click.option("--grace", default=3600.0, show_default=True, help="seconds reads must have used the new model")
+@click.pass_obj
+def migrate_finish(settings: Settings, grace: float) -> None:
+    """Retire the old model: stop writing it, drop its index and columns."""
+    from datetime import timedelta
+
+    from app import migration
+
+    done = _control(settings, migration.finish, grace=timedelta(seconds=grace))
+    console.print(f"migration {done.id} finished: {done.from_name} retired, its columns and index dropped")
+
+
+@migrate.command("index")
+@click.option("--model", "name", help="model whose column to index (default: the migration's new model)")
+@click.pass_obj
+def migrate_index(settings: Settings, name: str | None) -> None:
+    """Build the HNSW index (CREATE INDEX CONCURRENTLY) once coverage passes the threshold."""
+    from app import migration
+
+    with db.connect(settings, _database(settings), autocommit=True) as conn:
+        try:
+            version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
+            _, message = migration.build_index(conn, version, min_coverage_pct=settings.index_min_coverage_pct,
+                                               m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction)
+        except (migration.MigrationError, registry.RegistryError) as error:
+            raise click.ClickException(str(error)) from None
+    console.print(message)
+
+
+@main.command()
+@click.option("--model", "name", help="model to backfill (default: the migration's new model)")
+@click.option("--rate", type=float, help="at most this many documents a second")
+@click.option("--max-docs", type=int, help="stop after this many documents")
+@click.option("--max-gpu-seconds", type=float, help="stop after this much estimated embedding time")
+@click.option("--throughput", type=float, help="docs/s for the GPU-seconds budget (default: measured here)")
+@click.pass_obj
+def backfill(settings: Settings, name: str | None, rate: float | None, max_docs: int | None,
+             max_gpu_seconds: float | None, throughput: float | None) -> None:
+    """Enqueue every document lacking a current vector, at low priority; resumable."""
+    from app import migration
+    from app.backfill import BackfillLimits, run_backfill
+
+    database_url = _database(settings)
+    bootstrap = services.kafka_bootstrap(settings)
+    with db.connect(settings, database_url) as conn:
+        try:
+            spec = (registry.get_model(conn, name).spec if name
+                    else registry.get_model(conn, migration.require_active(conn).to_name).spec)
+        except (migration.MigrationError, registry.RegistryError) as error:
+            raise click.ClickException(str(error)) from None
+        if max_gpu_seconds is not None and throughput is None:
+            from app.engine import EmbeddingEngine
+            from app.plan import measure_throughput, sample_texts
+
+            engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+            try:
+                throughput = measure_throughput(engine, spec, sample_texts(conn, 32))
+            finally:
+                engine.close()
+            console.print(f"measured {throughput:.1f} docs/s for {spec.name} on {engine.device}")
+        limits = BackfillLimits(rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput)
+        outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, console=console))
+    console.print(outcome.describe(limits))
+
+
 @main.command("services")
 @click.argument("action", type=click.Choice(["up", "down", "status"]))
 @click.pass_obj

@@ -112,8 +112,9 @@ class EmbeddingEngine:
     async def ensure_loaded(self, specs: Iterable[ModelSpec]) -> dict[int, float]:
         """Load and warm up every spec not loaded yet; return ``{version: seconds}`` for those loaded now.
 
-        Raises :class:`FingerprintMismatch` when a source no longer holds the registered
-        model, and :class:`DimensionMismatch` when it produces vectors of another width.
+        Loads are queued in the worker at priority 0. Raises :class:`FingerprintMismatch`
+        when a source no longer holds the registered model, and :class:`DimensionMismatch`
+        when it produces vectors of another width.
         """
         pending = {spec.version: spec for spec in specs if spec.version not in self._versions}
         futures = [self._submit(0, functools.partial(self._load, spec)) for spec in pending.values()]

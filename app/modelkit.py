@@ -55,7 +55,7 @@ class ModelProfile:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model loaded on the CPU in float32, with its profile."""
+    """A model loaded on the CPU (transformer weights in float32), with its profile."""
 
     profile: ModelProfile
     model: PreTrainedModel | StaticModel

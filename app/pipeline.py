@@ -296,6 +296,7 @@ class ReadMissProcessor(_Processor):
     """Re-embeds the stored body of documents a reader found without a current vector."""
 
     origin = "read_miss"
+    priority = PRIORITY_READ_MISS
 
     async def process(self, envelopes: Sequence[Envelope]) -> None:
         """Apply a batch of read-misses records; returns once every outcome is durable."""
@@ -343,13 +344,7 @@ class ReadMissProcessor(_Processor):
         model = events[0].model
         stored = await self.store.fetch(sorted({e.miss.doc_id for e in events}), [model], with_body=True)
         unknown = [e for e in events if stored[e.miss.doc_id].version is None]
-        await self._dead_letter(
-            [
-                DeadLetter(e.envelope, DeadLetterReason.UNKNOWN_DOCUMENT, f"no document {e.miss.doc_id!r}",
-                           self.origin, model.version)
-                for e in unknown
-            ]
-        )
+        await self._unknown_documents(unknown)
         known = [e for e in events if stored[e.miss.doc_id].version is not None]
         todo: dict[str, StoredDocument] = {
             e.miss.doc_id: stored[e.miss.doc_id]
@@ -357,7 +352,7 @@ class ReadMissProcessor(_Processor):
             if stored[e.miss.doc_id].model_sha256[model.version] != stored[e.miss.doc_id].content_sha256
         }
         docs = list(todo.values())
-        embedded = await self.engine.embed(model, [d.body for d in docs], priority=PRIORITY_READ_MISS)
+        embedded = await self.engine.embed(model, [d.body for d in docs], priority=self.priority)
         async with self.store.transaction() as tx:
             written = await tx.write_vectors(
                 model, [VectorRow(d.doc_id, d.content_sha256, v) for d, v in zip(docs, embedded)]
@@ -376,8 +371,31 @@ class ReadMissProcessor(_Processor):
                 changelog.append(self._row(event, action, doc.version))
             await tx.log(changelog)
 
+    async def _unknown_documents(self, events: Sequence[ReadMissEvent]) -> None:
+        """A reader asked for a document that does not exist: dead-letter it."""
+        await self._dead_letter(
+            [
+                DeadLetter(e.envelope, DeadLetterReason.UNKNOWN_DOCUMENT, f"no document {e.miss.doc_id!r}",
+                           self.origin, e.model.version)
+                for e in events
+            ]
+        )
+
     async def _poison(self, event: ReadMissEvent, error: BaseException) -> None:
         letter = DeadLetter(
             event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin, event.model.version
         )
         await self._dead_letter([letter], [self._row(event, "failed", error=_error_text(error))])
+
+
+class BackfillProcessor(ReadMissProcessor):
+    """Re-embeds documents the backfill or the sweeper enqueued, behind read misses and changes."""
+
+    origin = "backfill"
+    priority = PRIORITY_BACKFILL
+
+    async def _unknown_documents(self, events: Sequence[ReadMissEvent]) -> None:
+        """Deleted since it was enqueued: nothing to do, and nothing wrong."""
+        if events:
+            async with self.store.transaction() as tx:
+                await tx.log([self._row(e, "superseded") for e in events])

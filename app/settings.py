@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     topic_document_changes: str = "document-changes"
     topic_read_misses: str = "read-misses"
     topic_dead_letters: str = "dead-letters"
+    topic_backfill: str = "backfill"
     topic_partitions: int = Field(4, ge=1, description="partitions for topics Segue creates")
     topic_replication: int = Field(1, ge=1)
     group_id: str = Field("segue", description="Kafka consumer group of the workers")
@@ -42,6 +43,14 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; unset = cuda when present, else cpu")
     retry_attempts: int = Field(3, ge=1, description="tries of a failing batch before it is split")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each try")
+
+    sweeper_interval_s: float = Field(60.0, gt=0, description="how often a worker looks for lost re-embeds")
+    sweeper_max_age_s: float = Field(600.0, ge=0, description="a vector stale or missing this long is re-enqueued")
+    index_min_coverage_pct: float = Field(95.0, ge=0, le=100, description="HNSW index waits for this coverage")
+    cutover_min_coverage_pct: float = Field(100.0, ge=0, le=100, description="cutover gate on coverage")
+    hnsw_m: int = Field(16, ge=2)
+    hnsw_ef_construction: int = Field(64, ge=4)
+    gpu_hour_usd: float = Field(2.5, ge=0, description="price used by migrate plan's cost estimate")
 
     embedded_kafka_port: int = Field(19092, ge=1, le=65535)
     log_level: str = "info"

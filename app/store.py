@@ -23,6 +23,8 @@ from app import db
 from app.engine import ModelSpec
 from app.settings import Settings
 
+SWEEPER_LOCK = 0x5E6F  # advisory lock: one sweeper at a time across workers
+
 
 @dataclass(frozen=True)
 class StoredDocument:
@@ -74,6 +76,7 @@ class ChangelogRow:
     event_id: str | None = None
     latency_ms: float | None = None
     error: str | None = None
+    detail: Jsonb | None = None
 
 
 _CHANGELOG_COLUMNS = [
@@ -85,6 +88,7 @@ _CHANGELOG_COLUMNS = [
     ("event_id", "text"),
     ("latency_ms", "float8"),
     ("error", "text"),
+    ("detail", "jsonb"),
 ]
 
 
@@ -282,6 +286,38 @@ class Store:
                     body=body,
                 )
             return result
+
+    async def stragglers(self, *, max_age_s: float, limit: int) -> list[tuple[str, str]]:
+        """(doc_id, model name) pairs whose vector has been stale or missing for over ``max_age_s``.
+
+        Only documents that should already be current count: written while the model was
+        live, or behind its backfill watermark. One worker sweeps at a time (advisory lock).
+        """
+        conn = await self._connection()
+        found: list[tuple[str, str]] = []
+        async with conn.transaction():
+            async with conn.cursor() as cur:
+                await cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (SWEEPER_LOCK,))
+                if not (await cur.fetchone())[0]:
+                    return []
+                for model in await self.live_models():
+                    await cur.execute(
+                        sql.SQL(
+                            "SELECT d.doc_id FROM documents d"
+                            " JOIN embedding_models m ON m.version = %(v)s"
+                            " LEFT JOIN backfill_progress b ON b.model_version = %(v)s"
+                            " WHERE d.{h} IS DISTINCT FROM d.content_sha256"
+                            " AND d.updated_at < now() - make_interval(secs => %(age)s)"
+                            " AND (d.updated_at >= m.created_at OR d.doc_id <= b.watermark"
+                            "      OR b.finished_at IS NOT NULL)"
+                            " ORDER BY d.updated_at LIMIT %(limit)s"
+                        ).format(h=db.sha_column(model.version)),
+                        {"v": model.version, "age": max_age_s, "limit": limit - len(found)},
+                    )
+                    found += [(doc_id, model.name) for (doc_id,) in await cur.fetchall()]
+                    if len(found) >= limit:
+                        break
+        return found
 
     async def close(self) -> None:
         """Close the connection."""

@@ -14,7 +14,8 @@ log = logging.getLogger("segue.topics")
 
 def topic_names(settings: Settings) -> list[str]:
     """Every topic Segue reads or writes."""
-    return [settings.topic_document_changes, settings.topic_read_misses, settings.topic_dead_letters]
+    return [settings.topic_document_changes, settings.topic_read_misses, settings.topic_backfill,
+            settings.topic_dead_letters]
 
 
 async def ensure_topics(settings: Settings, bootstrap: str) -> list[str]:
@@ -41,7 +42,7 @@ async def consumer_lag(settings: Settings, bootstrap: str) -> dict[str, int]:
     """Records not yet committed by the worker group, per topic it consumes."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    topics = [settings.topic_document_changes, settings.topic_read_misses]
+    topics = [settings.topic_document_changes, settings.topic_read_misses, settings.topic_backfill]
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="segue-admin")
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await admin.start()

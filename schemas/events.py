@@ -138,6 +138,14 @@ def decode_read_miss(value: bytes | None) -> ReadMiss:
     return ReadMiss(doc_id=obj["doc_id"], model=obj["model"], event_id=obj.get("event_id"))
 
 
+def read_miss_value(doc_id: str, model: str, event_id: str | None = None) -> bytes:
+    """A read-misses (or backfill) record value asking to re-embed ``doc_id`` with ``model``."""
+    value = {"doc_id": doc_id, "model": model}
+    if event_id is not None:
+        value["event_id"] = event_id
+    return orjson.dumps(value)
+
+
 def encode_dead_letter(
     *, reason: DeadLetterReason, error: str, source: SourcePosition, key: bytes | None, payload: bytes | None
 ) -> bytes:

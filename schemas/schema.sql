@@ -47,15 +47,57 @@ CREATE TABLE IF NOT EXISTS migration_changelog (
     doc_id         text,
     model_version  integer,
     action         text NOT NULL CHECK (action IN
-                     ('embedded', 'unchanged', 'superseded', 'deleted', 'failed', 'dead_lettered')),
-    origin         text NOT NULL CHECK (origin IN ('change', 'read_miss', 'backfill')),
+                     ('embedded', 'unchanged', 'superseded', 'deleted', 'failed', 'dead_lettered',
+                      'migration_started', 'migration_paused', 'migration_resumed', 'migration_ready',
+                      'migration_cut_over', 'migration_rolled_back', 'migration_finished', 'index_built')),
+    origin         text NOT NULL CHECK (origin IN ('change', 'read_miss', 'backfill', 'control')),
     doc_version    bigint,
     event_id       text,
     latency_ms     double precision,
-    error          text
+    error          text,
+    detail         jsonb
 );
 CREATE INDEX IF NOT EXISTS migration_changelog_doc_idx ON migration_changelog (doc_id, id);
 CREATE INDEX IF NOT EXISTS migration_changelog_at_idx ON migration_changelog USING brin (at);
+
+-- A migration from one model to another; at most one is not finished.
+CREATE TABLE IF NOT EXISTS migrations (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    from_version  integer NOT NULL REFERENCES embedding_models (version),
+    to_version    integer NOT NULL REFERENCES embedding_models (version),
+    state         text NOT NULL CHECK (state IN
+                    ('running', 'paused', 'ready', 'cut_over', 'rolled_back', 'finished')),
+    settings      jsonb NOT NULL DEFAULT '{}',
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    cut_over_at   timestamptz,
+    finished_at   timestamptz,
+    CHECK (from_version <> to_version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_active ON migrations ((true)) WHERE state <> 'finished';
+
+-- Quality verdicts of a migration's new model against its old one; the cutover gate reads the latest.
+CREATE TABLE IF NOT EXISTS model_evaluations (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    migration_id  bigint NOT NULL REFERENCES migrations (id),
+    metric        text NOT NULL,
+    old_value     double precision NOT NULL,
+    new_value     double precision NOT NULL,
+    delta         double precision GENERATED ALWAYS AS (new_value - old_value) STORED,
+    verdict       text NOT NULL CHECK (verdict IN ('pass', 'fail')),
+    evaluated_at  timestamptz NOT NULL DEFAULT now(),
+    detail        jsonb NOT NULL DEFAULT '{}'
+);
+
+-- Where each model's backfill stands: it publishes documents in doc_id order after the watermark.
+CREATE TABLE IF NOT EXISTS backfill_progress (
+    model_version  integer PRIMARY KEY REFERENCES embedding_models (version) ON DELETE CASCADE,
+    watermark      text,
+    published      bigint NOT NULL DEFAULT 0,
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    finished_at    timestamptz
+);
 
 -- Counters kept exact by triggers in the same transactions that write documents and
 -- the changelog, so migration_progress never has to count the big tables.
@@ -127,3 +169,16 @@ CROSS JOIN LATERAL (
     WHERE a.model_version = m.version AND a.action IN ('failed', 'dead_lettered')
       AND a.minute >= now() - interval '24 hours') failures
 WHERE m.state = 'live';
+
+-- Vectors written per live model and origin (change, read_miss, backfill): last 5 minutes and last 24 hours.
+CREATE OR REPLACE VIEW migration_progress_by_origin AS
+SELECT m.version AS model_version,
+       m.name    AS model,
+       a.origin,
+       coalesce(sum(a.events) FILTER (WHERE a.minute >= date_trunc('minute', now() - interval '5 minutes')), 0)::bigint
+                 AS vectors_last_5m,
+       coalesce(sum(a.events), 0)::bigint AS vectors_last_24h
+FROM embedding_models m
+JOIN activity_counters a ON a.model_version = m.version
+WHERE m.state = 'live' AND a.action = 'embedded' AND a.minute >= now() - interval '24 hours'
+GROUP BY m.version, m.name, a.origin;

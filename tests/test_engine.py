@@ -109,6 +109,23 @@ def test_minilm_matches_sentence_transformers(engine, minilm_spec, scifact_texts
     assert cosine_rows(vectors, reference).min() >= 0.999
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "static"])
+def test_tiny_models_match_their_reference_encoders(engine, tiny_a, static_dir, tmp_path, pooling):
+    texts = varied_texts()
+    if pooling == "static":
+        from model2vec import StaticModel
+
+        source = static_dir
+        reference = StaticModel.from_pretrained(static_dir).encode(texts, normalize=True)
+    else:
+        from sentence_transformers import SentenceTransformer
+
+        source = tiny_a if pooling == "mean" else build_tiny_transformer(tmp_path / pooling, pooling=pooling)
+        reference = SentenceTransformer(str(source), device="cpu").encode(texts, normalize_embeddings=True)
+    vectors = engine.embed_sync(spec_for(source, f"tiny-{pooling}"), texts)
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+
+
 def test_profiles(tiny_a, models_dir, static_dir, minilm_spec):
     a = inspect_model(str(tiny_a))
     assert (a.kind, a.dim, a.pooling, a.normalize, a.max_tokens) == ("transformer", 32, "mean", True, 128)

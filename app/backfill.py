@@ -1,0 +1,173 @@
+"""The backfill: enqueue every document whose vector for a model is missing or stale.
+
+Walks ``documents`` in primary-key order with keyset pages after a watermark kept in
+``backfill_progress``, publishes one record per document to the backfill topic (which
+workers consume behind read misses and live changes), and advances the watermark
+only after the broker acknowledged the page, so a killed backfill resumes where it
+stopped and at worst re-publishes one page (re-embedding is idempotent). Bounded by a
+rate (docs/s) and a budget (documents, or GPU-seconds at a measured throughput);
+stops when the migration is paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from psycopg import sql
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from app import db, migration
+from app.engine import ModelSpec
+from app.settings import Settings
+from schemas.events import read_miss_value
+
+
+@dataclass(frozen=True)
+class BackfillLimits:
+    """How much one run may publish: docs/s, documents, GPU-seconds at ``throughput`` docs/s."""
+
+    rate: float | None = None
+    max_docs: int | None = None
+    max_gpu_seconds: float | None = None
+    throughput: float | None = None
+
+    def doc_budget(self) -> int | None:
+        """The document budget of this run (the tighter of the two budgets)."""
+        budgets = [self.max_docs] if self.max_docs is not None else []
+        if self.max_gpu_seconds is not None:
+            if not self.throughput:
+                raise ValueError("a GPU-seconds budget needs a throughput (docs/s) to convert it")
+            budgets.append(int(self.max_gpu_seconds * self.throughput))
+        return min(budgets) if budgets else None
+
+
+@dataclass(frozen=True)
+class BackfillOutcome:
+    published: int
+    stopped: str  # "complete", "budget" or "paused"
+    watermark: str | None
+    seconds: float
+
+    def describe(self, limits: BackfillLimits) -> str:
+        rate = self.published / self.seconds if self.seconds else 0.0
+        head = f"published {self.published} documents in {self.seconds:.1f}s ({rate:.1f} docs/s)"
+        if self.stopped == "complete":
+            return f"{head}; backfill complete: every document was enqueued"
+        if self.stopped == "paused":
+            return f"{head}; stopped: the migration is paused (resume continues after {self.watermark!r})"
+        budget = f"{limits.max_docs} documents" if limits.max_docs is not None else ""
+        if limits.max_gpu_seconds is not None:
+            gpu = f"{limits.max_gpu_seconds:g} GPU-seconds ≈ {limits.doc_budget()} documents at {limits.throughput:.1f} docs/s"
+            budget = f"{budget} / {gpu}" if budget else gpu
+        return f"{head}; stopped at the budget ({budget}); run again to continue after {self.watermark!r}"
+
+
+def _remaining(conn: psycopg.Connection, model: ModelSpec) -> int:
+    (total, current) = conn.execute(
+        "SELECT c.documents, v.current FROM corpus_counters c JOIN vector_counters v ON v.model_version = %s",
+        (model.version,),
+    ).fetchone()
+    return total - current
+
+
+def _watermark(conn: psycopg.Connection, model: ModelSpec) -> str | None:
+    """The watermark to resume after; a finished pass starts over from the beginning."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT watermark, finished_at FROM backfill_progress WHERE model_version = %s FOR UPDATE",
+            (model.version,),
+        ).fetchone()
+        if row is None or row[1] is not None:
+            conn.execute(
+                "INSERT INTO backfill_progress (model_version) VALUES (%s) ON CONFLICT (model_version) DO UPDATE"
+                " SET watermark = NULL, published = 0, started_at = now(), updated_at = now(), finished_at = NULL",
+                (model.version,),
+            )
+            return None
+        return row[0]
+
+
+def _page(conn: psycopg.Connection, model: ModelSpec, after: str | None, size: int) -> list[str]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT doc_id FROM documents WHERE doc_id > %s AND {} IS DISTINCT FROM content_sha256"
+            " ORDER BY doc_id LIMIT %s"
+        ).format(db.sha_column(model.version)),
+        (after or "", size),
+    ).fetchall()
+    return [doc_id for (doc_id,) in rows]
+
+
+def _paused(conn: psycopg.Connection) -> bool:
+    active = migration.active_migration(conn)
+    return active is not None and active.state == "paused"
+
+
+async def run_backfill(
+    settings: Settings,
+    conn: psycopg.Connection,
+    bootstrap: str,
+    model: ModelSpec,
+    limits: BackfillLimits,
+    *,
+    page_size: int = 500,
+    console: Console | None = None,
+) -> BackfillOutcome:
+    """Publish the documents ``model`` lacks a current vector for, within ``limits``."""
+    budget = limits.doc_budget()
+    after = _watermark(conn, model)
+    todo = _remaining(conn, model)
+    planned = todo if budget is None else min(todo, budget)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
+    await producer.start()
+    published = 0
+    started = time.perf_counter()
+    stopped = "complete"
+    progress = Progress(
+        TextColumn(f"backfill {model.name}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} docs/s"), TimeRemainingColumn(),
+        console=console, disable=console is None, transient=False,
+    )
+    try:
+        with progress:
+            task = progress.add_task("backfill", total=planned, rate=0.0)
+            while True:
+                if _paused(conn):
+                    stopped = "paused"
+                    break
+                size = page_size if budget is None else min(page_size, budget - published)
+                if size <= 0:
+                    stopped = "budget"
+                    break
+                page = _page(conn, model, after, size)
+                if not page:
+                    conn.execute("UPDATE backfill_progress SET finished_at = now(), updated_at = now()"
+                                 " WHERE model_version = %s", (model.version,))
+                    conn.commit()
+                    break
+                for doc_id in page:
+                    if limits.rate:
+                        ahead = (published + 1) / limits.rate - (time.perf_counter() - started)
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+                    await producer.send(settings.topic_backfill, key=doc_id.encode(),
+                                        value=read_miss_value(doc_id, model.name, f"backfill-{model.version}"))
+                    published += 1
+                    progress.update(task, completed=published,
+                                    rate=published / max(time.perf_counter() - started, 1e-9))
+                await producer.flush()
+                after = page[-1]
+                conn.execute(
+                    "UPDATE backfill_progress SET watermark = %s, published = published + %s, updated_at = now()"
+                    " WHERE model_version = %s",
+                    (after, len(page), model.version),
+                )
+                conn.commit()
+    finally:
+        await producer.stop()
+    return BackfillOutcome(published, stopped, after, time.perf_counter() - started)

@@ -1,0 +1,87 @@
+"""``segue migrate plan``: what a migration to a model will cost, measured before anything is written."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import psycopg
+
+from app import migration
+from app.corpus import scifact_documents
+from app.engine import EmbeddingEngine, ModelSpec
+
+HASH_BYTES = 32 + 4  # sha256 in a bytea (with its varlena header)
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    model: str
+    dim: int
+    device: str
+    sample_docs: int
+    throughput_docs_per_s: float
+    documents_to_embed: int
+    seconds: float
+    cost_usd: float
+    gpu_hour_usd: float
+    storage_bytes: int
+    hnsw_memory_bytes: int
+
+    def lines(self) -> list[str]:
+        """The plan as lines for the terminal."""
+        hours = self.seconds / 3600
+        return [
+            f"model {self.model}: {self.dim}-d, measured {self.throughput_docs_per_s:.1f} docs/s on {self.device} "
+            f"({self.sample_docs} sampled documents)",
+            f"documents to embed: {self.documents_to_embed}",
+            f"estimated time: {self.seconds:,.0f} s ({hours:.2f} h) on one such worker",
+            f"estimated cost: ${self.cost_usd:,.2f} at ${self.gpu_hour_usd:g}/GPU-hour",
+            f"extra storage: {self.storage_bytes / 2**20:,.1f} MiB (4·{self.dim}+8 bytes a vector + {HASH_BYTES} for its hash)",
+            f"HNSW build memory: {self.hnsw_memory_bytes / 2**20:,.1f} MiB (set maintenance_work_mem at least this)",
+        ]
+
+
+def sample_texts(conn: psycopg.Connection, size: int) -> list[str]:
+    """Real bodies from the store (a random sample), or the bundled corpus when it is empty."""
+    rows = conn.execute("SELECT body FROM documents TABLESAMPLE SYSTEM (10) LIMIT %s", (size,)).fetchall()
+    if len(rows) < size:
+        rows = conn.execute("SELECT body FROM documents LIMIT %s", (size,)).fetchall()
+    texts = [body for (body,) in rows]
+    if len(texts) < size:
+        texts += [d.text for d in scifact_documents(size - len(texts))]
+    return texts
+
+
+def measure_throughput(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> float:
+    """Documents per second embedding ``texts`` (after one warm-up batch)."""
+    engine.embed_sync(model, texts[:2])
+    started = time.perf_counter()
+    engine.embed_sync(model, texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *, sample: int,
+         gpu_hour_usd: float, documents_to_embed: int | None = None) -> MigrationPlan:
+    """Measure ``model`` here and estimate time, cost, storage and index memory for the corpus.
+
+    ``documents_to_embed`` defaults to every document (the model has no vectors yet).
+    """
+    texts = sample_texts(conn, sample)
+    throughput = measure_throughput(engine, model, texts)
+    (documents,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
+    todo = documents if documents_to_embed is None else documents_to_embed
+    seconds = todo / throughput
+    return MigrationPlan(
+        model=model.name,
+        dim=model.dim,
+        device=engine.device,
+        sample_docs=len(texts),
+        throughput_docs_per_s=throughput,
+        documents_to_embed=todo,
+        seconds=seconds,
+        cost_usd=seconds / 3600 * gpu_hour_usd,
+        gpu_hour_usd=gpu_hour_usd,
+        storage_bytes=documents * (4 * model.dim + 8 + HASH_BYTES),
+        hnsw_memory_bytes=migration.hnsw_memory_bytes(documents, model.dim),
+    )
