@@ -148,7 +148,6 @@ async def run_backfill(
                 if not page:
                     conn.execute("UPDATE backfill_progress SET finished_at = now(), updated_at = now()"
                                  " WHERE model_version = %s", (model.version,))
-                    conn.commit()
                     break
                 for doc_id in page:
                     if limits.rate:
@@ -167,7 +166,6 @@ async def run_backfill(
                     " WHERE model_version = %s",
                     (after, len(page), model.version),
                 )
-                conn.commit()
     finally:
         await producer.stop()
     return BackfillOutcome(published, stopped, after, time.perf_counter() - started)

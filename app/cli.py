@@ -291,7 +291,7 @@ def migrate_index(settings: Settings, name: str | None) -> None:
     """Build the HNSW index (CREATE INDEX CONCURRENTLY) once coverage passes the threshold."""
     from app import migration
 
-    with db.connect(settings, _database(settings), autocommit=True) as conn:
+    with db.connect(settings, _database(settings)) as conn:
         try:
             version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
             _, message = migration.build_index(conn, version, min_coverage_pct=settings.index_min_coverage_pct,
@@ -307,9 +307,10 @@ def migrate_index(settings: Settings, name: str | None) -> None:
 @click.option("--max-docs", type=int, help="stop after this many documents")
 @click.option("--max-gpu-seconds", type=float, help="stop after this much estimated embedding time")
 @click.option("--throughput", type=float, help="docs/s for the GPU-seconds budget (default: measured here)")
+@click.option("--page-size", default=500, show_default=True, help="documents per keyset page (watermark step)")
 @click.pass_obj
 def backfill(settings: Settings, name: str | None, rate: float | None, max_docs: int | None,
-             max_gpu_seconds: float | None, throughput: float | None) -> None:
+             max_gpu_seconds: float | None, throughput: float | None, page_size: int) -> None:
     """Enqueue every document lacking a current vector, at low priority; resumable."""
     from app import migration
     from app.backfill import BackfillLimits, run_backfill
@@ -333,7 +334,8 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
                 engine.close()
             console.print(f"measured {throughput:.1f} docs/s for {spec.name} on {engine.device}")
         limits = BackfillLimits(rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput)
-        outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, console=console))
+        outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, page_size=page_size,
+                                           console=console))
     console.print(outcome.describe(limits))
 
 

@@ -35,13 +35,16 @@ def _search_path(schema: str) -> sql.Composed:
     )
 
 
-def connect(settings: Settings, url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    """Open a connection with Segue's schema on the search_path and pgvector types registered."""
-    conn = psycopg.connect(url, autocommit=autocommit)
+def connect(settings: Settings, url: str) -> psycopg.Connection:
+    """Open a connection with Segue's schema on the search_path and pgvector types registered.
+
+    Autocommit: a statement never leaves an idle transaction holding locks that would
+    block DDL (registering a model) or CREATE INDEX CONCURRENTLY; writes that belong
+    together use ``with conn.transaction():``.
+    """
+    conn = psycopg.connect(url, autocommit=True)
     conn.execute(_search_path(settings.db_schema))
     register_vector(conn)
-    if not autocommit:
-        conn.commit()
     return conn
 
 

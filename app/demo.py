@@ -1,10 +1,12 @@
-"""``segue demo``: the whole flow on fresh embedded services with a real corpus.
+"""``segue demo``: a whole migration on fresh embedded services with a real corpus.
 
-Starts a sandboxed embedded PostgreSQL and broker, registers an old model (a static
-model distilled locally from all-MiniLM-L6-v2) and, halfway, a new one (MiniLM
-itself) that the running worker picks up live; publishes SciFact abstracts as
-document changes, edits, deletes, stale replays, read misses and bad events; shows
-progress from SQL as it goes and ends with a summary.
+Starts a sandboxed embedded PostgreSQL and broker and a worker; loads SciFact
+abstracts on an old model (a static model distilled locally from all-MiniLM-L6-v2);
+plans and starts a migration to MiniLM itself, which the running worker picks up
+live; publishes live changes, edits, deletes, stale replays and bad events while the
+backfill runs and reader queries publish read misses; then records a quality verdict
+(nDCG@10 on SciFact), builds the HNSW index, cuts over, rolls back, cuts over again
+and finishes. Progress comes from SQL throughout; a summary closes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -24,10 +27,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from app import db, registry, services
-from app.corpus import scifact_documents
-from app.modelkit import distill_static, minilm_path
+from app import db, migration, registry, services
+from app.backfill import BackfillLimits, run_backfill
+from app.corpus import ndcg_at_10, scifact_documents, scifact_qrels, scifact_queries, scifact_queries_list
+from app.engine import EmbeddingEngine, ModelSpec
+from app.modelkit import distill_static, inspect_model, minilm_path
+from app.plan import plan
 from app.progress import fetch_progress, progress_table
+from app.reader import SegueReader
 from app.settings import Settings
 from app.topics import consumer_lag, ensure_topics
 
@@ -66,8 +73,9 @@ def _change(doc_id: str, text: str | None, version: int, *, op: str = "upsert", 
 
 
 class _Publisher:
-    def __init__(self, settings: Settings, bootstrap: str):
+    def __init__(self, settings: Settings, bootstrap: str, console: Console):
         self.settings = settings
+        self.console = console
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         self.sent = 0
 
@@ -90,7 +98,7 @@ class _Publisher:
 async def _watch(settings: Settings, database_url: str, bootstrap: str, console: Console, title: str) -> float:
     """Show migration_progress until the worker has committed every published record."""
     started = time.perf_counter()
-    with db.connect(settings, database_url, autocommit=True) as conn, Live(console=console, refresh_per_second=2) as live:
+    with db.connect(settings, database_url) as conn, Live(console=console, refresh_per_second=2) as live:
         while True:
             await asyncio.sleep(1.0)
             lag = await consumer_lag(settings, bootstrap)
@@ -106,7 +114,7 @@ async def _watch(settings: Settings, database_url: str, bootstrap: str, console:
 
 
 def _summary(settings: Settings, database_url: str, elapsed: float, console: Console) -> None:
-    with db.connect(settings, database_url, autocommit=True) as conn:
+    with db.connect(settings, database_url) as conn:
         console.print(progress_table(fetch_progress(conn), title="final migration_progress"))
         table = Table(title="changelog outcomes")
         for header in ("origin", "model", "action", "events", "p50 latency ms", "p95 latency ms"):
@@ -138,9 +146,24 @@ def run_demo(settings: Settings, *, docs: int, console: Console) -> None:
     asyncio.run(_run(settings, docs=docs, console=console))
 
 
+def _evaluate(demo: Settings, database_url: str, engine, corpus_ids: set[str]) -> dict[str, float]:
+    """nDCG@10 of each live model on the SciFact queries whose relevant abstracts are in the demo corpus."""
+    queries, qrels = scifact_queries(), scifact_qrels()
+    judged = {q: rel for q, rel in qrels.items() if rel & corpus_ids}
+    scores = {}
+    with db.connect(demo, database_url) as conn:
+        models = registry.live_models(conn)
+    for model in models:
+        with SegueReader(demo, database_url=database_url, engine=engine, mode="routing",
+                         routing_policy=lambda _q, _c, chosen=model: chosen, read_miss_rate=0) as reader:
+            scores[model.name] = ndcg_at_10(
+                {q: [h.doc_id for h in reader.search(queries[q], k=10).hits] for q in judged}, judged)
+    return scores
+
+
 async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     demo = _sandbox(settings)
-    console.rule("[bold]Segue demo")
+    console.rule("[bold]Segue demo: migrating a pgvector corpus from a static model to MiniLM")
     if demo.data_dir.exists():
         services.down(demo)
         shutil.rmtree(demo.data_dir)
@@ -160,8 +183,9 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     console.print(f"registered {OLD_MODEL} as v{old.version} ({old.dim}-d): readers use it")
 
     corpus = list(scifact_documents(docs))
-    first, rest = corpus[: len(corpus) // 3], corpus[len(corpus) // 3:]
+    first, rest = corpus[: len(corpus) * 2 // 3], corpus[len(corpus) * 2 // 3:]
     log_path = demo.data_dir / "worker.log"
+    engine = EmbeddingEngine(device=demo.device, batch_size=demo.embed_batch_size)
     with open(log_path, "wb") as worker_log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"], env=_worker_env(demo), stdout=worker_log,
@@ -169,48 +193,99 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
         )
     try:
         console.print(f"worker started (pid {worker.pid}, log {log_path})")
-        async with _Publisher(demo, bootstrap) as pub:
+        async with _Publisher(demo, bootstrap, console) as pub:
+            console.rule("1. the corpus, on the old model only")
             for n, doc in enumerate(first):
                 await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"load-{n}"))
             await pub.producer.flush()
-            console.print(f"published {len(first)} documents while only {OLD_MODEL} is live")
-            elapsed = await _watch(demo, database_url, bootstrap, console, f"phase 1: {OLD_MODEL} only")
+            console.print(f"published {len(first)} SciFact abstracts as document changes")
+            elapsed = await _watch(demo, database_url, bootstrap, console, f"{OLD_MODEL} only")
 
+            console.rule("2. plan the migration to all-MiniLM-L6-v2")
+            new_spec = _unregistered_spec(NEW_MODEL, str(minilm_path()))
+            with db.connect(demo, database_url) as conn:
+                for line in plan(conn, engine, new_spec, sample=32, gpu_hour_usd=demo.gpu_hour_usd).lines():
+                    console.print("  " + line)
+
+            console.rule("3. start: dual-write live changes, backfill the rest, re-embed read misses first")
             with db.connect(demo, database_url) as conn:
                 new = registry.register_model(conn, NEW_MODEL, str(minilm_path()))
-            console.print(f"registered {NEW_MODEL} as v{new.version} ({new.dim}-d); the running worker picks it up "
-                          "and dual-writes every change from now on")
-            for n, doc in enumerate(rest):
-                await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"load-{len(first) + n}"))
-            for n, doc in enumerate(first[:20]):
-                await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 2, event_id=f"touch-{n}"))
-            for n, doc in enumerate(first[20:40]):
-                edited = doc.text + "\n\nErratum: corrected figures in the results section."
-                await pub.change(doc.doc_id, _change(doc.doc_id, edited, 2, event_id=f"edit-{n}"))
-                await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"replay-{n}"))
-            for n, doc in enumerate(first[40:45]):
-                await pub.change(doc.doc_id, _change(doc.doc_id, None, 3, op="delete", event_id=f"delete-{n}"))
-            for doc in first[45:50]:
-                await pub.change(doc.doc_id, None)
-            for n, doc in enumerate(first[50:100]):
-                await pub.read_miss(doc.doc_id, orjson.dumps({"doc_id": doc.doc_id, "model": NEW_MODEL,
-                                                              "event_id": f"miss-{n}"}))
-            await pub.change("bad-json", b'{"doc_id": "bad-json", "text": ')
-            await pub.change("no-version", orjson.dumps({"doc_id": "no-version", "text": "hello"}))
-            await pub.change("huge", _change("huge", "x" * (demo.max_text_bytes + 1), 1, event_id="huge"))
-            await pub.read_miss(first[0].doc_id, orjson.dumps({"doc_id": first[0].doc_id, "model": "no-such-model"}))
-            await pub.read_miss("missing-doc", orjson.dumps({"doc_id": "missing-doc", "model": NEW_MODEL}))
-            await pub.producer.flush()
-            console.print(
-                f"published {len(rest)} more documents, 20 unchanged re-publishes, 20 edits with 20 stale replays, "
-                "5 deletes, 5 tombstones, 50 read misses and 5 bad events"
-            )
-            elapsed += await _watch(demo, database_url, bootstrap, console, "phase 2: dual-write")
+                started_migration = migration.start(conn, NEW_MODEL)
+            console.print(f"migration {started_migration.id}: {OLD_MODEL} → {NEW_MODEL} (v{new.version}, "
+                          f"{new.dim}-d); the running worker picks the new model up without a restart")
+            await _publish_changes(pub, first, rest, demo)
+            with SegueReader(demo, database_url=database_url, engine=engine, read_model=NEW_MODEL) as canary:
+                misses = 0
+                for query in scifact_queries_list(8):
+                    result = canary.search(query, k=10)
+                    misses += len(result.read_misses)
+                console.print(f"a canary reader on {NEW_MODEL} ran 8 queries (incremental mode: documents without a "
+                              f"{NEW_MODEL} vector come from {OLD_MODEL}) and published {misses} read misses, "
+                              "which the worker embeds ahead of queued changes and the backfill")
+            with db.connect(demo, database_url) as conn:
+                outcome = await run_backfill(demo, conn, bootstrap, new, BackfillLimits(), console=console)
+            console.print(outcome.describe(BackfillLimits()))
+            elapsed += await _watch(demo, database_url, bootstrap, console, f"{OLD_MODEL} → {NEW_MODEL}")
+
+        console.rule("4. quality gate, index, cutover, rollback, cutover, finish")
+        corpus_ids = {d.doc_id for d in corpus}
+        scores = _evaluate(demo, database_url, engine, corpus_ids)
+        with db.connect(demo, database_url) as conn:
+            verdict = migration.record_evaluation(conn, started_migration.id, "ndcg@10 (SciFact)",
+                                                  scores[OLD_MODEL], scores[NEW_MODEL])
+            console.print(f"nDCG@10 on SciFact queries with judged abstracts in this corpus: {OLD_MODEL} "
+                          f"{scores[OLD_MODEL]:.3f}, {NEW_MODEL} {scores[NEW_MODEL]:.3f} → verdict {verdict}")
+            console.print(migration.build_index(conn, new.version, min_coverage_pct=demo.index_min_coverage_pct,
+                                                m=demo.hnsw_m, ef_construction=demo.hnsw_ef_construction)[1])
+            for step, action in (("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0)),
+                                 ("rollback", lambda: migration.rollback(conn)),
+                                 ("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0))):
+                state = action()
+                (serving,) = conn.execute("SELECT m.name FROM serving s JOIN embedding_models m"
+                                          " ON m.version = s.read_model_version").fetchone()
+                console.print(f"{step}: migration {state.state}, reads served by {serving}")
+            with SegueReader(demo, database_url=database_url, engine=engine) as reader:
+                result = reader.search(scifact_queries_list(1)[0], k=3)
+                console.print(f"reader after cutover: mode {result.mode}, model {'+'.join(result.models)}, "
+                              f"top hit {result.hits[0].doc_id} ({result.hits[0].score:.3f})")
+            done = migration.finish(conn, grace=timedelta(0))
+            console.print(f"finish: migration {done.state}; {OLD_MODEL} retired, its columns dropped")
         _summary(demo, database_url, elapsed, console)
     finally:
+        engine.close()
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
         services.down(demo)
+
+
+def _unregistered_spec(name: str, source: str) -> ModelSpec:
+    profile = inspect_model(source)
+    return ModelSpec(version=0, name=name, source=source, kind=profile.kind, dim=profile.dim, pooling=profile.pooling,
+                     normalize=profile.normalize, max_tokens=profile.max_tokens, fingerprint=profile.fingerprint)
+
+
+async def _publish_changes(pub: _Publisher, first, rest, demo: Settings) -> None:
+    """Live traffic during the migration: new documents, edits, replays, deletes, misses, bad events."""
+    for n, doc in enumerate(rest):
+        await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"load-{len(first) + n}"))
+    for n, doc in enumerate(first[:20]):
+        await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 2, event_id=f"touch-{n}"))
+    for n, doc in enumerate(first[20:40]):
+        edited = doc.text + "\n\nErratum: corrected figures in the results section."
+        await pub.change(doc.doc_id, _change(doc.doc_id, edited, 2, event_id=f"edit-{n}"))
+        await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"replay-{n}"))
+    for n, doc in enumerate(first[40:45]):
+        await pub.change(doc.doc_id, _change(doc.doc_id, None, 3, op="delete", event_id=f"delete-{n}"))
+    for doc in first[45:50]:
+        await pub.change(doc.doc_id, None)
+    await pub.change("bad-json", b'{"doc_id": "bad-json", "text": ')
+    await pub.change("no-version", orjson.dumps({"doc_id": "no-version", "text": "hello"}))
+    await pub.change("huge", _change("huge", "x" * (demo.max_text_bytes + 1), 1, event_id="huge"))
+    await pub.read_miss(first[60].doc_id, orjson.dumps({"doc_id": first[60].doc_id, "model": "no-such-model"}))
+    await pub.read_miss("missing-doc", orjson.dumps({"doc_id": "missing-doc", "model": NEW_MODEL}))
+    await pub.producer.flush()
+    pub.console.print(f"published {len(rest)} new documents, 20 unchanged re-publishes, 20 edits with 20 stale "
+                      "replays, 5 deletes, 5 tombstones and 5 bad events")

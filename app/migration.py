@@ -95,6 +95,15 @@ def active_migration(conn: psycopg.Connection) -> Migration | None:
     return _migration(row) if row else None
 
 
+def get_migration(conn: psycopg.Connection, migration_id: int) -> Migration:
+    """A migration by id."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_SELECT + " WHERE g.id = %s", (migration_id,)).fetchone()
+    if row is None:
+        raise MigrationError(f"no migration {migration_id}")
+    return _migration(row)
+
+
 def require_active(conn: psycopg.Connection) -> Migration:
     """The active migration, or a clear error."""
     migration = active_migration(conn)
@@ -140,7 +149,7 @@ def _transition(
             version = getattr(migration, read_version)
             conn.execute("UPDATE serving SET read_model_version = %s, updated_at = now()", (version,))
         _log(conn, migration, action, {"previous_state": migration.state, **(detail or {})})
-    return require_active(conn) if state != "finished" else migration
+    return get_migration(conn, migration.id)
 
 
 def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None,
@@ -289,7 +298,7 @@ def build_index(conn: psycopg.Connection, version: int, *, min_coverage_pct: flo
                 ef_construction: int) -> tuple[bool, str]:
     """CREATE INDEX CONCURRENTLY an HNSW index on a model's column once coverage allows.
 
-    ``conn`` must be in autocommit mode. Returns (built, message).
+    Runs outside a transaction (connections from ``db.connect`` autocommit). Returns (built, message).
     """
     spec = next((s for s in registry.live_models(conn) if s.version == version), None)
     if spec is None:

@@ -83,7 +83,7 @@ class Harness:
         self.bootstrap = services.kafka_bootstrap(self.settings)
         db.bootstrap(self.settings, self.database_url)
         asyncio.run(ensure_topics(self.settings, self.bootstrap))
-        self.conn = db.connect(self.settings, self.database_url, autocommit=True)
+        self.conn = db.connect(self.settings, self.database_url)
         self.workers: list[subprocess.Popen] = []
         self.log_dir = data_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)

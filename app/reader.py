@@ -1,0 +1,490 @@
+"""The reader client: vector search over Segue's versioned pgvector columns, during and after a migration.
+
+Upstream services import :class:`SegueReader`. It reads ``serving`` (which model
+readers use; re-read at most every ``serving_ttl_s``, so a cutover is picked up within
+seconds) and the active ``migrations`` row (whose other side is "the other model"),
+and searches in one of three modes:
+
+``incremental`` (default)
+    The read model ranks the documents whose vector for it is *current*
+    (``embedding_vN_sha256 = content_sha256``). Documents lacking one but current in
+    the other model are ranked by the other model's column, with the query embedded
+    by that model, and the two lists are merged by reciprocal rank fusion (RRF, k=60).
+    Every returned hit that only the fallback found triggers a read-miss event, so a
+    worker re-embeds it for the read model. The fallback is skipped (no second
+    embedding) while the counters say every document has a current read-model vector.
+``parallel``
+    Both models of the active migration rank their current vectors; RRF merges them.
+``routing``
+    A policy (default :func:`route_by_query_shape`) picks one model per query.
+
+A query vector is only ever compared with the column of the model that embedded it:
+:func:`check_query` checks its width and the embedding model's fingerprint against the
+registry before every column query. Scores are cosine similarities (``1 - (v <=> q)``)
+when one column ranked the hits and fused RRF scores when two did.
+
+Read misses are deduplicated per (document, model) for ``read_miss_dedup_s`` and
+bounded by a token bucket of ``read_miss_rate`` events/s (capacity ``max(1, rate)``);
+events over the bound are dropped and counted, never waited for. An aiokafka producer
+on a private event-loop thread sends them, so publishing never slows a query;
+:meth:`SegueReader.close` flushes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaProducer
+from psycopg import errors, sql
+from psycopg.types.json import Jsonb
+
+from app import db, registry, services
+from app.engine import EmbeddingEngine, ModelSpec
+from app.settings import Settings, load_settings
+
+log = logging.getLogger("segue.reader")
+
+MODES = ("incremental", "parallel", "routing")
+RRF_K = 60  # the reciprocal rank fusion constant: score = sum of 1 / (RRF_K + rank)
+FLUSH_TIMEOUT_S = 10.0
+
+RoutingPolicy = Callable[[str, list[ModelSpec]], ModelSpec]
+
+
+class IncompatibleQuery(ValueError):
+    """A query vector that must not be compared with a model's column (wrong width or wrong model)."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One ranked document; ``model`` names the column(s) that ranked it, e.g. ``"new-tiny+old-static"``."""
+
+    doc_id: str
+    score: float
+    body: str
+    metadata: dict
+    model: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The hits of one search, the models whose columns were queried, and the read misses queued."""
+
+    mode: str
+    models: tuple[str, ...]
+    hits: list[SearchHit]
+    read_misses: list[str]
+
+
+def route_by_query_shape(query_text: str, candidates: list[ModelSpec]) -> ModelSpec:
+    """The default routing policy: short FAQ-like queries to the lightest model, others to the read model.
+
+    Short means at most 6 words, or a question (ending in "?") of at most 12 words.
+    ``candidates`` lists the read model first, then the other side of the active migration.
+    """
+    words = len(query_text.split())
+    short = words <= 6 or (query_text.rstrip().endswith("?") and words <= 12)
+    return min(candidates, key=lambda spec: spec.dim) if short else candidates[0]
+
+
+def check_query(spec: ModelSpec, vector: Any, fingerprint: str) -> np.ndarray:
+    """``vector`` as float32 if it may be compared with ``spec``'s column; else raise :class:`IncompatibleQuery`.
+
+    ``fingerprint`` is that of the model that embedded ``vector``; it must be the registry's.
+    """
+    query = np.asarray(vector.to_numpy() if hasattr(vector, "to_numpy") else vector, dtype=np.float32)
+    if query.ndim != 1 or query.shape[0] != spec.dim:
+        raise IncompatibleQuery(
+            f"model {spec.name!r} (v{spec.version}) expects {spec.dim}-d query vectors, "
+            f"got shape {'x'.join(map(str, query.shape)) or 'scalar'}"
+        )
+    if fingerprint != spec.fingerprint:
+        raise IncompatibleQuery(
+            f"model {spec.name!r} (v{spec.version}) has fingerprint {spec.fingerprint!r}, but the query vector "
+            f"was embedded by a model with fingerprint {fingerprint!r}"
+        )
+    if not np.isfinite(query).all():
+        raise IncompatibleQuery(f"the query vector for model {spec.name!r} contains NaN or infinite values")
+    return query
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[SearchHit]], limit: int) -> list[SearchHit]:
+    """Merge ranked lists: score = sum of 1 / (RRF_K + rank); ties broken by doc_id; top ``limit``."""
+    scores: dict[str, float] = {}
+    models: dict[str, set[str]] = {}
+    first: dict[str, SearchHit] = {}
+    for hits in rankings:
+        for rank, hit in enumerate(hits, start=1):
+            scores[hit.doc_id] = scores.get(hit.doc_id, 0.0) + 1.0 / (RRF_K + rank)
+            models.setdefault(hit.doc_id, set()).add(hit.model)
+            first.setdefault(hit.doc_id, hit)
+    order = sorted(scores, key=lambda doc_id: (-scores[doc_id], doc_id))[:limit]
+    return [replace(first[d], score=scores[d], model="+".join(sorted(models[d]))) for d in order]
+
+
+@dataclass(frozen=True)
+class _View:
+    """What readers use, as of ``loaded_at``: the read model, the other model, the live models by name."""
+
+    read: ModelSpec
+    other: ModelSpec | None
+    live: dict[str, ModelSpec]
+    loaded_at: float
+
+    @property
+    def candidates(self) -> list[ModelSpec]:
+        return [self.read] + ([self.other] if self.other else [])
+
+
+class SegueReader:
+    """Searches the corpus with the serving model, falling back to the other model mid-migration.
+
+    Thread-safe; queries share one connection. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        database_url: str | None = None,
+        engine: EmbeddingEngine | None = None,
+        mode: str = "incremental",
+        routing_policy: RoutingPolicy | None = None,
+        read_miss_rate: float = 50.0,
+        read_miss_dedup_s: float = 60.0,
+        serving_ttl_s: float = 2.0,
+        read_model: str | None = None,
+    ):
+        """Connect to ``database_url`` (default: the settings' database, embedded if unset).
+
+        ``engine`` None: the reader creates (and closes) its own, loading models on first use.
+        ``mode`` is the default for :meth:`search`; ``routing_policy`` picks the model in routing
+        mode. ``read_miss_rate`` 0 disables read-miss events. ``read_model`` pins the reader to a
+        live model instead of the serving one (a canary reading the new model mid-migration,
+        whose misses drive lazy re-embedding).
+        """
+        _check_mode(mode)
+        self._settings = settings or load_settings()
+        self._url = database_url or services.database_url(self._settings)
+        self._mode = mode
+        self._policy = routing_policy or route_by_query_shape
+        self._serving_ttl_s = serving_ttl_s
+        self._read_model = read_model
+        self._misses = _ReadMissPublisher(self._settings, read_miss_rate, read_miss_dedup_s)
+        self._lock = threading.Lock()  # guards the connection, the view and _closed
+        self._conn = self._connect()
+        self._view: _View | None = None
+        self._closed = False
+        self._owns_engine = engine is None
+        self._engine = engine or EmbeddingEngine(
+            device=self._settings.device, batch_size=self._settings.embed_batch_size
+        )
+
+    def __enter__(self) -> SegueReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def read_miss_stats(self) -> dict[str, int]:
+        """Read-miss events published, deduplicated, dropped over the rate bound, and failed."""
+        return self._misses.stats()
+
+    def search(
+        self, query_text: str, k: int = 10, filters: dict | None = None, *, mode: str | None = None
+    ) -> SearchResult:
+        """The top ``k`` documents for ``query_text`` whose metadata contains ``filters``."""
+        mode = mode or self._mode
+        _check_mode(mode)
+        _check_request(k, filters)
+        run = {"incremental": self._incremental, "parallel": self._parallel, "routing": self._routing}[mode]
+        return self._with_view(lambda view: run(view, query_text, k, filters))
+
+    def search_vector(
+        self, vector: Any, model: str, *, fingerprint: str, k: int = 10, filters: dict | None = None
+    ) -> SearchResult:
+        """Search ``model``'s column with a query the caller embedded with the model of ``fingerprint``."""
+        _check_request(k, filters)
+
+        def run(view: _View) -> SearchResult:
+            spec = view.live.get(model)
+            if spec is None:
+                raise IncompatibleQuery(f"no live model named {model!r} (live: {', '.join(sorted(view.live))})")
+            return SearchResult("vector", (spec.name,), self._rank(spec, vector, fingerprint, k, filters), [])
+
+        return self._with_view(run)
+
+    def close(self) -> None:
+        """Flush queued read misses, then close the connection and the engine if the reader owns it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._misses.close()
+        with self._lock:
+            self._conn.close()
+        if self._owns_engine:
+            self._engine.close()
+
+    # -- modes --------------------------------------------------------------------------------
+
+    def _incremental(self, view: _View, text: str, k: int, filters: dict | None) -> SearchResult:
+        read, other = view.read, view.other
+        primary = self._rank_text(read, text, k, filters)
+        if other is None or not self._read_model_incomplete(read):
+            return SearchResult("incremental", (read.name,), primary, [])
+        fallback = self._rank_text(other, text, k, filters, lacking=read)
+        hits = reciprocal_rank_fusion([primary, fallback], k)
+        missed = [hit.doc_id for hit in hits if hit.model == other.name]
+        return SearchResult("incremental", (read.name, other.name), hits, self._misses.offer(missed, read.name))
+
+    def _parallel(self, view: _View, text: str, k: int, filters: dict | None) -> SearchResult:
+        specs = view.candidates
+        rankings = [self._rank_text(spec, text, k, filters) for spec in specs]
+        hits = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings, k)
+        return SearchResult("parallel", tuple(spec.name for spec in specs), hits, [])
+
+    def _routing(self, view: _View, text: str, k: int, filters: dict | None) -> SearchResult:
+        candidates = view.candidates
+        chosen = self._policy(text, list(candidates))
+        spec = next((c for c in candidates if c.version == getattr(chosen, "version", None)), None)
+        if spec is None:
+            raise ValueError(
+                f"the routing policy chose {getattr(chosen, 'name', chosen)!r}, "
+                f"not one of {[c.name for c in candidates]}"
+            )
+        return SearchResult("routing", (spec.name,), self._rank_text(spec, text, k, filters), [])
+
+    # -- columns ------------------------------------------------------------------------------
+
+    def _rank_text(self, spec: ModelSpec, text: str, k: int, filters: dict | None,
+                   lacking: ModelSpec | None = None) -> list[SearchHit]:
+        """Embed ``text`` with ``spec`` and rank its column (the engine loaded the registry's model)."""
+        vector = self._engine.embed_sync(spec, [text])[0]
+        return self._rank(spec, vector, spec.fingerprint, k, filters, lacking)
+
+    def _rank(self, spec: ModelSpec, vector: Any, fingerprint: str, k: int, filters: dict | None,
+              lacking: ModelSpec | None = None) -> list[SearchHit]:
+        """The ``k`` nearest current vectors of ``spec``, optionally only of documents lacking a current
+        vector for ``lacking``."""
+        query = check_query(spec, vector, fingerprint)
+        where = [sql.SQL("{} = content_sha256").format(db.sha_column(spec.version))]
+        params: dict[str, Any] = {"query": query, "k": k}
+        if lacking is not None:
+            where.append(sql.SQL("{} IS DISTINCT FROM content_sha256").format(db.sha_column(lacking.version)))
+        if filters:
+            where.append(sql.SQL("metadata @> %(filters)s::jsonb"))
+            params["filters"] = Jsonb(filters)
+        statement = sql.SQL(
+            "SELECT doc_id, body, metadata, {column} <=> %(query)s AS distance FROM documents"
+            " WHERE {where} ORDER BY distance LIMIT %(k)s"
+        ).format(column=db.vector_column(spec.version), where=sql.SQL(" AND ").join(where))
+        with self._lock:
+            rows = self._connection().execute(statement, params).fetchall()
+        rows.sort(key=lambda row: (row[3], row[0]))  # deterministic among equal distances
+        return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name)
+                for doc_id, body, metadata, distance in rows]
+
+    def _read_model_incomplete(self, read: ModelSpec) -> bool:
+        """Whether some document lacks a current vector for ``read`` (from the exact counters)."""
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT c.documents > v.current FROM corpus_counters c"
+                " JOIN vector_counters v ON v.model_version = %s",
+                (read.version,),
+            ).fetchone()
+        return row is None or row[0]
+
+    # -- serving state ------------------------------------------------------------------------
+
+    def _with_view(self, run: Callable[[_View], SearchResult]) -> SearchResult:
+        """Run with the current view; once more with a fresh one if a finished migration dropped a column."""
+        try:
+            return run(self._current_view())
+        except errors.UndefinedColumn:
+            return run(self._current_view(refresh=True))
+
+    def _current_view(self, *, refresh: bool = False) -> _View:
+        with self._lock:
+            view = self._view
+            if refresh or view is None or time.monotonic() - view.loaded_at >= self._serving_ttl_s:
+                view = self._view = self._load_view(self._connection(), self._read_model)
+            return view
+
+    def _connection(self):
+        """The connection (caller holds the lock), reopened if it broke."""
+        if self._closed:
+            raise RuntimeError("the reader is closed")
+        if self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connect(self):
+        conn = db.connect(self._settings, self._url)
+        # HNSW filters after the scan, so a query for few qualifying rows (the fallback's documents
+        # lacking a read-model vector, a narrow metadata filter) could come back short; pgvector
+        # >= 0.8 can keep scanning instead, in exact distance order.
+        (version,) = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        if tuple(int(part) for part in version.split(".")[:2]) >= (0, 8):
+            conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', false)")
+        return conn
+
+    @staticmethod
+    def _load_view(conn, read_model: str | None) -> _View:
+        models = registry.list_models(conn)
+        live = {m.spec.name: m.spec for m in models if m.state == "live"}
+        if read_model is not None:
+            if read_model not in live:
+                raise ValueError(f"read_model {read_model!r} is not a live model (live: {', '.join(sorted(live))})")
+            read = live[read_model]
+        else:
+            read = next((m.spec for m in models if m.serving_reads), None)
+        if read is None:
+            raise RuntimeError("no model serves reads: register one first")
+        by_version = {spec.version: spec for spec in live.values()}
+        other = None
+        row = conn.execute("SELECT from_version, to_version FROM migrations WHERE state <> 'finished'").fetchone()
+        if row is not None and read.version in row:
+            other = by_version.get(row[1] if read.version == row[0] else row[0])
+        return _View(read, other, live, time.monotonic())
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+
+
+def _check_request(k: int, filters: dict | None) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, not {k!r}")
+    if filters is not None and not isinstance(filters, dict):
+        raise TypeError(f"filters must be a dict (matched with metadata @> filters), not {type(filters).__name__}")
+
+
+class _ReadMissPublisher:
+    """Deduplicated, rate-bounded, fire-and-forget read-miss events, sent from a private event-loop thread."""
+
+    def __init__(self, settings: Settings, rate: float, dedup_s: float):
+        if rate < 0 or dedup_s < 0:
+            raise ValueError("read_miss_rate and read_miss_dedup_s must not be negative")
+        self._settings = settings
+        self._rate = rate
+        self._capacity = max(1.0, rate) if rate > 0 else 0.0
+        self._tokens = self._capacity
+        self._refilled = time.monotonic()
+        self._dedup_s = dedup_s
+        self._recent: dict[tuple[str, str], float] = {}  # insertion order is time order
+        self._counts = {"published": 0, "deduplicated": 0, "dropped": 0, "failed": 0}
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future] = set()
+        self._pending_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def offer(self, doc_ids: Sequence[str], model: str) -> list[str]:
+        """Queue an event per document not sent within the dedup window, while tokens last; returns those queued."""
+        queued: list[str] = []
+        with self._lock:
+            if self._closed:
+                return queued
+            now = time.monotonic()
+            self._tokens = min(self._capacity, self._tokens + (now - self._refilled) * self._rate)
+            self._refilled = now
+            while self._recent and now - next(iter(self._recent.values())) >= self._dedup_s:
+                del self._recent[next(iter(self._recent))]
+            for doc_id in dict.fromkeys(doc_ids):
+                if (doc_id, model) in self._recent:
+                    self._counts["deduplicated"] += 1
+                elif self._tokens < 1:
+                    self._counts["dropped"] += 1
+                else:
+                    self._tokens -= 1
+                    self._recent[(doc_id, model)] = now
+                    queued.append(doc_id)
+            if queued and self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="segue-read-misses", daemon=True)
+                self._thread.start()
+            for doc_id in queued:
+                future = asyncio.run_coroutine_threadsafe(self._send(doc_id, model), self._loop)
+                with self._pending_lock:
+                    self._pending.add(future)
+                future.add_done_callback(self._settled)
+        return queued
+
+    def close(self) -> None:
+        """Wait for queued events to be acknowledged, then stop the producer and the loop thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._loop is None:
+            return
+        with self._pending_lock:
+            pending = list(self._pending)
+        concurrent.futures.wait(pending, timeout=FLUSH_TIMEOUT_S)
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop_producer(), self._loop).result(FLUSH_TIMEOUT_S)
+        except Exception:
+            log.warning("the read-miss producer did not stop cleanly", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def _settled(self, future: concurrent.futures.Future) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+
+    # -- on the loop thread -----------------------------------------------------------------
+
+    async def _send(self, doc_id: str, model: str) -> None:
+        value = orjson.dumps({"doc_id": doc_id, "model": model, "event_id": f"read-miss-{uuid.uuid4().hex}"})
+        try:
+            producer = await self._started_producer()
+            delivery = await producer.send(self._settings.topic_read_misses, key=doc_id.encode(), value=value)
+            await delivery
+        except Exception as exc:
+            log.warning("could not publish a read miss for %r (%s): %s", doc_id, model, exc)
+            with self._lock:
+                self._counts["failed"] += 1
+                self._recent.pop((doc_id, model), None)  # let a later search try again
+        else:
+            with self._lock:
+                self._counts["published"] += 1
+
+    async def _started_producer(self) -> AIOKafkaProducer:
+        self._start_lock = self._start_lock or asyncio.Lock()
+        async with self._start_lock:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=services.kafka_bootstrap(self._settings), client_id="segue-reader", linger_ms=5
+                )
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._producer = producer
+        return self._producer
+
+    async def _stop_producer(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()

@@ -1,0 +1,198 @@
+"""The migration lifecycle on its own embedded services and worker.
+
+The tests in this module run in order on one database: a migration from a static
+"alpha" model to a tiny transformer "beta" is started, backfilled (killed and
+resumed), gated, cut over, rolled back, cut over again and finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+from psycopg import sql
+
+from app import db, migration, registry
+from app.backfill import BackfillLimits, run_backfill
+from app.modelkit import minilm_path
+from schemas.events import read_miss_value
+from tests import modelfactory
+from tests.harness import ROOT, Harness, change, wait_for
+
+ALPHA, BETA = "alpha", "beta"
+CORPUS = 240
+
+
+@pytest.fixture(scope="module")
+def mh(tmp_path_factory, model_cache):
+    """A harness of this module's own, with only the old model registered and a corpus written."""
+    h = Harness(tmp_path_factory.mktemp("migration"))
+    with db.connect(h.settings, h.database_url) as conn:
+        registry.register_model(conn, ALPHA, str(modelfactory.tiny_static(model_cache)))
+    worker = h.start_worker()
+    h.wait_ready(worker)
+    ids = [f"doc-{n:04d}" for n in range(CORPUS)]
+    h.publish_changes([(i, change(i, f"abstract {n}: proteins fold and cells divide", 1)) for n, i in enumerate(ids)])
+    wait_for(lambda: h.scalar("SELECT count(*) FROM documents WHERE doc_id LIKE 'doc-%%'") == CORPUS,
+             what="the corpus")
+    yield h
+    h.close()
+
+
+def conn_of(h):
+    return db.connect(h.settings, h.database_url)
+
+
+def beta(h):
+    with conn_of(h) as conn:
+        return registry.get_model(conn, BETA).spec
+
+
+def coverage(h, version: int) -> float:
+    with conn_of(h) as conn:
+        return migration.coverage_pct(conn, version)
+
+
+def test_start_records_a_migration_and_allows_only_one(mh, model_cache):
+    with conn_of(mh) as conn:
+        registry.register_model(conn, BETA, str(modelfactory.tiny_transformer_a(model_cache)))
+        started = migration.start(conn, BETA)
+        assert (started.from_name, started.to_name, started.state) == (ALPHA, BETA, "running")
+        with pytest.raises(migration.MigrationError, match="one migration at a time"):
+            migration.start(conn, BETA)
+        assert conn.execute("SELECT count(*) FROM migrations").fetchone()[0] == 1
+        logged = conn.execute("SELECT action, origin FROM migration_changelog WHERE origin = 'control'").fetchall()
+        assert logged == [("migration_started", "control")]
+    # From now on a change is dual-written, while the old corpus still lacks beta vectors.
+    mh.publish_changes([("fresh", change("fresh", "written during the migration", 1))])
+    wait_for(lambda: mh.scalar(sql.SQL("SELECT {} FROM documents WHERE doc_id = 'fresh'").format(
+        db.sha_column(beta(mh).version))), what="fresh to be dual-written")
+    assert coverage(mh, beta(mh).version) < 5
+
+
+def test_cutover_is_refused_below_the_gate(mh):
+    with conn_of(mh) as conn:
+        with pytest.raises(migration.MigrationError, match="coverage .* is below 100.00%.*no quality verdict"):
+            migration.cutover(conn, min_coverage_pct=100.0)
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == 1
+
+
+def test_backfill_budget_and_rate_are_respected(mh):
+    spec = beta(mh)
+    with conn_of(mh) as conn:
+        by_docs = asyncio.run(run_backfill(mh.settings, conn, mh.bootstrap, spec, BackfillLimits(max_docs=30),
+                                           page_size=20))
+        assert (by_docs.published, by_docs.stopped) == (30, "budget")
+        gpu = BackfillLimits(max_gpu_seconds=1.0, throughput=12.0, rate=20.0)
+        started = time.perf_counter()
+        by_gpu = asyncio.run(run_backfill(mh.settings, conn, mh.bootstrap, spec, gpu, page_size=20))
+        elapsed = time.perf_counter() - started
+        assert (by_gpu.published, by_gpu.stopped) == (12, "budget")
+        assert elapsed >= 11 / 20.0  # 12 documents at 20 docs/s: the 12th no earlier than 0.55 s in
+        assert "stopped at the budget" in by_gpu.describe(gpu)
+        watermark, published = conn.execute(
+            "SELECT watermark, published FROM backfill_progress WHERE model_version = %s", (spec.version,)).fetchone()
+        assert published == 42 and watermark == by_gpu.watermark
+
+
+def test_backfill_resumes_after_being_killed(mh):
+    spec = beta(mh)
+    # With no worker embedding meanwhile, what the resumed run publishes is exactly what it skipped.
+    mh.stop_worker(mh.workers[-1])
+    command = [sys.executable, "-m", "app.cli", "backfill", "--page-size", "20"]
+    watermark = "SELECT watermark FROM backfill_progress WHERE model_version = %s"
+    before = mh.scalar(watermark, (spec.version,))
+    first = subprocess.Popen(command + ["--rate", "40"], env=mh.env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: mh.scalar(watermark, (spec.version,)) > before, timeout=60, what="the backfill to commit a page")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    at_kill = mh.scalar(watermark, (spec.version,))
+    assert at_kill < "doc-0200", "the backfill finished before it could be killed"
+    lacking = sql.SQL("SELECT count(*) FROM documents WHERE doc_id > %s AND {} IS DISTINCT FROM content_sha256").format(
+        db.sha_column(spec.version))
+    after_watermark, in_total = mh.scalar(lacking, (at_kill,)), mh.scalar(lacking, ("",))
+    second = subprocess.run(command, env=mh.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "backfill complete" in second.stdout
+    resumed = int(second.stdout.split("published ")[-1].split(" ")[0])
+    assert resumed == after_watermark < in_total, "the second run did not continue from the watermark"
+    mh.wait_ready(mh.start_worker())
+    wait_for(lambda: coverage(mh, spec.version) == 100.0, timeout=120, what="full beta coverage")
+
+
+def test_read_miss_is_embedded_before_a_queued_backfill(mh, model_cache):
+    with conn_of(mh) as conn:
+        # MiniLM is slow enough on a CPU for the backfill to queue up behind the engine.
+        gamma = registry.register_model(conn, "gamma", str(minilm_path()))
+    ids = [f"doc-{n:04d}" for n in range(CORPUS)]
+    mh.publish(mh.settings.topic_backfill, [(i, read_miss_value(i, "gamma")) for i in ids[1:]])
+    mh.publish_read_misses([(ids[0], read_miss_value(ids[0], "gamma", "urgent"))])
+    wait_for(lambda: mh.scalar("SELECT count(*) FROM migration_changelog WHERE event_id = 'urgent'"),
+             timeout=120, what="the read miss")
+    miss_id = mh.scalar("SELECT id FROM migration_changelog WHERE event_id = 'urgent'")
+    current = sql.SQL("SELECT count(*) FROM documents WHERE doc_id = ANY(%s) AND {} = content_sha256").format(
+        db.sha_column(gamma.version))
+    wait_for(lambda: mh.scalar(current, (ids,)) == CORPUS, timeout=180, what="the backfill of gamma")
+    before = mh.scalar("SELECT count(*) FROM migration_changelog WHERE origin = 'backfill' AND model_version = %s"
+                       " AND action = 'embedded' AND id < %s", (gamma.version, miss_id))
+    assert before < (CORPUS - 1) / 2, f"{before} backfill documents were embedded before the read miss"
+    with conn_of(mh) as conn:  # gamma was only here to measure priority
+        with conn.transaction():
+            conn.execute("UPDATE embedding_models SET state = 'retired' WHERE version = %s", (gamma.version,))
+            db.install_vector_counters(conn)
+
+
+def test_cutover_rollback_cutover_finish(mh):
+    spec = beta(mh)
+    with conn_of(mh) as conn:
+        current = migration.active_migration(conn)
+        with pytest.raises(migration.MigrationError, match="no quality verdict"):
+            migration.cutover(conn, min_coverage_pct=100.0)
+        assert migration.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.38) == "fail"
+        with pytest.raises(migration.MigrationError, match="verdict .* is fail"):
+            migration.cutover(conn, min_coverage_pct=100.0)
+        assert migration.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.52) == "pass"
+        assert migration.refresh(conn, 100.0).state == "ready"
+
+        assert migration.cutover(conn, min_coverage_pct=100.0).state == "cut_over"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == spec.version
+        assert migration.rollback(conn).state == "rolled_back"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == current.from_version
+    # Still dual-written after the rollback.
+    mh.publish_changes([("after-rollback", change("after-rollback", "both models still", 1))])
+    wait_for(lambda: mh.scalar(sql.SQL("SELECT {} IS NOT NULL AND {} IS NOT NULL FROM documents"
+                                       " WHERE doc_id = 'after-rollback'").format(
+        db.sha_column(current.from_version), db.sha_column(spec.version))), what="dual-write after rollback")
+
+    with conn_of(mh) as conn:
+        assert migration.cutover(conn, min_coverage_pct=100.0).state == "cut_over"
+        with pytest.raises(migration.MigrationError, match="grace period"):
+            migration.finish(conn, grace=timedelta(hours=1))
+        built, message = migration.build_index(conn, spec.version, min_coverage_pct=95.0, m=8, ef_construction=32)
+        assert built and "maintenance_work_mem" in message
+        done = migration.finish(conn, grace=timedelta(0))
+        assert done.state == "finished"
+        columns = {c for (c,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'documents'").fetchall()}
+        assert f"embedding_v{current.from_version}" not in columns
+        assert f"embedding_v{spec.version}" in columns
+        assert registry.get_model(conn, ALPHA).state == "retired"
+        actions = [a for (a,) in conn.execute(
+            "SELECT action FROM migration_changelog WHERE origin = 'control' ORDER BY id").fetchall()]
+        assert actions == ["migration_started", "migration_ready", "migration_cut_over", "migration_rolled_back",
+                           "migration_cut_over", "index_built", "migration_finished"]
+    # The worker stops writing the retired model and counters stay exact.
+    mh.publish_changes([("after-finish", change("after-finish", "only beta now", 1))])
+    wait_for(lambda: mh.scalar("SELECT count(*) FROM migration_changelog WHERE doc_id = 'after-finish'"),
+             what="a change after finish")
+    assert mh.scalar("SELECT array_agg(model_version) FROM migration_changelog WHERE doc_id = 'after-finish'") == [
+        spec.version]
+    total = mh.scalar("SELECT count(*) FROM documents")
+    assert mh.sql("SELECT model, total_documents, current_vectors FROM migration_progress") == [
+        (BETA, total, total)]
