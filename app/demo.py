@@ -33,10 +33,11 @@ from app.corpus import ndcg_at_10, scifact_documents, scifact_qrels, scifact_que
 from app.engine import EmbeddingEngine, ModelSpec
 from app.modelkit import distill_static, inspect_model, minilm_path
 from app.plan import plan
-from app.progress import fetch_progress, progress_table
+from app.progress import fetch_progress, format_cell, progress_table
 from app.reader import SegueReader
 from app.settings import Settings
-from app.topics import consumer_lag, ensure_topics
+from app.topics import ensure_topics
+from schemas.events import read_miss_value
 
 OLD_MODEL = "minilm-static-256"
 NEW_MODEL = "minilm-l6"
@@ -94,22 +95,51 @@ class _Publisher:
         await self.producer.send(self.settings.topic_read_misses, key=key.encode(), value=value)
         self.sent += 1
 
+    async def markers(self, phase: str, known_doc: str | None = None) -> list[str]:
+        """One no-op record per partition of the change topic and, with a stored ``known_doc``, of the
+        read-miss topic; returns their event ids."""
+        ids = []
+        for partition in sorted(await self.producer.partitions_for(self.settings.topic_document_changes)):
+            ids.append(f"marker-{phase}-changes-{partition}")
+            await self.producer.send(self.settings.topic_document_changes, key=b"segue-demo-marker",
+                                     value=_change("segue-demo-marker", None, 0, op="delete", event_id=ids[-1]),
+                                     partition=partition)
+        read_miss_partitions = await self.producer.partitions_for(self.settings.topic_read_misses)
+        for partition in sorted(read_miss_partitions) if known_doc else ():
+            ids.append(f"marker-{phase}-misses-{partition}")
+            await self.producer.send(self.settings.topic_read_misses, key=known_doc.encode(),
+                                     value=read_miss_value(known_doc, OLD_MODEL, ids[-1]), partition=partition)
+        await self.producer.flush()
+        return ids
 
-async def _watch(settings: Settings, database_url: str, bootstrap: str, console: Console, title: str) -> float:
-    """Show migration_progress until the worker has committed every published record."""
+
+async def _watch(settings: Settings, database_url: str, console: Console, title: str, markers: list[str],
+                 covered_model: str | None = None) -> float:
+    """Show migration_progress from SQL until every marker is logged (and ``covered_model`` is at 100 %).
+
+    Markers trail the phase's records in every partition, so once the worker has logged
+    them it has processed everything published before them.
+    """
     started = time.perf_counter()
-    with db.connect(settings, database_url) as conn, Live(console=console, refresh_per_second=2) as live:
+    terminal = console.is_terminal
+    with db.connect(settings, database_url) as conn, Live(console=console, auto_refresh=False,
+                                                          transient=not terminal) as live:
         while True:
-            await asyncio.sleep(1.0)
-            lag = await consumer_lag(settings, bootstrap)
+            await asyncio.sleep(2.0)
             elapsed = time.perf_counter() - started
-            live.update(
-                Group(
-                    progress_table(fetch_progress(conn), title=f"{title} — {elapsed:.0f}s"),
-                    f"records not yet processed: {sum(lag.values())} ({', '.join(f'{t}: {n}' for t, n in lag.items())})",
-                )
-            )
-            if sum(lag.values()) == 0:
+            rows = fetch_progress(conn)
+            (logged,) = conn.execute("SELECT count(DISTINCT event_id) FROM migration_changelog"
+                                     " WHERE event_id = ANY(%s)", (markers,)).fetchone()
+            done = logged == len(markers) and all(
+                r["coverage_pct"] is not None and float(r["coverage_pct"]) >= 100.0
+                for r in rows if covered_model is None or r["model"] == covered_model)
+            if terminal:
+                live.update(progress_table(rows, title=f"{title} — {elapsed:.0f}s"), refresh=True)
+            else:
+                console.print(f"  {elapsed:5.0f}s  " + "; ".join(
+                    f"{r['model']}: {r['coverage_pct']}% ({r['current_vectors']}/{r['total_documents']}), "
+                    f"{r['rate_per_s']} vec/s, ETA {format_cell(r['eta'])}" for r in rows))
+            if done:
                 return elapsed
 
 
@@ -199,7 +229,8 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                 await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"load-{n}"))
             await pub.producer.flush()
             console.print(f"published {len(first)} SciFact abstracts as document changes")
-            elapsed = await _watch(demo, database_url, bootstrap, console, f"{OLD_MODEL} only")
+            elapsed = await _watch(demo, database_url, console, f"{OLD_MODEL} only",
+                                   await pub.markers("load"))
 
             console.rule("2. plan the migration to all-MiniLM-L6-v2")
             new_spec = _unregistered_spec(NEW_MODEL, str(minilm_path()))
@@ -225,7 +256,8 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
             with db.connect(demo, database_url) as conn:
                 outcome = await run_backfill(demo, conn, bootstrap, new, BackfillLimits(), console=console)
             console.print(outcome.describe(BackfillLimits()))
-            elapsed += await _watch(demo, database_url, bootstrap, console, f"{OLD_MODEL} → {NEW_MODEL}")
+            elapsed += await _watch(demo, database_url, console, f"{OLD_MODEL} → {NEW_MODEL}",
+                                    await pub.markers("migrate", first[-1].doc_id), covered_model=NEW_MODEL)
 
         console.rule("4. quality gate, index, cutover, rollback, cutover, finish")
         corpus_ids = {d.doc_id for d in corpus}
@@ -235,6 +267,9 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                                                   scores[OLD_MODEL], scores[NEW_MODEL])
             console.print(f"nDCG@10 on SciFact queries with judged abstracts in this corpus: {OLD_MODEL} "
                           f"{scores[OLD_MODEL]:.3f}, {NEW_MODEL} {scores[NEW_MODEL]:.3f} → verdict {verdict}")
+            ready = migration.refresh(conn, demo.cutover_min_coverage_pct)
+            console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}% and verdict "
+                          f"{verdict} → migration {ready.state}")
             console.print(migration.build_index(conn, new.version, min_coverage_pct=demo.index_min_coverage_pct,
                                                 m=demo.hnsw_m, ef_construction=demo.hnsw_ef_construction)[1])
             for step, action in (("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0)),

@@ -66,6 +66,7 @@ class DeadLetter:
     error: str
     origin: str
     model_version: int | None = None
+    event_id: str | None = None
 
 
 def content_sha256(text: str) -> bytes:
@@ -122,6 +123,7 @@ class _Processor:
                 model_version=letter.model_version,
                 action="dead_lettered",
                 origin=letter.origin,
+                event_id=letter.event_id,
                 latency_ms=letter.envelope.latency_ms(),
                 error=f"{letter.reason.value}: {letter.error}",
             )
@@ -281,7 +283,8 @@ class ChangeProcessor(_Processor):
     async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
         models = await self.store.live_models()
         failed = [self._row(event, v, "failed", _error_text(error)) for v in _model_slots(models)]
-        letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin)
+        letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin,
+                            event_id=event.change.event_id)
         await self._dead_letter([letter], failed)
 
 
@@ -317,6 +320,7 @@ class ReadMissProcessor(_Processor):
                         DeadLetterReason.UNKNOWN_MODEL,
                         f"no live model named {miss.model!r} (live: {', '.join(sorted(models)) or 'none'})",
                         self.origin,
+                        event_id=miss.event_id,
                     )
                 )
                 continue
@@ -376,15 +380,14 @@ class ReadMissProcessor(_Processor):
         await self._dead_letter(
             [
                 DeadLetter(e.envelope, DeadLetterReason.UNKNOWN_DOCUMENT, f"no document {e.miss.doc_id!r}",
-                           self.origin, e.model.version)
+                           self.origin, e.model.version, e.miss.event_id)
                 for e in events
             ]
         )
 
     async def _poison(self, event: ReadMissEvent, error: BaseException) -> None:
-        letter = DeadLetter(
-            event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin, event.model.version
-        )
+        letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin,
+                            event.model.version, event.miss.event_id)
         await self._dead_letter([letter], [self._row(event, "failed", error=_error_text(error))])
 
 

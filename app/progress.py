@@ -40,7 +40,8 @@ def dead_letter_count(conn: psycopg.Connection) -> int:
     return int(count)
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A progress value for the terminal (intervals as h:mm:ss, None as a dash)."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -57,5 +58,5 @@ def progress_table(rows: list[dict[str, Any]], *, title: str = "migration_progre
     for _, header in PROGRESS_COLUMNS:
         table.add_column(header, justify="left" if header == "model" else "right")
     for row in rows:
-        table.add_row(*(_cell(row[name]) for name, _ in PROGRESS_COLUMNS))
+        table.add_row(*(format_cell(row[name]) for name, _ in PROGRESS_COLUMNS))
     return table

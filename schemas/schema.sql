@@ -150,10 +150,10 @@ SELECT m.version                                            AS model_version,
        c.documents - v.current - v.stale                    AS missing_vectors,
        round(100.0 * v.current / nullif(c.documents, 0), 2) AS coverage_pct,
        recent.vectors                                       AS vectors_last_5m,
-       round(recent.vectors / extract(epoch FROM now() - w.at), 2) AS rate_per_s,
+       round(recent.vectors / recent.seconds, 2)            AS rate_per_s,
        CASE WHEN v.current >= c.documents THEN interval '0'
             WHEN recent.vectors > 0
-            THEN make_interval(secs => (c.documents - v.current) * extract(epoch FROM now() - w.at) / recent.vectors)
+            THEN make_interval(secs => (c.documents - v.current) * recent.seconds / recent.vectors)
        END                                                  AS eta,
        failures.events                                      AS failures_24h
 FROM embedding_models m
@@ -162,7 +162,10 @@ CROSS JOIN window_start w
 JOIN vector_counters v ON v.model_version = m.version
 LEFT JOIN serving s ON true
 CROSS JOIN LATERAL (
-    SELECT coalesce(sum(a.events), 0)::bigint AS vectors FROM activity_counters a
+    -- the rate is taken over the part of the window with activity, not over idle minutes before it
+    SELECT coalesce(sum(a.events), 0)::bigint AS vectors,
+           greatest(extract(epoch FROM now() - greatest(w.at, min(a.minute))), 1) AS seconds
+    FROM activity_counters a
     WHERE a.model_version = m.version AND a.action = 'embedded' AND a.minute >= w.at) recent
 CROSS JOIN LATERAL (
     SELECT coalesce(sum(a.events), 0)::bigint AS events FROM activity_counters a

@@ -32,6 +32,7 @@ CORPUS = 240
 def mh(tmp_path_factory, model_cache):
     """A harness of this module's own, with only the old model registered and a corpus written."""
     h = Harness(tmp_path_factory.mktemp("migration"))
+    h.env.update(SEGUE_SWEEPER_INTERVAL_S="1", SEGUE_SWEEPER_MAX_AGE_S="2")
     with db.connect(h.settings, h.database_url) as conn:
         registry.register_model(conn, ALPHA, str(modelfactory.tiny_static(model_cache)))
     worker = h.start_worker()
@@ -75,11 +76,15 @@ def test_start_records_a_migration_and_allows_only_one(mh, model_cache):
     assert coverage(mh, beta(mh).version) < 5
 
 
-def test_cutover_is_refused_below_the_gate(mh):
+def test_cutover_and_index_wait_for_coverage(mh):
     with conn_of(mh) as conn:
         with pytest.raises(migration.MigrationError, match="coverage .* is below 100.00%.*no quality verdict"):
             migration.cutover(conn, min_coverage_pct=100.0)
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == 1
+        built, message = migration.build_index(conn, beta(mh).version, min_coverage_pct=95.0, m=8,
+                                               ef_construction=32)
+        assert not built and "the index waits" in message
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%%hnsw'").fetchone()[0] == 0
 
 
 def test_backfill_budget_and_rate_are_respected(mh):
@@ -124,6 +129,18 @@ def test_backfill_resumes_after_being_killed(mh):
     assert resumed == after_watermark < in_total, "the second run did not continue from the watermark"
     mh.wait_ready(mh.start_worker())
     wait_for(lambda: coverage(mh, spec.version) == 100.0, timeout=120, what="full beta coverage")
+
+
+def test_sweeper_heals_a_lost_reembed(mh):
+    spec = beta(mh)
+    # As if a backfill record had been lost: the document is behind the finished backfill, without a vector.
+    mh.sql(sql.SQL("UPDATE documents SET {} = NULL, {} = NULL WHERE doc_id = 'doc-0007' RETURNING 1").format(
+        db.vector_column(spec.version), db.sha_column(spec.version)))
+    assert coverage(mh, spec.version) < 100.0
+    wait_for(lambda: coverage(mh, spec.version) == 100.0, timeout=60, what="the sweeper to re-enqueue doc-0007")
+    assert mh.sql("SELECT origin, event_id, action FROM migration_changelog WHERE doc_id = 'doc-0007'"
+                  " AND model_version = %s ORDER BY id DESC LIMIT 1", (spec.version,)) == [
+        ("backfill", "sweeper", "embedded")]
 
 
 def test_read_miss_is_embedded_before_a_queued_backfill(mh, model_cache):
@@ -196,3 +213,25 @@ def test_cutover_rollback_cutover_finish(mh):
     total = mh.scalar("SELECT count(*) FROM documents")
     assert mh.sql("SELECT model, total_documents, current_vectors FROM migration_progress") == [
         (BETA, total, total)]
+
+
+def test_pause_stops_the_backfill_and_a_forced_cutover_logs_its_reason(mh, model_cache):
+    with conn_of(mh) as conn:
+        registry.register_model(conn, "delta", str(modelfactory.tiny_static(model_cache)))
+        started = migration.start(conn, "delta")
+        assert (started.from_name, started.to_name) == (BETA, "delta")
+        assert migration.pause(conn).state == "paused"
+        delta = registry.get_model(conn, "delta").spec
+        outcome = asyncio.run(run_backfill(mh.settings, conn, mh.bootstrap, delta, BackfillLimits()))
+        assert (outcome.published, outcome.stopped) == (0, "paused")
+        assert migration.resume(conn).state == "running"
+
+        forced = migration.cutover(conn, min_coverage_pct=100.0, force_reason="incident 42: old model endpoint down")
+        assert forced.state == "cut_over"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == delta.version
+        (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'migration_cut_over'"
+                                 " ORDER BY id DESC LIMIT 1").fetchone()
+        assert detail["forced"] is True and detail["reason"] == "incident 42: old model endpoint down"
+        assert any("no quality verdict" in why for why in detail["gate_failures"])
+        assert migration.rollback(conn).state == "rolled_back"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == beta(mh).version

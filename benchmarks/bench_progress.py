@@ -1,0 +1,73 @@
+"""Benchmark: migration_progress latency against a large documents table.
+
+Fills a fresh embedded PostgreSQL with N documents (default 1,000,000) carrying
+vectors for two registered models in mixed states (current, stale, missing) through
+the normal triggers, then times ``SELECT * FROM migration_progress`` and checks it
+against a direct count. Prints the figures; asserts nothing about speed.
+
+    python benchmarks/bench_progress.py [--docs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from app import db, services
+from app.engine import ModelSpec
+from app.modelkit import ModelProfile
+from app.registry import register_model
+from app.settings import Settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    args = parser.parse_args()
+    settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="segue-bench-")))
+    url = services.database_url(settings)
+    db.bootstrap(settings, url)
+    try:
+        with db.connect(settings, url) as conn:
+            for name, dim in (("old", 16), ("new", 32)):
+                register_model(conn, name, f"/bench/{name}",
+                               ModelProfile("static", dim, "none", True, 512, f"fingerprint-{name}"))
+            started = time.perf_counter()
+            step = 100_000
+            for first in range(0, args.docs, step):
+                conn.execute(
+                    "INSERT INTO documents (doc_id, body, version, content_sha256, embedding_v1, embedding_v1_sha256,"
+                    " embedding_v2, embedding_v2_sha256)"
+                    " SELECT 'doc-' || i, 'body ' || i, 1, sha256(('body ' || i)::bytea),"
+                    "  array_fill(0.25, ARRAY[16])::vector, sha256(('body ' || i)::bytea),"
+                    "  CASE WHEN i % 3 = 0 THEN NULL ELSE array_fill(0.125, ARRAY[32])::vector END,"
+                    "  CASE WHEN i % 3 = 0 THEN NULL WHEN i % 3 = 1 THEN sha256(('body ' || i)::bytea)"
+                    "       ELSE sha256('stale'::bytea) END"
+                    " FROM generate_series(%s, %s) AS i",
+                    (first, min(first + step, args.docs) - 1),
+                )
+            print(f"inserted {args.docs:,} documents through the counter triggers in {time.perf_counter() - started:.1f}s")
+            timings = []
+            for _ in range(50):
+                t = time.perf_counter()
+                rows = conn.execute("SELECT * FROM migration_progress").fetchall()
+                timings.append((time.perf_counter() - t) * 1000)
+            print(f"migration_progress over {args.docs:,} documents: median {statistics.median(timings):.2f} ms, "
+                  f"max {max(timings):.2f} ms (50 runs)")
+            t = time.perf_counter()
+            direct = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE embedding_v2_sha256 = content_sha256),"
+                " count(*) FILTER (WHERE embedding_v2_sha256 <> content_sha256) FROM documents").fetchone()
+            print(f"the same figures by direct count: {(time.perf_counter() - t) * 1000:.0f} ms")
+            progress = conn.execute("SELECT total_documents, current_vectors, stale_vectors FROM migration_progress"
+                                    " WHERE model = 'new'").fetchone()
+            print(f"progress {progress} == direct {direct}: {tuple(progress) == tuple(direct)}")
+    finally:
+        services.down(settings)
+
+
+if __name__ == "__main__":
+    main()
