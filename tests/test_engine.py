@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import asyncio
 import dataclasses
-import gzip
 import itertools
 import json
 import logging
@@ -20,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.corpus import scifact_documents
 from app.engine import DimensionMismatch, EmbeddingEngine, FingerprintMismatch, ModelSpec
 from app.modelkit import build_tiny_transformer, distill_static, inspect_model, minilm_path
 from tests.modelfactory import tiny_static, tiny_transformer_a, tiny_transformer_b
 
-SCIFACT = Path("/work/shared/data/scifact/corpus.jsonl.gz")
 REPO = Path(__file__).resolve().parents[1]
 SHORT_TEXTS = [
     "p53",
@@ -89,8 +88,7 @@ def minilm_spec() -> ModelSpec:
 @pytest.fixture(scope="module")
 def scifact_texts() -> list[str]:
     """14 abstracts, the longest of the first 300 (~800 tokens, so it is truncated), and short texts."""
-    with gzip.open(SCIFACT, "rt") as lines:
-        abstracts = [json.loads(line)["text"] for line in itertools.islice(lines, 300)]
+    abstracts = [doc.text for doc in scifact_documents(300)]
     return abstracts[:14] + [max(abstracts, key=len)] + SHORT_TEXTS
 
 
