@@ -127,10 +127,11 @@ def models_list(settings: Settings) -> None:
 @click.pass_obj
 def status(settings: Settings) -> None:
     """Print migration_progress."""
-    from app.progress import dead_letter_count, fetch_progress, progress_table
+    from app.progress import dead_letter_count, fetch_progress, origin_table, progress_table
 
     with db.connect(settings, _database(settings)) as conn:
         console.print(progress_table(fetch_progress(conn)))
+        console.print(origin_table(conn))
         console.print(f"dead letters in the last 24 h: {dead_letter_count(conn)}")
 
 

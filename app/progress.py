@@ -60,3 +60,16 @@ def progress_table(rows: list[dict[str, Any]], *, title: str = "migration_progre
     for row in rows:
         table.add_row(*(format_cell(row[name]) for name, _ in PROGRESS_COLUMNS))
     return table
+
+
+def origin_table(conn: psycopg.Connection) -> Table:
+    """Vectors per live model and origin (change, read_miss, backfill) from migration_progress_by_origin."""
+    table = Table(title="migration_progress_by_origin")
+    for header in ("v", "model", "origin", "last 5 min", "last 24 h"):
+        table.add_column(header, justify="left" if header in ("model", "origin") else "right")
+    for row in conn.execute(
+        "SELECT model_version, model, origin, vectors_last_5m, vectors_last_24h FROM migration_progress_by_origin"
+        " ORDER BY model_version, origin"
+    ):
+        table.add_row(*(format_cell(value) for value in row))
+    return table

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -19,7 +21,7 @@ from app import db, registry
 from app.engine import EmbeddingEngine
 from tests import modelfactory
 from tests.conftest import NEW, OLD
-from tests.harness import change, wait_for
+from tests.harness import ROOT, change, wait_for
 
 
 def sha(text: str) -> bytes:
@@ -283,3 +285,22 @@ def test_new_model_is_picked_up_without_restart(harness, worker, model_cache):
     assert vector_sha == sha("written after late-b was registered")
     assert len(vector.to_numpy()) == modelfactory.TINY_B_DIM
     assert {a[2] for a in actions(harness, doc_id)} == {"embedded"} and len(actions(harness, doc_id)) == 3
+
+
+def test_cli_reports_models_and_progress(harness, worker):
+    def segue(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "app.cli", *args], env=harness.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listed = segue("models", "list")
+    assert OLD in listed and NEW in listed and "live" in listed
+    status = segue("status")
+    assert "migration_progress" in status and "migration_progress_by_origin" in status
+    total = harness.scalar("SELECT documents FROM corpus_counters")
+    assert str(total) in status
+    assert "no migration in progress" in segue("migrate", "status")
+    refused = subprocess.run([sys.executable, "-m", "app.cli", "migrate", "cutover"], env=harness.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "no migration is in progress" in refused.stderr
