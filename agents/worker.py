@@ -1,4 +1,4 @@
-"""The Faust application: agents for document changes, read misses and the backfill, plus the sweeper.
+"""The Faust application: agents for changes, read misses and the backfill; the sweeper and index timers.
 
 Each agent takes a batch, hands it to its processor in ``app.pipeline`` and moves on
 (which is when Faust acks the batch) only after the processor returned, i.e. after
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import faust
 
+from app import db, migration
 from app.engine import EmbeddingEngine
 from app.pipeline import BackfillProcessor, ChangeProcessor, Envelope, ReadMissProcessor
 from app.settings import Settings
@@ -118,5 +119,20 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
                 log.info("sweeper re-enqueued %d stale or missing vectors", len(stragglers))
         except Exception:  # noqa: BLE001 - the next tick tries again
             log.exception("sweeper failed; retrying at the next tick")
+
+    def build_index_when_covered() -> str | None:
+        with db.connect(settings, database_url) as conn:
+            return migration.build_index_when_covered(conn, min_coverage_pct=settings.index_min_coverage_pct,
+                                                      m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction)
+
+    @app.timer(settings.sweeper_interval_s)
+    async def index_builder() -> None:
+        """Build the new model's HNSW index (concurrently) once the migration's coverage allows."""
+        try:
+            message = await asyncio.to_thread(build_index_when_covered)
+            if message:
+                log.info("%s", message)
+        except Exception:  # noqa: BLE001 - the next tick tries again
+            log.exception("index build failed; retrying at the next tick")
 
     return app

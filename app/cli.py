@@ -206,8 +206,9 @@ def migrate_start(settings: Settings, to_name: str, from_name: str | None, sourc
     if source is not None:
         with db.connect(settings, _database(settings)) as conn:
             try:
+                migration.ensure_none_active(conn)  # first: registering makes the model live (dual-written)
                 registry.register_model(conn, to_name, source)
-            except registry.RegistryError as error:
+            except (migration.MigrationError, registry.RegistryError) as error:
                 raise click.ClickException(str(error)) from None
     started = _control(settings, migration.start, to_name=to_name, from_name=from_name,
                        settings={"cutover_min_coverage_pct": settings.cutover_min_coverage_pct})

@@ -152,6 +152,16 @@ def _transition(
     return get_migration(conn, migration.id)
 
 
+def ensure_none_active(conn: psycopg.Connection) -> None:
+    """Raise unless no migration is in progress (one migration at a time)."""
+    current = active_migration(conn)
+    if current is not None:
+        raise MigrationError(
+            f"migration {current.id} ({current.from_name} → {current.to_name}) is {current.state}; "
+            "one migration at a time: finish it first"
+        )
+
+
 def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None,
           settings: dict[str, Any] | None = None) -> Migration:
     """Record a migration to ``to_name`` (registered, live) from ``from_name`` (default: the read model)."""
@@ -176,11 +186,8 @@ def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None,
             migration = require_active(conn)
             _log(conn, migration, "migration_started", {"settings": settings or {}})
     except errors.UniqueViolation:
-        current = active_migration(conn)
-        raise MigrationError(
-            f"migration {current.id} ({current.from_name} → {current.to_name}) is {current.state}; "
-            "one migration at a time: finish it first"
-        ) from None
+        ensure_none_active(conn)
+        raise
     return migration
 
 
@@ -292,6 +299,32 @@ def index_name(version: int) -> sql.Identifier:
 def hnsw_memory_bytes(rows: int, dim: int) -> int:
     """Rough HNSW build memory: rows × (4·dim + 8) × 1.3."""
     return int(rows * (4 * dim + 8) * 1.3)
+
+
+INDEX_LOCK = 0x5E70  # advisory lock: one index build at a time across workers
+
+
+def build_index_when_covered(conn: psycopg.Connection, *, min_coverage_pct: float, m: int,
+                             ef_construction: int) -> str | None:
+    """Build the active migration's HNSW index once its coverage allows; what was done, if anything.
+
+    Workers call this periodically; the advisory lock keeps it to one builder at a time.
+    """
+    active = active_migration(conn)
+    if active is None or active.state == "paused":
+        return None
+    (exists,) = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                             (index_name(active.to_version).as_string(conn),)).fetchone()
+    if exists or coverage_pct(conn, active.to_version) < min_coverage_pct:
+        return None
+    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK,)).fetchone()[0]:
+        return None
+    try:
+        built, message = build_index(conn, active.to_version, min_coverage_pct=min_coverage_pct, m=m,
+                                     ef_construction=ef_construction)
+        return message if built else None
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
 
 
 def build_index(conn: psycopg.Connection, version: int, *, min_coverage_pct: float, m: int,

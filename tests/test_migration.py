@@ -19,6 +19,8 @@ from psycopg import sql
 
 from app import db, migration, registry
 from app.backfill import BackfillLimits, run_backfill
+from app.engine import EmbeddingEngine
+from app.plan import plan
 from app.modelkit import minilm_path
 from schemas.events import read_miss_value
 from tests import modelfactory
@@ -76,6 +78,29 @@ def test_start_records_a_migration_and_allows_only_one(mh, model_cache):
     assert coverage(mh, beta(mh).version) < 5
 
 
+def test_plan_measures_throughput_and_estimates_cost(mh):
+    spec = beta(mh)
+    engine = EmbeddingEngine(device="cpu")
+    try:
+        with conn_of(mh) as conn:
+            (docs,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
+            estimate = plan(conn, engine, spec, sample=16, gpu_hour_usd=3.0, documents_to_embed=200)
+    finally:
+        engine.close()
+    assert estimate.throughput_docs_per_s > 0 and estimate.sample_docs == 16
+    assert estimate.seconds == pytest.approx(200 / estimate.throughput_docs_per_s)
+    assert estimate.cost_usd == pytest.approx(estimate.seconds / 3600 * 3.0)
+    assert estimate.storage_bytes == docs * (4 * spec.dim + 8 + 36)
+    assert estimate.hnsw_memory_bytes == int(docs * (4 * spec.dim + 8) * 1.3)
+    printed = subprocess.run([sys.executable, "-m", "app.cli", "migrate", "plan", "--to", BETA, "--sample", "8"],
+                             env=mh.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    missing = round(docs * (1 - coverage(mh, spec.version) / 100))
+    assert f"documents to embed: {missing}" in printed.stdout
+    for fragment in ("docs/s on cpu", "estimated time", "estimated cost", "extra storage", "HNSW build memory"):
+        assert fragment in printed.stdout
+
+
 def test_cutover_and_index_wait_for_coverage(mh):
     with conn_of(mh) as conn:
         with pytest.raises(migration.MigrationError, match="coverage .* is below 100.00%.*no quality verdict"):
@@ -128,7 +153,17 @@ def test_backfill_resumes_after_being_killed(mh):
     resumed = int(second.stdout.split("published ")[-1].split(" ")[0])
     assert resumed == after_watermark < in_total, "the second run did not continue from the watermark"
     mh.wait_ready(mh.start_worker())
+
+
+def test_workers_build_the_index_once_coverage_allows(mh):
+    spec = beta(mh)
     wait_for(lambda: coverage(mh, spec.version) == 100.0, timeout=120, what="full beta coverage")
+    index = f"documents_embedding_v{spec.version}_hnsw"
+    definition = wait_for(lambda: mh.scalar("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (index,)),
+                          timeout=60, what="the worker to build the HNSW index")
+    assert "USING hnsw" in definition and "vector_cosine_ops" in definition
+    (detail,) = mh.sql("SELECT detail FROM migration_changelog WHERE action = 'index_built'")[0]
+    assert detail["coverage_pct"] >= 95.0 and detail["maintenance_work_mem_mb"] >= 64
 
 
 def test_sweeper_heals_a_lost_reembed(mh):
@@ -191,8 +226,6 @@ def test_cutover_rollback_cutover_finish(mh):
         assert migration.cutover(conn, min_coverage_pct=100.0).state == "cut_over"
         with pytest.raises(migration.MigrationError, match="grace period"):
             migration.finish(conn, grace=timedelta(hours=1))
-        built, message = migration.build_index(conn, spec.version, min_coverage_pct=95.0, m=8, ef_construction=32)
-        assert built and "maintenance_work_mem" in message
         done = migration.finish(conn, grace=timedelta(0))
         assert done.state == "finished"
         columns = {c for (c,) in conn.execute(
@@ -202,8 +235,9 @@ def test_cutover_rollback_cutover_finish(mh):
         assert registry.get_model(conn, ALPHA).state == "retired"
         actions = [a for (a,) in conn.execute(
             "SELECT action FROM migration_changelog WHERE origin = 'control' ORDER BY id").fetchall()]
-        assert actions == ["migration_started", "migration_ready", "migration_cut_over", "migration_rolled_back",
-                           "migration_cut_over", "index_built", "migration_finished"]
+        assert actions == ["migration_started", "index_built", "migration_ready", "migration_cut_over",
+                           "migration_rolled_back", "migration_cut_over", "migration_finished"]
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%%hnsw'").fetchone()[0] == 1
     # The worker stops writing the retired model and counters stay exact.
     mh.publish_changes([("after-finish", change("after-finish", "only beta now", 1))])
     wait_for(lambda: mh.scalar("SELECT count(*) FROM migration_changelog WHERE doc_id = 'after-finish'"),
