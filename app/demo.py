@@ -165,9 +165,9 @@ def _summary(settings: Settings, database_url: str, elapsed: float, console: Con
         (embedded,) = conn.execute("SELECT count(*) FROM migration_changelog WHERE action = 'embedded'").fetchone()
         (documents,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
     console.print(
-        f"[bold]summary[/]: {documents} documents, {embedded} vectors embedded in {elapsed:.1f}s of processing "
-        f"= {embedded / elapsed:.1f} vectors/s on this machine; dead letters: "
-        + (", ".join(f"{reason} {n}" for reason, n in dead) or "none")
+        f"[bold]summary[/]: {documents} documents on two models in {elapsed:.1f}s of processing = "
+        f"{documents / elapsed:.1f} docs/s ({embedded} vectors, {embedded / elapsed:.1f} vectors/s) on this machine; "
+        "dead letters: " + (", ".join(f"{reason} {n}" for reason, n in dead) or "none")
     )
 
 
@@ -267,11 +267,19 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                                                   scores[OLD_MODEL], scores[NEW_MODEL])
             console.print(f"nDCG@10 on SciFact queries with judged abstracts in this corpus: {OLD_MODEL} "
                           f"{scores[OLD_MODEL]:.3f}, {NEW_MODEL} {scores[NEW_MODEL]:.3f} → verdict {verdict}")
+            console.print(progress_table(fetch_progress(conn), title="migration_progress before the cutover"))
             ready = migration.refresh(conn, demo.cutover_min_coverage_pct)
             console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}% and verdict "
                           f"{verdict} → migration {ready.state}")
-            console.print(migration.build_index(conn, new.version, min_coverage_pct=demo.index_min_coverage_pct,
-                                                m=demo.hnsw_m, ef_construction=demo.hnsw_ef_construction)[1])
+            built, message = migration.build_index(conn, new.version, min_coverage_pct=demo.index_min_coverage_pct,
+                                                   m=demo.hnsw_m, ef_construction=demo.hnsw_ef_construction)
+            if not built:
+                (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'index_built'"
+                                         " ORDER BY id DESC LIMIT 1").fetchone()
+                message += (f": a worker built it once coverage reached {detail['coverage_pct']}% "
+                            f"(m={detail['m']}, ef_construction={detail['ef_construction']}, "
+                            f"maintenance_work_mem={detail['maintenance_work_mem_mb']}MB)")
+            console.print(message)
             for step, action in (("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0)),
                                  ("rollback", lambda: migration.rollback(conn)),
                                  ("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0))):

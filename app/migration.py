@@ -313,15 +313,11 @@ def build_index_when_covered(conn: psycopg.Connection, *, min_coverage_pct: floa
     active = active_migration(conn)
     if active is None or active.state == "paused":
         return None
-    (exists,) = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                             (index_name(active.to_version).as_string(conn),)).fetchone()
-    if exists or coverage_pct(conn, active.to_version) < min_coverage_pct:
-        return None
     if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK,)).fetchone()[0]:
         return None
     try:
-        built, message = build_index(conn, active.to_version, min_coverage_pct=min_coverage_pct, m=m,
-                                     ef_construction=ef_construction)
+        built, message = _build_index_locked(conn, active.to_version, min_coverage_pct=min_coverage_pct, m=m,
+                                             ef_construction=ef_construction)
         return message if built else None
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
@@ -331,11 +327,28 @@ def build_index(conn: psycopg.Connection, version: int, *, min_coverage_pct: flo
                 ef_construction: int) -> tuple[bool, str]:
     """CREATE INDEX CONCURRENTLY an HNSW index on a model's column once coverage allows.
 
-    Runs outside a transaction (connections from ``db.connect`` autocommit). Returns (built, message).
+    Waits for any other builder; runs outside a transaction (connections from ``db.connect``
+    autocommit). Returns (built, message).
     """
+    conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK,))
+    try:
+        return _build_index_locked(conn, version, min_coverage_pct=min_coverage_pct, m=m,
+                                   ef_construction=ef_construction)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
+
+
+def _build_index_locked(conn: psycopg.Connection, version: int, *, min_coverage_pct: float, m: int,
+                        ef_construction: int) -> tuple[bool, str]:
     spec = next((s for s in registry.live_models(conn) if s.version == version), None)
     if spec is None:
         raise MigrationError(f"model version {version} is not live")
+    name = index_name(version).as_string(conn)
+    valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
+    if valid is not None and valid[0]:
+        return False, f"the HNSW index {name} already exists"
+    if valid is not None:  # left invalid by an interrupted concurrent build
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
     covered = coverage_pct(conn, version)
     if covered < min_coverage_pct:
         return False, f"coverage {covered:.2f}% < {min_coverage_pct:.2f}%: the index waits (it would be built on a moving target)"
@@ -354,5 +367,5 @@ def build_index(conn: psycopg.Connection, version: int, *, min_coverage_pct: flo
         (version, Jsonb({"m": m, "ef_construction": ef_construction, "maintenance_work_mem_mb": memory_mb,
                          "coverage_pct": round(covered, 3)})),
     )
-    return True, (f"HNSW index {index_name(version).as_string(conn)} (m={m}, ef_construction={ef_construction}) "
+    return True, (f"HNSW index {name} (m={m}, ef_construction={ef_construction}) "
                   f"built with maintenance_work_mem={memory_mb}MB for {rows} rows × {spec.dim}-d")

@@ -159,11 +159,12 @@ def test_workers_build_the_index_once_coverage_allows(mh):
     spec = beta(mh)
     wait_for(lambda: coverage(mh, spec.version) == 100.0, timeout=120, what="full beta coverage")
     index = f"documents_embedding_v{spec.version}_hnsw"
-    definition = wait_for(lambda: mh.scalar("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (index,)),
-                          timeout=60, what="the worker to build the HNSW index")
-    assert "USING hnsw" in definition and "vector_cosine_ops" in definition
-    (detail,) = mh.sql("SELECT detail FROM migration_changelog WHERE action = 'index_built'")[0]
+    (detail,) = wait_for(lambda: mh.sql("SELECT detail FROM migration_changelog WHERE action = 'index_built'"),
+                         timeout=60, what="the worker to build the HNSW index")[0]
     assert detail["coverage_pct"] >= 95.0 and detail["maintenance_work_mem_mb"] >= 64
+    definition, valid = mh.sql("SELECT indexdef, indisvalid FROM pg_indexes JOIN pg_index"
+                               " ON indexrelid = to_regclass(indexname) WHERE indexname = %s", (index,))[0]
+    assert valid and "USING hnsw" in definition and "vector_cosine_ops" in definition
 
 
 def test_sweeper_heals_a_lost_reembed(mh):

@@ -251,7 +251,7 @@ def test_progress_matches_direct_counts(harness, worker):
 
 
 def test_worker_killed_mid_stream_loses_nothing(harness, worker):
-    ids = [uid("kill") for _ in range(400)]
+    ids = [uid("kill") for _ in range(1000)]
     harness.publish_changes([(i, change(i, f"document {n} of the kill test, with words", 1)) for n, i in enumerate(ids)])
     wait_for(lambda: harness.scalar("SELECT count(*) FROM documents WHERE doc_id = ANY(%s)", (ids,)) >= 20,
              what="the worker to be mid-stream")
