@@ -10,6 +10,7 @@ import hashlib
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -248,6 +249,23 @@ def test_progress_matches_direct_counts(harness, worker):
             " count(*) FILTER (WHERE {h} IS NULL) FROM documents").format(h=h, v=v))[0]
         assert (docs, current, stale, missing) == (total, *direct)
         assert float(coverage) == pytest.approx(100.0 * direct[0] / total, abs=0.01)
+
+
+def test_lost_database_connections_are_retried_not_dead_lettered(harness, worker):
+    ids = [uid("reconnect") for _ in range(150)]
+    harness.publish_changes([(i, change(i, f"written through connection loss {n}", 1)) for n, i in enumerate(ids)])
+    killed = 0
+    for _ in range(15):  # cut every other session's connection, repeatedly, while the batch is processed
+        killed += harness.scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend') AS t")
+        time.sleep(0.2)
+    assert killed > 0
+    wait_for(lambda: harness.scalar("SELECT count(*) FROM documents WHERE doc_id = ANY(%s)", (ids,)) == len(ids),
+             timeout=120, what="every document after the connection losses")
+    assert worker.poll() is None, "the worker died"
+    assert harness.scalar("SELECT count(*) FROM migration_changelog WHERE doc_id = ANY(%s)"
+                          " AND action IN ('failed', 'dead_lettered')", (ids,)) == 0
 
 
 def test_worker_killed_mid_stream_loses_nothing(harness, worker):
