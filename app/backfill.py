@@ -67,14 +67,6 @@ class BackfillOutcome:
         return f"{head}; stopped at the budget ({budget}); run again to continue after {self.watermark!r}"
 
 
-def _remaining(conn: psycopg.Connection, model: ModelSpec) -> int:
-    (total, current) = conn.execute(
-        "SELECT c.documents, v.current FROM corpus_counters c JOIN vector_counters v ON v.model_version = %s",
-        (model.version,),
-    ).fetchone()
-    return total - current
-
-
 def _watermark(conn: psycopg.Connection, model: ModelSpec) -> str | None:
     """The watermark to resume after; a finished pass starts over from the beginning."""
     with conn.transaction():
@@ -121,7 +113,8 @@ async def run_backfill(
     """Publish the documents ``model`` lacks a current vector for, within ``limits``."""
     budget = limits.doc_budget()
     after = _watermark(conn, model)
-    todo = _remaining(conn, model)
+    current, total = migration.vector_counts(conn, model.version)
+    todo = total - current
     planned = todo if budget is None else min(todo, budget)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
     await producer.start()

@@ -145,10 +145,7 @@ def _model_spec(conn, name: str, source: str | None):
     except registry.RegistryError:
         if source is None:
             raise click.ClickException(f"model {name!r} is not registered; pass --source to plan it") from None
-    profile = inspect_model(source)
-    return ModelSpec(version=0, name=name, source=source, kind=profile.kind, dim=profile.dim,
-                     pooling=profile.pooling, normalize=profile.normalize, max_tokens=profile.max_tokens,
-                     fingerprint=profile.fingerprint)
+    return ModelSpec.from_profile(0, name, source, inspect_model(source))
 
 
 @main.group()
@@ -175,15 +172,15 @@ def _control(settings: Settings, action, **kwargs):
 def migrate_plan(settings: Settings, to_name: str, source: str | None, sample: int) -> None:
     """Measure the new model here and estimate documents, time, cost, storage and index memory."""
     from app.engine import EmbeddingEngine
-    from app.migration import coverage_pct
+    from app.migration import vector_counts
     from app.plan import plan
 
     with db.connect(settings, _database(settings)) as conn:
         spec = _model_spec(conn, to_name, source)
         todo = None
         if spec.version:
-            (total,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
-            todo = round(total * (1 - coverage_pct(conn, spec.version) / 100))
+            current, total = vector_counts(conn, spec.version)
+            todo = total - current
         engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
         try:
             result = plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,

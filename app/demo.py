@@ -78,7 +78,6 @@ class _Publisher:
         self.settings = settings
         self.console = console
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-        self.sent = 0
 
     async def __aenter__(self) -> _Publisher:
         await self.producer.start()
@@ -89,11 +88,9 @@ class _Publisher:
 
     async def change(self, key: str, value: bytes | None) -> None:
         await self.producer.send(self.settings.topic_document_changes, key=key.encode(), value=value)
-        self.sent += 1
 
     async def read_miss(self, key: str, value: bytes) -> None:
         await self.producer.send(self.settings.topic_read_misses, key=key.encode(), value=value)
-        self.sent += 1
 
     async def markers(self, phase: str, known_doc: str | None = None) -> list[str]:
         """One no-op record per partition of the change topic and, with a stored ``known_doc``, of the
@@ -233,7 +230,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                                    await pub.markers("load"))
 
             console.rule("2. plan the migration to all-MiniLM-L6-v2")
-            new_spec = _unregistered_spec(NEW_MODEL, str(minilm_path()))
+            new_spec = ModelSpec.from_profile(0, NEW_MODEL, str(minilm_path()), inspect_model(str(minilm_path())))
             with db.connect(demo, database_url) as conn:
                 for line in plan(conn, engine, new_spec, sample=32, gpu_hour_usd=demo.gpu_hour_usd).lines():
                     console.print("  " + line)
@@ -302,12 +299,6 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
         except subprocess.TimeoutExpired:
             worker.kill()
         services.down(demo)
-
-
-def _unregistered_spec(name: str, source: str) -> ModelSpec:
-    profile = inspect_model(source)
-    return ModelSpec(version=0, name=name, source=source, kind=profile.kind, dim=profile.dim, pooling=profile.pooling,
-                     normalize=profile.normalize, max_tokens=profile.max_tokens, fingerprint=profile.fingerprint)
 
 
 async def _publish_changes(pub: _Publisher, first, rest, demo: Settings) -> None:

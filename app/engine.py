@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.modelkit import LoadedModel, load_model
+from app.modelkit import LoadedModel, ModelProfile, load_model
 
 log = logging.getLogger("segue.engine")
 
@@ -65,6 +65,13 @@ class ModelSpec:
     normalize: bool
     max_tokens: int
     fingerprint: str
+
+    @classmethod
+    def from_profile(cls, version: int, name: str, source: str, profile: ModelProfile) -> ModelSpec:
+        """The spec of an inspected model (version 0 for one that is not registered)."""
+        return cls(version=version, name=name, source=source, kind=profile.kind, dim=profile.dim,
+                   pooling=profile.pooling, normalize=profile.normalize, max_tokens=profile.max_tokens,
+                   fingerprint=profile.fingerprint)
 
 
 @dataclass(order=True)

@@ -201,15 +201,20 @@ def resume(conn: psycopg.Connection) -> Migration:
     return _transition(conn, ("paused",), "running", "migration_resumed")
 
 
-def coverage_pct(conn: psycopg.Connection, version: int) -> float:
-    """Percentage of documents whose vector for ``version`` is current (from the counters)."""
+def vector_counts(conn: psycopg.Connection, version: int) -> tuple[int, int]:
+    """(current vectors of model ``version``, documents), from the exact counters."""
     row = conn.execute(
         "SELECT v.current, c.documents FROM vector_counters v CROSS JOIN corpus_counters c WHERE v.model_version = %s",
         (version,),
     ).fetchone()
     if row is None:
         raise MigrationError(f"model version {version} has no vector counters (retired?)")
-    current, total = row
+    return row
+
+
+def coverage_pct(conn: psycopg.Connection, version: int) -> float:
+    """Percentage of documents whose vector for ``version`` is current (from the counters)."""
+    current, total = vector_counts(conn, version)
     return 100.0 if total == 0 else 100.0 * current / total
 
 
@@ -245,10 +250,12 @@ def record_evaluation(conn: psycopg.Connection, migration_id: int, metric: str, 
 def refresh(conn: psycopg.Connection, min_coverage_pct: float) -> Migration | None:
     """Mark a running migration ready once its gate passes; returns the active migration."""
     migration = active_migration(conn)
-    if migration is not None and migration.state == "running" and gate(conn, migration, min_coverage_pct).passed:
-        return _transition(conn, ("running",), "ready", "migration_ready",
-                           {"coverage_pct": gate(conn, migration, min_coverage_pct).coverage_pct})
-    return migration
+    if migration is None or migration.state != "running":
+        return migration
+    check = gate(conn, migration, min_coverage_pct)
+    if not check.passed:
+        return migration
+    return _transition(conn, ("running",), "ready", "migration_ready", {"coverage_pct": check.coverage_pct})
 
 
 def cutover(conn: psycopg.Connection, *, min_coverage_pct: float, force_reason: str | None = None) -> Migration:

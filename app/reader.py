@@ -48,7 +48,7 @@ from aiokafka import AIOKafkaProducer
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
-from app import db, registry, services
+from app import db, migration, registry, services
 from app.engine import EmbeddingEngine, ModelSpec
 from app.settings import Settings, load_settings
 
@@ -299,12 +299,8 @@ class SegueReader:
     def _read_model_incomplete(self, read: ModelSpec) -> bool:
         """Whether some document lacks a current vector for ``read`` (from the exact counters)."""
         with self._lock:
-            row = self._connection().execute(
-                "SELECT c.documents > v.current FROM corpus_counters c"
-                " JOIN vector_counters v ON v.model_version = %s",
-                (read.version,),
-            ).fetchone()
-        return row is None or row[0]
+            current, total = migration.vector_counts(self._connection(), read.version)
+        return total > current
 
     # -- serving state ------------------------------------------------------------------------
 
@@ -354,9 +350,9 @@ class SegueReader:
             raise RuntimeError("no model serves reads: register one first")
         by_version = {spec.version: spec for spec in live.values()}
         other = None
-        row = conn.execute("SELECT from_version, to_version FROM migrations WHERE state <> 'finished'").fetchone()
-        if row is not None and read.version in row:
-            other = by_version.get(row[1] if read.version == row[0] else row[0])
+        active = migration.active_migration(conn)
+        if active is not None and read.version in (active.from_version, active.to_version):
+            other = by_version.get(active.to_version if read.version == active.from_version else active.from_version)
         return _View(read, other, live, time.monotonic())
 
 

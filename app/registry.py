@@ -73,17 +73,7 @@ def register_model(conn: psycopg.Connection, name: str, source: str, profile: Mo
         if conn.execute("SELECT 1 FROM embedding_models WHERE name = %s", (name,)).fetchone():
             raise RegistryError(f"a model named {name!r} is already registered")
         (version,) = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM embedding_models").fetchone()
-        spec = ModelSpec(
-            version=version,
-            name=name,
-            source=source,
-            kind=profile.kind,
-            dim=profile.dim,
-            pooling=profile.pooling,
-            normalize=profile.normalize,
-            max_tokens=profile.max_tokens,
-            fingerprint=profile.fingerprint,
-        )
+        spec = ModelSpec.from_profile(version, name, source, profile)
         conn.execute(
             sql.SQL("INSERT INTO embedding_models ({}) VALUES ({})").format(
                 sql.SQL(", ").join(map(sql.Identifier, _SPEC_COLUMNS)),

@@ -76,7 +76,6 @@ class ChangelogRow:
     event_id: str | None = None
     latency_ms: float | None = None
     error: str | None = None
-    detail: Jsonb | None = None
 
 
 _CHANGELOG_COLUMNS = [
@@ -88,7 +87,6 @@ _CHANGELOG_COLUMNS = [
     ("event_id", "text"),
     ("latency_ms", "float8"),
     ("error", "text"),
-    ("detail", "jsonb"),
 ]
 
 

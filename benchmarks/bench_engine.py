@@ -42,8 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     source = random_weights_copy(args.skeleton) if args.skeleton else minilm_path()
     profile = inspect_model(str(source))
-    spec = ModelSpec(1, "bench", str(source), profile.kind, profile.dim, profile.pooling, profile.normalize,
-                     profile.max_tokens, profile.fingerprint)
+    spec = ModelSpec.from_profile(1, "bench", str(source), profile)
     texts = [doc.text for doc in scifact_documents(args.docs)]
     print(f"{len(texts)} SciFact abstracts, model {'random-weight ' if args.skeleton else ''}MiniLM-L6 "
           f"({profile.dim}-d, max {profile.max_tokens} tokens), torch {torch.__version__}")
