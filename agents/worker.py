@@ -17,16 +17,19 @@ from collections.abc import Sequence
 import faust
 
 from app import db, migration
-from app.engine import EmbeddingEngine
-from app.pipeline import BackfillProcessor, ChangeProcessor, Envelope, ReadMissProcessor
+from app.engine import EmbeddingEngine, ModelSpec
+from app.errors import EngineStopped
+from app.isolation import retry_forever
+from app.pipeline import BackfillProcessor, ChangeProcessor, DeadLetter, Envelope, ReadMissProcessor
 from app.settings import Settings
 from app.store import Store
-from schemas.events import DeadLetterReason, SourcePosition, encode_dead_letter, read_miss_value
+from schemas.events import SourcePosition, dead_letter_key, encode_dead_letter, read_miss_value
 
 log = logging.getLogger("segue.worker")
 
 RETRY_DELAY_S = 2.0
 READ_MISS_BATCH_S = 0.05  # read misses are latency-sensitive: batch only what is already there
+WATCHDOG_INTERVAL_S = 5.0
 
 
 def _envelope(event: faust.EventT) -> Envelope:
@@ -39,39 +42,45 @@ def _envelope(event: faust.EventT) -> Envelope:
     )
 
 
+async def _publish_all(topic: faust.TopicT, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+    """Send ``records`` and return once the broker acknowledged every one (raise if any failed)."""
+    deliveries = [await topic.send(key=key, value=value) for key, value in records]
+    await asyncio.gather(*deliveries)
+
+
 class KafkaDeadLetters:
     """Publishes dead letters and waits until the broker has them."""
 
     def __init__(self, topic: faust.TopicT):
         self._topic = topic
 
-    async def send(self, envelope: Envelope, reason: DeadLetterReason, error: str) -> None:
-        value = encode_dead_letter(
-            reason=reason, error=error, source=envelope.source, key=envelope.key, payload=envelope.value
-        )
-        delivery = await self._topic.send(key=envelope.key, value=value)
-        await delivery
+    async def send(self, letters: Sequence[DeadLetter]) -> None:
+        await _publish_all(self._topic, [
+            (dead_letter_key(letter.envelope.key),
+             encode_dead_letter(reason=letter.reason, error=letter.error, source=letter.envelope.source,
+                                key=letter.envelope.key, payload=letter.envelope.value))
+            for letter in letters
+        ])
 
 
 async def _process_until_done(name: str, processor, envelopes: Sequence[Envelope]) -> None:
     """Never return before the batch is processed; an escaping error would ack it unprocessed."""
-    while True:
-        try:
-            await processor.process(envelopes)
-            return
-        except Exception:  # noqa: BLE001 - retried, never swallowed: the batch stays unacked
-            log.exception("%s: batch of %d failed outside isolation; retrying in %.0fs", name, len(envelopes),
-                          RETRY_DELAY_S)
-            await asyncio.sleep(RETRY_DELAY_S)
+    await retry_forever(lambda: processor.process(envelopes), what=f"{name}: a batch of {len(envelopes)}",
+                        backoff_s=RETRY_DELAY_S)
 
 
 def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine) -> faust.App:
     """Build the Faust app wired to ``database_url`` and an engine with the live models loaded."""
+    datadir = settings.data_dir / "faust"
+    try:
+        datadir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RuntimeError(f"cannot create the worker's state folder {datadir} ({error}); set SEGUE_DATA_DIR") from None
     app = faust.App(
         settings.group_id,
         broker=settings.faust_broker,
         store="memory://",
-        datadir=str(settings.data_dir / "faust"),
+        datadir=str(datadir),
         web_enabled=False,
         topic_disable_leader=True,
         topic_allow_declare=False,
@@ -92,6 +101,7 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     backfill = BackfillProcessor(settings, Store(settings, database_url), engine, dead_letters)
     sweeper_store = Store(settings, database_url)
     backfill_topic = raw_topic(settings.topic_backfill)
+    index_policy = migration.IndexPolicy.from_settings(settings)
 
     @app.agent(raw_topic(settings.topic_document_changes), name="document-changes")
     async def document_changes(stream: faust.StreamT) -> None:
@@ -108,22 +118,24 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
             await _process_until_done("backfill", backfill, [_envelope(e) for e in events])
 
+    async def enqueue(model: ModelSpec, doc_ids: list[str]) -> None:
+        await _publish_all(backfill_topic, [(d.encode(), read_miss_value(d, model.name, "sweeper")) for d in doc_ids])
+
     @app.timer(settings.sweeper_interval_s)
     async def sweeper() -> None:
         """Re-enqueue vectors stale or missing for too long, so a lost message heals itself."""
         try:
-            stragglers = await sweeper_store.stragglers(max_age_s=settings.sweeper_max_age_s, limit=1000)
-            for doc_id, model in stragglers:
-                await backfill_topic.send(key=doc_id.encode(), value=read_miss_value(doc_id, model, "sweeper"))
-            if stragglers:
-                log.info("sweeper re-enqueued %d stale or missing vectors", len(stragglers))
+            published = await sweeper_store.sweep(
+                enqueue, max_age_s=settings.sweeper_max_age_s, scan_rows=settings.sweeper_scan_rows,
+                retry_failed_after_s=settings.sweeper_retry_failed_after_s)
+            for model, count in published.items():
+                log.info("sweeper re-enqueued %d stale or missing %s vectors", count, model)
         except Exception:  # noqa: BLE001 - the next tick tries again
             log.exception("sweeper failed; retrying at the next tick")
 
     def build_index_when_covered() -> str | None:
         with db.connect(settings, database_url) as conn:
-            return migration.build_index_when_covered(conn, min_coverage_pct=settings.index_min_coverage_pct,
-                                                      m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction)
+            return migration.build_index_when_covered(conn, index_policy)
 
     @app.timer(settings.sweeper_interval_s)
     async def index_builder() -> None:
@@ -132,7 +144,14 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             message = await asyncio.to_thread(build_index_when_covered)
             if message:
                 log.info("%s", message)
-        except Exception:  # noqa: BLE001 - the next tick tries again
-            log.exception("index build failed; retrying at the next tick")
+        except Exception:  # noqa: BLE001 - the next tick tries again (workers stop after repeated failures)
+            log.exception("index build failed")
+
+    @app.timer(WATCHDOG_INTERVAL_S)
+    async def engine_watchdog() -> None:
+        """A worker whose engine thread is gone cannot embed: crash it so its supervisor restarts it."""
+        if not engine.alive:
+            log.critical("the embedding engine's thread is gone; stopping the worker")
+            await app.crash(EngineStopped("the embedding engine's thread is gone"))
 
     return app

@@ -110,7 +110,11 @@ async def run_backfill(
     page_size: int = 500,
     console: Console | None = None,
 ) -> BackfillOutcome:
-    """Publish the documents ``model`` lacks a current vector for, within ``limits``."""
+    """Publish the documents ``model`` lacks a current vector for, within ``limits``.
+
+    Raises the broker's error if a record of a page is not acknowledged; the watermark
+    then stays before that page, so the next run publishes it again.
+    """
     budget = limits.doc_budget()
     after = _watermark(conn, model)
     current, total = migration.vector_counts(conn, model.version)
@@ -142,17 +146,19 @@ async def run_backfill(
                     conn.execute("UPDATE backfill_progress SET finished_at = now(), updated_at = now()"
                                  " WHERE model_version = %s", (model.version,))
                     break
+                deliveries = []
                 for doc_id in page:
                     if limits.rate:
-                        ahead = (published + 1) / limits.rate - (time.perf_counter() - started)
+                        ahead = (published + len(deliveries) + 1) / limits.rate - (time.perf_counter() - started)
                         if ahead > 0:
                             await asyncio.sleep(ahead)
-                    await producer.send(settings.topic_backfill, key=doc_id.encode(),
-                                        value=read_miss_value(doc_id, model.name, f"backfill-{model.version}"))
-                    published += 1
-                    progress.update(task, completed=published,
-                                    rate=published / max(time.perf_counter() - started, 1e-9))
-                await producer.flush()
+                    deliveries.append(await producer.send(
+                        settings.topic_backfill, key=doc_id.encode(),
+                        value=read_miss_value(doc_id, model.name, f"backfill-{model.version}")))
+                # Every record of the page acknowledged, or this raises and the watermark stays put.
+                await asyncio.gather(*deliveries)
+                published += len(page)
+                progress.update(task, completed=published, rate=published / max(time.perf_counter() - started, 1e-9))
                 after = page[-1]
                 conn.execute(
                     "UPDATE backfill_progress SET watermark = %s, published = published + %s, updated_at = now()"

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app import db, registry, services
-from app.settings import Settings, load_settings
+from app.settings import Settings, load_settings, redact
 
 console = Console()
 if not console.is_terminal:
@@ -37,9 +37,22 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _database(settings: Settings) -> str:
-    """The database URL, bootstrapped (services started when embedded)."""
+    """The database URL (services started when embedded), its schema upgraded for commands that write."""
     url = services.database_url(settings)
-    db.bootstrap(settings, url)
+    try:
+        db.upgrade(settings, url)
+    except db.SchemaError as error:
+        raise click.ClickException(str(error)) from None
+    return url
+
+
+def _database_to_read(settings: Settings) -> str:
+    """The database URL for commands that only read: no DDL; an outdated schema is an error."""
+    url = services.database_url(settings)
+    try:
+        db.require_schema(settings, url)
+    except db.SchemaError as error:
+        raise click.ClickException(str(error)) from None
     return url
 
 
@@ -111,7 +124,7 @@ def models_add(settings: Settings, name: str, source: str) -> None:
 @click.pass_obj
 def models_list(settings: Settings) -> None:
     """List registered models."""
-    with db.connect(settings, _database(settings)) as conn:
+    with db.connect(settings, _database_to_read(settings)) as conn:
         rows = registry.list_models(conn)
     table = Table(title="embedding_models")
     for header in ("v", "name", "kind", "dim", "pooling", "max tokens", "state", "reads", "fingerprint", "source"):
@@ -129,7 +142,7 @@ def status(settings: Settings) -> None:
     """Print migration_progress."""
     from app.progress import dead_letter_count, fetch_progress, origin_table, progress_table
 
-    with db.connect(settings, _database(settings)) as conn:
+    with db.connect(settings, _database_to_read(settings)) as conn:
         console.print(progress_table(fetch_progress(conn)))
         console.print(origin_table(conn))
         console.print(f"dead letters in the last 24 h: {dead_letter_count(conn)}")
@@ -153,13 +166,14 @@ def migrate() -> None:
     """Run a migration: plan, start, pause, resume, cutover, rollback, finish."""
 
 
-def _control(settings: Settings, action, **kwargs):
+def _control(settings: Settings, action, **arguments):
+    """Run ``action(conn, **arguments)`` on the database; its refusals become clean CLI errors."""
     from app import migration
 
     with db.connect(settings, _database(settings)) as conn:
         try:
-            result = action(conn, **kwargs)
-        except (migration.MigrationError, registry.RegistryError) as error:
+            result = action(conn, **arguments)
+        except (migration.MigrationError, registry.RegistryError, db.SchemaError) as error:
             raise click.ClickException(str(error)) from None
     return result
 
@@ -197,18 +211,25 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, sample: i
 @click.option("--source", help="register the new model from this folder first")
 @click.pass_obj
 def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None) -> None:
-    """Start a migration: NEW is dual-written from now on. One migration at a time."""
-    from app import migration
+    """Start a migration: NEW is dual-written from now on. One migration at a time.
 
-    if source is not None:
-        with db.connect(settings, _database(settings)) as conn:
-            try:
-                migration.ensure_none_active(conn)  # first: registering makes the model live (dual-written)
-                registry.register_model(conn, to_name, source)
-            except (migration.MigrationError, registry.RegistryError) as error:
-                raise click.ClickException(str(error)) from None
-    started = _control(settings, migration.start, to_name=to_name, from_name=from_name,
-                       settings={"cutover_min_coverage_pct": settings.cutover_min_coverage_pct})
+    With --source the model is registered and the migration recorded in one transaction:
+    if either fails, neither happened.
+    """
+    from app import migration
+    from app.modelkit import inspect_model
+
+    profile = inspect_model(source) if source is not None else None
+
+    def register_and_start(conn):
+        with conn.transaction():
+            if profile is not None:
+                migration.ensure_none_active(conn)
+                registry.register_model(conn, to_name, source, profile)
+            return migration.start(conn, to_name, from_name,
+                                   {"cutover_min_coverage_pct": settings.cutover_min_coverage_pct})
+
+    started = _control(settings, register_and_start)
     console.print(f"migration {started.id} started: {started.from_name} → {started.to_name}; "
                   "every change is dual-written; run segue backfill for the rest")
 
@@ -229,6 +250,8 @@ def migrate_status(settings: Settings) -> None:
             console.print(f"migration {current.id}: {current.from_name} → {current.to_name}, [bold]{current.state}[/] "
                           f"since {current.updated_at:%Y-%m-%d %H:%M:%S}")
             console.print("cutover gate: " + ("open" if check.passed else "closed: " + "; ".join(check.reasons())))
+            console.print("HNSW index: " + migration.index_status(conn, current.to_version,
+                                                                    migration.IndexPolicy.from_settings(settings)))
         console.print(progress_table(fetch_progress(conn)))
 
 
@@ -300,8 +323,7 @@ def migrate_index(settings: Settings, name: str | None) -> None:
     with db.connect(settings, _database(settings)) as conn:
         try:
             version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
-            _, message = migration.build_index(conn, version, min_coverage_pct=settings.index_min_coverage_pct,
-                                               m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction)
+            _, message = migration.build_index(conn, version, migration.IndexPolicy.from_settings(settings))
         except (migration.MigrationError, registry.RegistryError) as error:
             raise click.ClickException(str(error)) from None
     console.print(message)
@@ -355,7 +377,26 @@ def services_command(settings: Settings, action: str) -> None:
     except services.ServiceError as error:
         raise click.ClickException(str(error)) from None
     for s in result:
-        console.print(f"{s.name:<11} {'running' if s.running else 'stopped':<8} {s.address or ''}  {s.detail}")
+        console.print(f"{s.name:<11} {'running' if s.running else 'stopped':<8} {redact(s.address or '')}  {s.detail}")
+
+
+@main.group("db")
+def db_group() -> None:
+    """The database schema."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+def db_upgrade(settings: Settings) -> None:
+    """Apply the schema upgrade steps the database lacks (workers also do at start)."""
+    url = services.database_url(settings)
+    try:
+        applied = db.upgrade(settings, url)
+    except db.SchemaError as error:
+        raise click.ClickException(str(error)) from None
+    if applied:
+        console.print(f"applied {len(applied)} schema upgrade(s): {', '.join(applied)}")
+    console.print(f"the database is at schema version {db.latest_schema_version()}")
 
 
 @main.command()

@@ -1,4 +1,9 @@
-"""PostgreSQL connections, schema bootstrap and the per-model columns and counters.
+"""PostgreSQL connections, versioned schema upgrades and the per-model columns and counters.
+
+The schema is a list of ordered upgrade steps (``schemas/upgrades/NNNN_name.sql``);
+``schema_migrations`` records the ones applied. :func:`upgrade` applies the missing
+ones under an advisory lock, each in its own transaction with a short lock timeout
+(retried), and does nothing at all on an up-to-date database: no DDL, no lock.
 
 Each registered model version N owns two columns on ``documents``:
 ``embedding_vN vector(dim)`` and ``embedding_vN_sha256 bytea``. The statement-level
@@ -8,15 +13,65 @@ live models and regenerated whenever that list changes.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from importlib import resources
+from typing import TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector, register_vector_async
-from psycopg import sql
+from psycopg import errors, sql
 
 from app.settings import Settings
 
+log = logging.getLogger("segue.db")
+
+T = TypeVar("T")
+
 BOOTSTRAP_LOCK = 0x5E6E  # advisory lock serializing schema changes across processes
+DDL_LOCK_TIMEOUT_S = 2.0  # a DDL statement waits this long for its lock, then lets queued writes through
+DDL_GIVE_UP_S = 300.0  # and is retried with backoff for this long before the caller is told
+
+
+class SchemaError(RuntimeError):
+    """The database's schema cannot be used or changed as asked."""
+
+
+@dataclass(frozen=True)
+class UpgradeStep:
+    """One ordered schema change: ``schemas/upgrades/NNNN_name.sql``."""
+
+    version: int
+    name: str
+    statements: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.statements.encode()).hexdigest()
+
+
+@cache
+def upgrade_steps() -> tuple[UpgradeStep, ...]:
+    """Every shipped upgrade step, in order."""
+    steps = []
+    for entry in resources.files("schemas").joinpath("upgrades").iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            steps.append(UpgradeStep(int(match[1]), match[2], entry.read_text()))
+    steps.sort(key=lambda step: step.version)
+    if [step.version for step in steps] != list(range(1, len(steps) + 1)):
+        raise SchemaError(f"upgrade steps must be numbered 1, 2, … without gaps: {[s.version for s in steps]}")
+    return tuple(steps)
+
+
+def latest_schema_version() -> int:
+    """The schema version this code needs."""
+    return upgrade_steps()[-1].version
 
 
 def vector_column(version: int) -> sql.Identifier:
@@ -42,9 +97,15 @@ def connect(settings: Settings, url: str) -> psycopg.Connection:
     block DDL (registering a model) or CREATE INDEX CONCURRENTLY; writes that belong
     together use ``with conn.transaction():``.
     """
+    conn = _connect_plain(settings, url)
+    register_vector(conn)
+    return conn
+
+
+def _connect_plain(settings: Settings, url: str) -> psycopg.Connection:
+    """An autocommit connection with Segue's schema on the search_path (works before pgvector exists)."""
     conn = psycopg.connect(url, autocommit=True)
     conn.execute(_search_path(settings.db_schema))
-    register_vector(conn)
     return conn
 
 
@@ -56,19 +117,100 @@ async def connect_async(settings: Settings, url: str) -> psycopg.AsyncConnection
     return conn
 
 
-def bootstrap(settings: Settings, url: str) -> None:
-    """Create the pgvector extension, the schema, Segue's tables and the counter triggers."""
-    with psycopg.connect(url, autocommit=True) as conn:
+def schema_version(conn: psycopg.Connection) -> int:
+    """The newest upgrade step applied to the database on the search path (0: none)."""
+    if conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None:
+        return 0
+    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
+
+
+def require_schema(settings: Settings, url: str) -> None:
+    """Raise :class:`SchemaError` unless the database is at this code's schema version (reads only)."""
+    with _connect_plain(settings, url) as conn:
+        found = schema_version(conn)
+    wanted = latest_schema_version()
+    if found < wanted:
+        what = "holds no Segue schema yet" if found == 0 else f"is at schema version {found}, this Segue needs {wanted}"
+        raise SchemaError(f"the database {what}: run `segue db upgrade` (workers also upgrade it when they start)")
+    if found > wanted:
+        raise SchemaError(f"the database is at schema version {found}, newer than this Segue ({wanted}): upgrade Segue")
+
+
+def run_ddl(conn: psycopg.Connection, work: Callable[[], T], *, what: str) -> T:
+    """Run ``work()`` in a transaction whose locks wait at most ``DDL_LOCK_TIMEOUT_S``; retry on timeout.
+
+    A DDL statement queued behind a long lock (CREATE INDEX CONCURRENTLY, a long
+    transaction) would make every later write to the table queue behind it; with a lock
+    timeout it steps aside and tries again, with backoff, for up to ``DDL_GIVE_UP_S``.
+    Inside an outer transaction the work runs in a savepoint, retried the same way.
+    """
+    deadline = time.monotonic() + DDL_GIVE_UP_S
+    delay = 0.5
+    while True:
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(DDL_LOCK_TIMEOUT_S * 1000)}ms",))
+                return work()
+        except errors.LockNotAvailable:
+            if time.monotonic() + delay > deadline:
+                raise SchemaError(
+                    f"{what}: a table stayed locked by another session for {DDL_GIVE_UP_S:.0f}s "
+                    "(an index build or a long transaction?); try again later"
+                ) from None
+            log.warning("%s: waiting for a lock (another session holds it); retrying in %.1fs", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def upgrade(settings: Settings, url: str) -> list[str]:
+    """Bring the database to this code's schema version; returns the steps applied (none if current).
+
+    Needs the ``vector`` extension: created here when missing, which takes a role
+    allowed to (an administrator can create it beforehand for a role that is not).
+    """
+    with _connect_plain(settings, url) as conn:
+        current = schema_version(conn)
+        if current == latest_schema_version():
+            return []
+        if current > latest_schema_version():
+            raise SchemaError(
+                f"the database is at schema version {current}, newer than this Segue ({latest_schema_version()})")
         conn.execute("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_LOCK,))
         try:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(settings.db_schema)))
-            conn.execute(_search_path(settings.db_schema))
-            with conn.transaction():
-                conn.execute(resources.files("schemas").joinpath("schema.sql").read_text())
-                install_vector_counters(conn)
+            _create_prerequisites(conn, settings.db_schema)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = []
+            for step in upgrade_steps()[schema_version(conn):]:
+                run_ddl(conn, lambda step=step: _apply_step(conn, step), what=f"schema upgrade {step.version}")
+                applied.append(f"{step.version:04d}_{step.name}")
+                log.info("applied schema upgrade %04d_%s", step.version, step.name)
+            run_ddl(conn, lambda: install_vector_counters(conn), what="installing the counter triggers")
+            return applied
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (BOOTSTRAP_LOCK,))
+
+
+def _create_prerequisites(conn: psycopg.Connection, schema: str) -> None:
+    """The ``vector`` extension and Segue's schema, created only when missing (no privilege needed otherwise)."""
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except errors.InsufficientPrivilege:
+            raise SchemaError("the pgvector extension is not installed in this database and this role may not "
+                              "create it: ask an administrator to run CREATE EXTENSION vector") from None
+    if conn.execute("SELECT to_regnamespace(%s)", (schema,)).fetchone()[0] is None:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
+def _apply_step(conn: psycopg.Connection, step: UpgradeStep) -> None:
+    if conn.execute("SELECT 1 FROM schema_migrations WHERE version = %s", (step.version,)).fetchone():
+        return  # another process applied it first
+    conn.execute(step.statements)
+    conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                 (step.version, step.name, step.checksum))
 
 
 def live_versions(conn: psycopg.Connection) -> list[int]:
@@ -118,20 +260,24 @@ def install_vector_counters(conn: psycopg.Connection) -> None:
     """(Re)generate the triggers that keep corpus_counters and vector_counters exact.
 
     Call inside the transaction that changes the set of live models or their columns.
+    Only what differs from the database is written: a function whose body is unchanged
+    is left alone, and a trigger is created only when missing (its function's name never
+    changes), so no lock on ``documents`` is taken when nothing changed.
     """
     versions = live_versions(conn)
     for op, sources in _TRIGGER_SOURCES.items():
-        function = sql.Identifier(f"segue_count_documents_{op.lower()}")
-        conn.execute(
-            sql.SQL(
-                "CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS {body}"
-            ).format(
-                f=function,
-                body=sql.Literal(
-                    sql.SQL("BEGIN {} RETURN NULL; END").format(_counter_body(sources, versions)).as_string(conn)
-                ),
+        name = f"segue_count_documents_{op.lower()}"
+        body = sql.SQL("BEGIN {} RETURN NULL; END").format(_counter_body(sources, versions)).as_string(conn)
+        existing = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)", (f"{name}()",)).fetchone()
+        if existing is None or existing[0] != body:
+            conn.execute(
+                sql.SQL("CREATE OR REPLACE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS {body}").format(
+                    f=sql.Identifier(name), body=sql.Literal(body))
             )
-        )
+        trigger = f"documents_count_{op.lower()}"
+        if conn.execute("SELECT 1 FROM pg_trigger WHERE tgrelid = 'documents'::regclass AND tgname = %s",
+                        (trigger,)).fetchone():
+            continue
         referencing = sql.SQL(" ").join(
             sql.SQL("{} TABLE AS {}").format(
                 sql.SQL("NEW" if rows == "new_rows" else "OLD"), sql.Identifier(rows)
@@ -140,9 +286,7 @@ def install_vector_counters(conn: psycopg.Connection) -> None:
         )
         conn.execute(
             sql.SQL(
-                "CREATE OR REPLACE TRIGGER {t} AFTER {op} ON documents REFERENCING {ref}"
+                "CREATE TRIGGER {t} AFTER {op} ON documents REFERENCING {ref}"
                 " FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
-            ).format(
-                t=sql.Identifier(f"documents_count_{op.lower()}"), op=sql.SQL(op), ref=referencing, f=function
-            )
+            ).format(t=sql.Identifier(trigger), op=sql.SQL(op), ref=referencing, f=sql.Identifier(name))
         )

@@ -197,7 +197,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     started = time.perf_counter()
     database_url = services.database_url(demo)
     bootstrap = services.kafka_bootstrap(demo)
-    db.bootstrap(demo, database_url)
+    db.upgrade(demo, database_url)
     await ensure_topics(demo, bootstrap)
     console.print(f"embedded PostgreSQL and Kafka broker up in {time.perf_counter() - started:.1f}s ({demo.data_dir})")
 
@@ -268,8 +268,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
             ready = migration.refresh(conn, demo.cutover_min_coverage_pct)
             console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}% and verdict "
                           f"{verdict} → migration {ready.state}")
-            built, message = migration.build_index(conn, new.version, min_coverage_pct=demo.index_min_coverage_pct,
-                                                   m=demo.hnsw_m, ef_construction=demo.hnsw_ef_construction)
+            built, message = migration.build_index(conn, new.version, migration.IndexPolicy.from_settings(demo))
             if not built:
                 (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'index_built'"
                                          " ORDER BY id DESC LIMIT 1").fetchone()

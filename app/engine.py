@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.errors import EngineStopped, ModelUnavailable
 from app.modelkit import LoadedModel, ModelProfile, load_model
 
 log = logging.getLogger("segue.engine")
@@ -37,7 +38,7 @@ log = logging.getLogger("segue.engine")
 _WARM_UP_TEXT = "Segue warms the model up with this sentence."
 
 
-class DimensionMismatch(RuntimeError):
+class DimensionMismatch(ModelUnavailable):
     """A model produced vectors whose width differs from its registered dimension."""
 
     def __init__(self, spec: ModelSpec, produced: int):
@@ -48,7 +49,7 @@ class DimensionMismatch(RuntimeError):
         self.produced = produced
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(ModelUnavailable):
     """The model at a registered source is no longer the model that was registered."""
 
 
@@ -116,12 +117,32 @@ class EmbeddingEngine:
         """Versions of the models loaded so far."""
         return set(self._versions)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is serving requests (False once closed or if it died)."""
+        return self._worker.is_alive() and not self._closed
+
+    async def unload(self, keep: Iterable[int]) -> set[int]:
+        """Free the models retired since they were loaded; returns the versions unloaded.
+
+        ``keep`` lists the live versions as the caller read them: a loaded version below the
+        newest of them and not among them is retired (one above may have been registered since).
+        """
+        keep = set(keep)
+        newest = max(keep, default=0)
+        gone = {version for version in self._versions if version not in keep and version < newest}
+        if gone:
+            await self._gather([self._submit(0, functools.partial(self._drop, gone))])
+            log.info("unloaded retired model version(s) %s", ", ".join(map(str, sorted(gone))))
+        return gone
+
     async def ensure_loaded(self, specs: Iterable[ModelSpec]) -> dict[int, float]:
         """Load and warm up every spec not loaded yet; return ``{version: seconds}`` for those loaded now.
 
-        Loads are queued in the worker at priority 0. Raises :class:`FingerprintMismatch`
-        when a source no longer holds the registered model, and :class:`DimensionMismatch`
-        when it produces vectors of another width.
+        Loads are queued in the worker at priority 0. Raises :class:`ModelUnavailable`
+        when a model cannot be loaded: :class:`FingerprintMismatch` when a source no longer
+        holds the registered model, :class:`DimensionMismatch` when it produces vectors of
+        another width.
         """
         pending = {spec.version: spec for spec in specs if spec.version not in self._versions}
         futures = [self._submit(0, functools.partial(self._load, spec)) for spec in pending.values()]
@@ -141,7 +162,7 @@ class EmbeddingEngine:
     def embed_sync(self, spec: ModelSpec, texts: Sequence[str]) -> np.ndarray:
         """Like :meth:`embed`, but blocking and in the caller's thread."""
         if self._closed:
-            raise RuntimeError("the embedding engine is closed")
+            raise EngineStopped("the embedding engine is closed")
         order, chunks = self._plan(texts)
         return self._assemble(spec, order, [self._encode(spec, chunk) for chunk in chunks])
 
@@ -156,7 +177,7 @@ class EmbeddingEngine:
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
             if job.future is not None:
-                _settle(job.future, None, RuntimeError("the embedding engine was closed"))
+                _settle(job.future, None, EngineStopped("the embedding engine was closed"))
         with self._model_lock:
             self._models.clear()
             self._versions = frozenset()
@@ -169,7 +190,9 @@ class EmbeddingEngine:
         future = asyncio.get_running_loop().create_future()
         with self._submit_lock:
             if self._closed:
-                raise RuntimeError("the embedding engine is closed")
+                raise EngineStopped("the embedding engine is closed")
+            if not self._worker.is_alive():
+                raise EngineStopped("the embedding engine's thread is gone")
             self._jobs.put(_Job(priority, next(self._seq), run, future))
         return future
 
@@ -200,6 +223,7 @@ class EmbeddingEngine:
     # -- model work (worker thread, or the caller's thread for embed_sync) ----------------------
 
     def _serve(self) -> None:
+        """Run queued jobs until told to stop. Every job's future is settled, whatever it raised."""
         while True:
             job = self._jobs.get()
             if job.run is None:
@@ -210,6 +234,8 @@ class EmbeddingEngine:
                 result = job.run()
             except Exception as exc:  # handed to the awaiting caller
                 _settle(job.future, None, exc)
+            except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit: the caller gets an error, the thread serves on
+                _settle(job.future, None, RuntimeError(f"an engine job raised {type(exc).__name__}: {exc}"))
             else:
                 _settle(job.future, result, None)
 
@@ -220,6 +246,12 @@ class EmbeddingEngine:
                 return None
             return self._load_locked(spec)
 
+    def _drop(self, versions: set[int]) -> None:
+        with self._model_lock:
+            for version in versions:
+                self._models.pop(version, None)
+            self._versions = frozenset(self._models)
+
     def _encode(self, spec: ModelSpec, texts: list[str]) -> np.ndarray:
         """Vectors for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
@@ -228,6 +260,16 @@ class EmbeddingEngine:
             return self._vectors(spec, self._models[spec.version], texts)
 
     def _load_locked(self, spec: ModelSpec) -> float:
+        try:
+            return self._load_checked(spec)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:
+            raise ModelUnavailable(
+                f"model {spec.name!r} (v{spec.version}) cannot be loaded from {spec.source}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _load_checked(self, spec: ModelSpec) -> float:
         started = time.perf_counter()
         loaded = load_model(spec.source)
         if loaded.profile.fingerprint != spec.fingerprint:

@@ -1,9 +1,16 @@
 """Retry a failing batch with backoff, then split it until only the poison items remain.
 
-Connection-level database errors (lost connection, deadlock, serialization failure)
-are retried until they clear: an outage must not dead-letter good events. Any other
-error is retried ``attempts`` times, then the batch is split in halves, recursively,
-so only the item that fails on its own reaches ``on_poison``; halves get one try each.
+Errors fall in two classes (see README, "Delivery guarantees"):
+
+* transient — the infrastructure, not the batch, is at fault: a lost or refused
+  database connection, deadlock or serialization failure, cancel or shutdown,
+  resource exhaustion, a lock timeout (SQLSTATE classes 08, 40, 53, 57, 58 and
+  55P03), or an :class:`~app.errors.InfrastructureError` (a model that cannot load,
+  a stopped engine). These are retried with capped backoff until they clear: an
+  outage never dead-letters good events.
+* anything else is the batch's fault: retried ``attempts`` times, then the batch is
+  split in halves, recursively, so only the item that fails on its own reaches
+  ``on_poison``; halves get one try each.
 """
 
 from __future__ import annotations
@@ -15,16 +22,47 @@ from typing import TypeVar
 
 import psycopg
 
+from app.errors import InfrastructureError
+
 log = logging.getLogger("segue.isolation")
 
 T = TypeVar("T")
 
 MAX_BACKOFF_S = 30.0
+TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58", "55P03")  # classes, and lock_not_available
+LOUD_AFTER = 5  # consecutive transient failures before each one is logged as an error
 
 
 def is_transient(error: BaseException) -> bool:
     """Errors worth retrying forever: the batch itself is not at fault."""
-    return isinstance(error, psycopg.OperationalError)
+    if isinstance(error, InfrastructureError):
+        return True
+    if isinstance(error, psycopg.Error):
+        if error.sqlstate is None:  # no answer from the server: the connection failed or is gone
+            return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+        return error.sqlstate.startswith(TRANSIENT_SQLSTATES)
+    return False
+
+
+def next_delay(delay: float, backoff_s: float) -> float:
+    """The next backoff delay: doubled, at least ``backoff_s``, at most ``MAX_BACKOFF_S``."""
+    return min(max(delay * 2, backoff_s), MAX_BACKOFF_S)
+
+
+async def retry_forever(run: Callable[[], Awaitable[T]], *, what: str, backoff_s: float) -> T:
+    """Await ``run()`` until it succeeds, logging each failure; the caller must not give up on the work."""
+    delay = backoff_s
+    failures = 0
+    while True:
+        try:
+            return await run()
+        except Exception as error:  # noqa: BLE001 - retried, never swallowed
+            failures += 1
+            level = logging.ERROR if failures >= LOUD_AFTER else logging.WARNING
+            log.log(level, "%s failed (%d in a row, retrying in %.1fs): %s: %s", what, failures, delay,
+                    type(error).__name__, error, exc_info=failures == LOUD_AFTER)
+            await asyncio.sleep(delay)
+            delay = next_delay(delay, backoff_s)
 
 
 async def process_isolating_poison(
@@ -39,27 +77,28 @@ async def process_isolating_poison(
     if not items:
         return
     failures = 0
+    transient_failures = 0
     delay = backoff_s
     while True:
         try:
             await process(items)
             return
         except Exception as error:  # noqa: BLE001 - every failure is isolated, none may stop the worker
-            transient = is_transient(error)
-            if not transient:
+            if is_transient(error):
+                transient_failures += 1
+                level = logging.ERROR if transient_failures >= LOUD_AFTER else logging.WARNING
+                log.log(level, "batch of %d failed (transient, %d in a row; retrying in %.1fs): %s: %s",
+                        len(items), transient_failures, delay, type(error).__name__, error)
+            else:
                 failures += 1
-            log.warning(
-                "batch of %d failed (%s%s): %s",
-                len(items),
-                "transient" if transient else f"attempt {failures}/{attempts}",
-                "" if transient else ", will split" if failures >= attempts and len(items) > 1 else "",
-                error,
-            )
-            if failures >= attempts:
-                last_error = error
-                break
+                log.warning("batch of %d failed (attempt %d/%d%s): %s: %s", len(items), failures, attempts,
+                            ", will split" if failures >= attempts and len(items) > 1 else "",
+                            type(error).__name__, error)
+                if failures >= attempts:
+                    last_error = error
+                    break
             await asyncio.sleep(delay)
-            delay = min(delay * 2 or backoff_s, MAX_BACKOFF_S)
+            delay = next_delay(delay, backoff_s)
     if len(items) == 1:
         await on_poison(items[0], last_error)
         return

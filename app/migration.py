@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from app import db, registry
+from app.isolation import is_transient
 
 ACTIVE = ("running", "paused", "ready", "cut_over", "rolled_back")
 
@@ -287,8 +288,9 @@ def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
             f"reads moved to {migration.to_name} {waited} ago; the grace period is {grace} "
             f"(rollback stays possible until then)"
         )
-    with conn.transaction():
-        old = migration.from_version
+    old = migration.from_version
+
+    def retire() -> Migration:
         conn.execute("UPDATE embedding_models SET state = 'retired', retired_at = now() WHERE version = %s", (old,))
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index_name(old)))
         conn.execute(sql.SQL("ALTER TABLE documents DROP COLUMN IF EXISTS {}, DROP COLUMN IF EXISTS {}").format(
@@ -296,6 +298,8 @@ def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
         conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (old,))
         db.install_vector_counters(conn)
         return _transition(conn, ("cut_over",), "finished", "migration_finished", {"retired": migration.from_name})
+
+    return db.run_ddl(conn, retire, what=f"retiring model {migration.from_name!r}")
 
 
 def index_name(version: int) -> sql.Identifier:
@@ -311,42 +315,104 @@ def hnsw_memory_bytes(rows: int, dim: int) -> int:
 INDEX_LOCK = 0x5E70  # advisory lock: one index build at a time across workers
 
 
-def build_index_when_covered(conn: psycopg.Connection, *, min_coverage_pct: float, m: int,
-                             ef_construction: int) -> str | None:
+@dataclass(frozen=True)
+class IndexPolicy:
+    """How HNSW indexes are built: graph settings, the coverage to wait for, memory cap, failures allowed."""
+
+    min_coverage_pct: float
+    m: int
+    ef_construction: int
+    max_memory_mb: int
+    max_failures: int
+
+    @classmethod
+    def from_settings(cls, settings) -> IndexPolicy:
+        return cls(min_coverage_pct=settings.index_min_coverage_pct, m=settings.hnsw_m,
+                   ef_construction=settings.hnsw_ef_construction,
+                   max_memory_mb=settings.index_max_maintenance_work_mem_mb,
+                   max_failures=settings.index_max_failures)
+
+
+@dataclass(frozen=True)
+class IndexFailures:
+    """Failed builds of one model's index: how many, and the last error."""
+
+    count: int
+    last_error: str | None
+
+    def stopped(self, policy: IndexPolicy) -> bool:
+        """Whether workers have given up building it (``segue migrate index`` still tries)."""
+        return self.count >= policy.max_failures
+
+    def describe(self, policy: IndexPolicy) -> str:
+        head = f"{self.count} failed build(s)"
+        if self.stopped(policy):
+            head += (f"; workers stopped trying after {policy.max_failures}"
+                     " (fix the cause, then run segue migrate index)")
+        return f"{head}; last error: {self.last_error}"
+
+
+def index_failures(conn: psycopg.Connection, version: int) -> IndexFailures:
+    """Failed HNSW builds of model ``version`` recorded in the changelog."""
+    count, last_error = conn.execute(
+        "SELECT count(*), (array_agg(error ORDER BY id DESC))[1] FROM migration_changelog"
+        " WHERE action = 'index_failed' AND model_version = %s",
+        (version,),
+    ).fetchone()
+    return IndexFailures(count, last_error)
+
+
+def index_status(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> str:
+    """One line on model ``version``'s HNSW index: built, building, waiting, or failing and why."""
+    name = index_name(version).as_string(conn)
+    valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
+    failures = index_failures(conn, version)
+    if valid is not None and valid[0]:
+        return f"{name} is built"
+    state = (f"{name} is being built (or was interrupted)" if valid is not None
+             else f"{name} waits for {policy.min_coverage_pct:g}% coverage")
+    return state if failures.count == 0 else f"{state}; {failures.describe(policy)}"
+
+
+def build_index_when_covered(conn: psycopg.Connection, policy: IndexPolicy) -> str | None:
     """Build the active migration's HNSW index once its coverage allows; what was done, if anything.
 
-    Workers call this periodically; the advisory lock keeps it to one builder at a time.
+    Workers call this periodically; the advisory lock keeps it to one builder at a time,
+    and they stop after ``policy.max_failures`` failed builds (each logged as ``index_failed``).
     """
     active = active_migration(conn)
     if active is None or active.state == "paused":
         return None
+    if index_failures(conn, active.to_version).stopped(policy):
+        return None
     if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK,)).fetchone()[0]:
         return None
     try:
-        built, message = _build_index_locked(conn, active.to_version, min_coverage_pct=min_coverage_pct, m=m,
-                                             ef_construction=ef_construction)
+        built, message = _build_index_locked(conn, active.to_version, policy)
         return message if built else None
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
 
 
-def build_index(conn: psycopg.Connection, version: int, *, min_coverage_pct: float, m: int,
-                ef_construction: int) -> tuple[bool, str]:
+def build_index(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> tuple[bool, str]:
     """CREATE INDEX CONCURRENTLY an HNSW index on a model's column once coverage allows.
 
     Waits for any other builder; runs outside a transaction (connections from ``db.connect``
-    autocommit). Returns (built, message).
+    autocommit). Tries even after workers gave up. Returns (built, message).
     """
     conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK,))
     try:
-        return _build_index_locked(conn, version, min_coverage_pct=min_coverage_pct, m=m,
-                                   ef_construction=ef_construction)
+        return _build_index_locked(conn, version, policy)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
 
 
-def _build_index_locked(conn: psycopg.Connection, version: int, *, min_coverage_pct: float, m: int,
-                        ef_construction: int) -> tuple[bool, str]:
+def index_memory_mb(rows: int, dim: int, policy: IndexPolicy) -> int:
+    """The maintenance_work_mem for a build: the estimate, at least 64 MB, at most the policy's cap."""
+    return min(max(64, -(-hnsw_memory_bytes(rows, dim) // 2**20)), policy.max_memory_mb)
+
+
+def _build_index_locked(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> tuple[bool, str]:
     spec = next((s for s in registry.live_models(conn) if s.version == version), None)
     if spec is None:
         raise MigrationError(f"model version {version} is not live")
@@ -357,22 +423,36 @@ def _build_index_locked(conn: psycopg.Connection, version: int, *, min_coverage_
     if valid is not None:  # left invalid by an interrupted concurrent build
         conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
     covered = coverage_pct(conn, version)
-    if covered < min_coverage_pct:
-        return False, f"coverage {covered:.2f}% < {min_coverage_pct:.2f}%: the index waits (it would be built on a moving target)"
+    if covered < policy.min_coverage_pct:
+        return False, (f"coverage {covered:.2f}% < {policy.min_coverage_pct:.2f}%: the index waits "
+                       "(it would be built on a moving target)")
     (rows,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
-    memory = hnsw_memory_bytes(rows, spec.dim)
-    memory_mb = max(64, -(-memory // 2**20))
+    memory_mb = index_memory_mb(rows, spec.dim, policy)
+    settings = {"m": policy.m, "ef_construction": policy.ef_construction, "maintenance_work_mem_mb": memory_mb,
+                "coverage_pct": round(covered, 3)}
     conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON documents USING hnsw ({} vector_cosine_ops)"
-            " WITH (m = {}, ef_construction = {})"
-        ).format(index_name(version), db.vector_column(version), sql.Literal(m), sql.Literal(ef_construction))
-    )
+    try:
+        conn.execute(
+            sql.SQL(
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON documents USING hnsw ({} vector_cosine_ops)"
+                " WITH (m = {}, ef_construction = {})"
+            ).format(index_name(version), db.vector_column(version), sql.Literal(policy.m),
+                     sql.Literal(policy.ef_construction))
+        )
+    except psycopg.Error as error:
+        if conn.broken or is_transient(error):  # the database, not the build, failed: not counted
+            raise
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
+        conn.execute(
+            "INSERT INTO migration_changelog (model_version, action, origin, error, detail)"
+            " VALUES (%s, 'index_failed', 'control', %s, %s)",
+            (version, f"{type(error).__name__}: {error}"[:4000], Jsonb(settings)),
+        )
+        raise MigrationError(f"building the HNSW index {name} failed: {error} ("
+                             f"{index_failures(conn, version).describe(policy)})") from error
     conn.execute(
         "INSERT INTO migration_changelog (model_version, action, origin, detail) VALUES (%s, 'index_built', 'control', %s)",
-        (version, Jsonb({"m": m, "ef_construction": ef_construction, "maintenance_work_mem_mb": memory_mb,
-                         "coverage_pct": round(covered, 3)})),
+        (version, Jsonb(settings)),
     )
-    return True, (f"HNSW index {name} (m={m}, ef_construction={ef_construction}) "
+    return True, (f"HNSW index {name} (m={policy.m}, ef_construction={policy.ef_construction}) "
                   f"built with maintenance_work_mem={memory_mb}MB for {rows} rows × {spec.dim}-d")

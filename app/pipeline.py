@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from app.engine import EmbeddingEngine, ModelSpec
-from app.isolation import process_isolating_poison
+from app.isolation import process_isolating_poison, retry_forever
 from app.settings import Settings
-from app.store import ChangelogRow, DocumentRow, Store, StoredDocument, VectorRow
+from app.store import ChangelogRow, DeleteRow, DocumentRow, Store, StoredDocument, VectorRow
 from schemas.events import (
     DeadLetterReason,
     DocumentChange,
@@ -54,9 +54,10 @@ class Envelope:
 
 
 class DeadLetterSink(Protocol):
-    """Publishes a record that cannot be processed, with the reason, to the dead-letter topic."""
+    """Publishes records that cannot be processed, with their reasons, to the dead-letter topic."""
 
-    async def send(self, envelope: Envelope, reason: DeadLetterReason, error: str) -> None: ...
+    async def send(self, letters: Sequence[DeadLetter]) -> None:
+        """Return once the broker acknowledged every letter; raise if any was not."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,17 @@ class _Processor:
         self.engine = engine
         self.dead_letters = dead_letters
 
+    async def _live_models(self) -> list[ModelSpec]:
+        """The live models, loaded and warm; retired ones are freed from the engine.
+
+        A model that cannot load raises :class:`~app.errors.ModelUnavailable`, which the
+        isolation retries (an outage of that model), never dead-letters.
+        """
+        models = await self.store.live_models()
+        await self.engine.unload(keep=[m.version for m in models])
+        await self.engine.ensure_loaded(models)
+        return models
+
     async def _isolate(self, items, process, on_poison) -> None:
         await process_isolating_poison(
             items,
@@ -104,7 +116,12 @@ class _Processor:
         )
 
     async def _dead_letter(self, letters: Sequence[DeadLetter], extra_rows: Sequence[ChangelogRow] = ()) -> None:
-        """Publish to the dead-letter topic, then record ``dead_lettered`` rows (and ``extra_rows``)."""
+        """Publish to the dead-letter topic, then record ``dead_lettered`` rows (and ``extra_rows``).
+
+        A broker that does not acknowledge is an outage: the send is retried until it does.
+        Each changelog row is recorded on its own if the batch of them fails, so one row
+        cannot lose the others.
+        """
         if not letters:
             return
         for letter in letters:
@@ -114,9 +131,10 @@ class _Processor:
                 letter.envelope.source.partition,
                 letter.envelope.source.offset,
                 letter.reason.value,
-                letter.error,
+                letter.error[:500],
             )
-            await self.dead_letters.send(letter.envelope, letter.reason, letter.error)
+        await retry_forever(lambda: self.dead_letters.send(letters), what=f"publishing {len(letters)} dead letters",
+                            backoff_s=max(self.settings.retry_backoff_s, 0.1))
         rows = list(extra_rows) + [
             ChangelogRow(
                 doc_id=letter.envelope.key_text(),
@@ -130,14 +148,15 @@ class _Processor:
             for letter in letters
         ]
 
-        async def record(batch: Sequence[list[ChangelogRow]]) -> None:
+        async def record(batch: Sequence[ChangelogRow]) -> None:
             async with self.store.transaction() as tx:
-                await tx.log([row for rows_ in batch for row in rows_])
+                await tx.log(batch)
 
-        async def unrecordable(rows_: list[ChangelogRow], error: BaseException) -> None:
-            log.error("could not record %d dead-letter changelog rows: %s", len(rows_), error)
+        async def unrecordable(row: ChangelogRow, error: BaseException) -> None:
+            log.error("could not record the changelog row of a dead letter (%s for %r): %s",
+                      row.action, row.doc_id, error)
 
-        await self._isolate([rows], record, unrecordable)
+        await self._isolate(rows, record, unrecordable)
 
 
 @dataclass(frozen=True)
@@ -163,6 +182,16 @@ def split_rounds(events: Sequence[ChangeEvent]) -> list[list[ChangeEvent]]:
         if event.change.version is None:
             tombstoned.add(doc_id)
     return [r for r in rounds if r]
+
+
+def highest_versions(events: Sequence[ChangeEvent]) -> dict[str, int]:
+    """The highest version each document carries in ``events`` (documents with none are absent)."""
+    highest: dict[str, int] = {}
+    for event in events:
+        version = event.change.version
+        if version is not None and version > highest.get(event.change.doc_id, -1):
+            highest[event.change.doc_id] = version
+    return highest
 
 
 def latest_per_document(events: Sequence[ChangeEvent]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
@@ -220,9 +249,9 @@ class ChangeProcessor(_Processor):
         )
 
     async def _apply(self, events: Sequence[ChangeEvent]) -> None:
-        models = await self.store.live_models()
-        await self.engine.ensure_loaded(models)
+        models = await self._live_models()
         winners, superseded = latest_per_document(events)
+        seen = highest_versions(events)
         stored = await self.store.fetch([e.change.doc_id for e in winners], models)
 
         upserts: list[tuple[ChangeEvent, bytes, list[ModelSpec]]] = []
@@ -262,7 +291,8 @@ class ChangeProcessor(_Processor):
         slots = _model_slots(models)
         async with self.store.transaction() as tx:
             applied = await tx.upsert_documents(rows, models)
-            deleted = await tx.delete_documents([(e.change.doc_id, e.change.version) for e in deletes])
+            deleted = await tx.delete_documents(
+                [DeleteRow(e.change.doc_id, e.change.version, seen.get(e.change.doc_id)) for e in deletes])
             changelog: list[ChangelogRow] = []
             for event, _, needed in upserts:
                 if event.change.doc_id not in applied:
@@ -326,7 +356,6 @@ class ReadMissProcessor(_Processor):
                 continue
             events.append(ReadMissEvent(envelope, miss, model))
         await self._dead_letter(invalid)
-        await self.engine.ensure_loaded(models.values())
         for model in models.values():
             mine = [e for e in events if e.model.version == model.version]
             if mine:
@@ -346,6 +375,7 @@ class ReadMissProcessor(_Processor):
 
     async def _apply(self, events: Sequence[ReadMissEvent]) -> None:
         model = events[0].model
+        await self.engine.ensure_loaded([model])
         stored = await self.store.fetch(sorted({e.miss.doc_id for e in events}), [model], with_body=True)
         unknown = [e for e in events if stored[e.miss.doc_id].version is None]
         await self._unknown_documents(unknown)

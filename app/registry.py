@@ -63,12 +63,16 @@ def get_model(conn: psycopg.Connection, name: str) -> RegisteredModel:
 
 
 def register_model(conn: psycopg.Connection, name: str, source: str, profile: ModelProfile | None = None) -> ModelSpec:
-    """Register ``source`` as ``name``: a new version, its columns and its counters.
+    """Register ``source`` as ``name``: a new version, its columns and its counters, in one transaction.
 
-    ``profile`` may be passed when the caller already inspected the model.
+    ``profile`` may be passed when the caller already inspected the model. Inside an
+    outer transaction the registration is part of it (and undone with it). The DDL waits
+    for its locks at most briefly at a time (:func:`app.db.run_ddl`), so writers never
+    queue behind it for long.
     """
     profile = profile or inspect_model(source)
-    with conn.transaction():
+
+    def register() -> ModelSpec:
         conn.execute("LOCK TABLE embedding_models IN EXCLUSIVE MODE")
         if conn.execute("SELECT 1 FROM embedding_models WHERE name = %s", (name,)).fetchone():
             raise RegistryError(f"a model named {name!r} is already registered")
@@ -91,4 +95,6 @@ def register_model(conn: psycopg.Connection, name: str, source: str, profile: Mo
             "INSERT INTO serving (read_model_version) VALUES (%s) ON CONFLICT (singleton) DO NOTHING", (version,)
         )
         db.install_vector_counters(conn)
-    return spec
+        return spec
+
+    return db.run_ddl(conn, register, what=f"registering model {name!r}")

@@ -7,6 +7,7 @@ lives under ``SEGUE_DATA_DIR``.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -46,7 +47,13 @@ class Settings(BaseSettings):
 
     sweeper_interval_s: float = Field(60.0, gt=0, description="how often a worker looks for lost re-embeds")
     sweeper_max_age_s: float = Field(600.0, ge=0, description="a vector stale or missing this long is re-enqueued")
+    sweeper_scan_rows: int = Field(50_000, ge=1, description="documents the sweeper scans per model and tick")
+    sweeper_retry_failed_after_s: float = Field(
+        86_400.0, ge=0, description="a document whose re-embed failed is not re-enqueued for this long")
     index_min_coverage_pct: float = Field(95.0, ge=0, le=100, description="HNSW index waits for this coverage")
+    index_max_maintenance_work_mem_mb: int = Field(
+        1024, ge=64, description="cap on maintenance_work_mem for an HNSW build (larger builds spill, slower)")
+    index_max_failures: int = Field(3, ge=1, description="failed HNSW builds after which workers stop trying")
     cutover_min_coverage_pct: float = Field(100.0, ge=0, le=100, description="cutover gate on coverage")
     hnsw_m: int = Field(16, ge=2)
     hnsw_ef_construction: int = Field(64, ge=4)
@@ -70,6 +77,15 @@ class Settings(BaseSettings):
     def faust_broker(self) -> str:
         """The broker URL in Faust's form."""
         return "kafka://" + self.kafka_bootstrap.replace(",", ";kafka://")
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:;\s]*):[^@/;\s]*@")
+_KEYWORD_PASSWORD = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """``url`` (or a libpq conninfo) with every password replaced by ``***``, fit to print or log."""
+    return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
 
 
 def load_settings() -> Settings:

@@ -9,7 +9,7 @@ crash are harmless. Callers group the writes of one batch in :meth:`Store.transa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +22,10 @@ from psycopg.types.json import Jsonb
 from app import db
 from app.engine import ModelSpec
 from app.settings import Settings
+from schemas.events import MAX_DOC_ID_CHARS
 
 SWEEPER_LOCK = 0x5E6F  # advisory lock: one sweeper at a time across workers
+MAX_CHANGELOG_TEXT_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,20 @@ class DocumentRow:
 
 
 @dataclass(frozen=True)
+class DeleteRow:
+    """A delete: ``version`` None (a tombstone) deletes whatever is stored.
+
+    ``seen`` is the highest version the batch carried for the document: the tombstone
+    recorded is the highest of it, the deleted row's version and any earlier tombstone,
+    so no upsert the batch already superseded can come back later.
+    """
+
+    doc_id: str
+    version: int | None
+    seen: int | None
+
+
+@dataclass(frozen=True)
 class VectorRow:
     """A re-embedded vector, valid only while the document still has ``content_sha256``."""
 
@@ -76,6 +92,20 @@ class ChangelogRow:
     event_id: str | None = None
     latency_ms: float | None = None
     error: str | None = None
+
+    def storable(self) -> list[Any]:
+        """The row's values as ``migration_changelog`` can always hold them.
+
+        Texts lose NUL characters and are cut (a doc_id to 512 characters, so it fits the
+        btree index whatever a bad key held): recording an outcome must never fail on data.
+        """
+        return [_text(self.doc_id, MAX_DOC_ID_CHARS), self.model_version, self.action, self.origin,
+                self.doc_version, _text(self.event_id, MAX_DOC_ID_CHARS), self.latency_ms,
+                _text(self.error, MAX_CHANGELOG_TEXT_CHARS)]
+
+
+def _text(value: str | None, limit: int) -> str | None:
+    return None if value is None else value.replace("\x00", "")[:limit]
 
 
 _CHANGELOG_COLUMNS = [
@@ -153,16 +183,17 @@ class StoreTransaction:
         )
         return applied
 
-    async def delete_documents(self, deletes: Sequence[tuple[str, int | None]]) -> dict[str, int]:
+    async def delete_documents(self, deletes: Sequence[DeleteRow]) -> dict[str, int]:
         """Delete documents older than the given versions (None = whatever is stored).
 
-        Records a tombstone at the delete's version so late, older upserts are superseded.
-        Returns {doc_id: deleted version} for the rows actually removed.
+        Records a tombstone at the highest version known for the document (see
+        :class:`DeleteRow`) so late, older upserts are superseded. Returns {doc_id: deleted
+        version} for the rows actually removed.
         """
         if not deletes:
             return {}
-        ids = [doc_id for doc_id, _ in deletes]
-        versions = [version for _, version in deletes]
+        ids = [d.doc_id for d in deletes]
+        versions = [d.version for d in deletes]
         async with self._conn.cursor() as cur:
             await cur.execute(
                 "DELETE FROM documents d USING unnest(%s::text[], %s::bigint[]) AS r(doc_id, version)"
@@ -172,9 +203,9 @@ class StoreTransaction:
             )
             deleted = dict(await cur.fetchall())
         tombstones = sorted(
-            (doc_id, version if version is not None else deleted[doc_id])
-            for doc_id, version in deletes
-            if version is not None or doc_id in deleted
+            (d.doc_id, max(known))
+            for d in deletes
+            if (known := [v for v in (d.version, d.seen, deleted.get(d.doc_id)) if v is not None])
         )
         if tombstones:
             await self._conn.execute(
@@ -219,11 +250,7 @@ class StoreTransaction:
     async def log(self, rows: Sequence[ChangelogRow]) -> None:
         """Append changelog rows (the activity counters follow by trigger)."""
         if rows:
-            await self._copy(
-                "migration_changelog",
-                _CHANGELOG_COLUMNS,
-                ([getattr(r, name) for name, _ in _CHANGELOG_COLUMNS] for r in rows),
-            )
+            await self._copy("migration_changelog", _CHANGELOG_COLUMNS, (r.storable() for r in rows))
 
 
 class Store:
@@ -285,37 +312,91 @@ class Store:
                 )
             return result
 
-    async def stragglers(self, *, max_age_s: float, limit: int) -> list[tuple[str, str]]:
-        """(doc_id, model name) pairs whose vector has been stale or missing for over ``max_age_s``.
+    async def sweep(
+        self,
+        publish: Callable[[ModelSpec, list[str]], Awaitable[None]],
+        *,
+        max_age_s: float,
+        scan_rows: int,
+        retry_failed_after_s: float,
+    ) -> dict[str, int]:
+        """One sweeper step: ``publish`` each live model's lost re-embeds in the next slice of the corpus.
 
-        Only documents that should already be current count: written while the model was
-        live, or behind its backfill watermark. One worker sweeps at a time (advisory lock).
+        Each model keeps a cursor in ``sweeper_progress`` and scans ``documents`` by primary
+        key, ``scan_rows`` a step, so every document is looked at once a pass whatever the
+        corpus size, and a new pass begins no sooner than ``max_age_s`` after the last one
+        did. A document is published when its vector has been stale or missing for over
+        ``max_age_s`` and it should be current: the model serves reads (readers need it
+        whole, e.g. a first model registered over an existing corpus), or the document was
+        written while the model was live, or it is behind the model's backfill watermark.
+        Documents whose re-embed failed within ``retry_failed_after_s`` are skipped. The
+        cursor moves only after ``publish`` returned, in one transaction with one sweeper
+        at a time (advisory lock). Returns {model name: documents published}.
         """
         conn = await self._connection()
-        found: list[tuple[str, str]] = []
+        published: dict[str, int] = {}
         async with conn.transaction():
             async with conn.cursor() as cur:
                 await cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (SWEEPER_LOCK,))
                 if not (await cur.fetchone())[0]:
-                    return []
+                    return published
                 for model in await self.live_models():
-                    await cur.execute(
-                        sql.SQL(
-                            "SELECT d.doc_id FROM documents d"
-                            " JOIN embedding_models m ON m.version = %(v)s"
-                            " LEFT JOIN backfill_progress b ON b.model_version = %(v)s"
-                            " WHERE d.{h} IS DISTINCT FROM d.content_sha256"
-                            " AND d.updated_at < now() - make_interval(secs => %(age)s)"
-                            " AND (d.updated_at >= m.created_at OR d.doc_id <= b.watermark"
-                            "      OR b.finished_at IS NOT NULL)"
-                            " ORDER BY d.updated_at LIMIT %(limit)s"
-                        ).format(h=db.sha_column(model.version)),
-                        {"v": model.version, "age": max_age_s, "limit": limit - len(found)},
-                    )
-                    found += [(doc_id, model.name) for (doc_id,) in await cur.fetchall()]
-                    if len(found) >= limit:
-                        break
-        return found
+                    doc_ids = await self._sweep_model(cur, model, max_age_s, scan_rows, retry_failed_after_s)
+                    if doc_ids:
+                        await publish(model, doc_ids)
+                        published[model.name] = len(doc_ids)
+        return published
+
+    async def _sweep_model(self, cur: psycopg.AsyncCursor, model: ModelSpec, max_age_s: float, scan_rows: int,
+                           retry_failed_after_s: float) -> list[str] | None:
+        await cur.execute(
+            "INSERT INTO sweeper_progress (model_version) VALUES (%s) ON CONFLICT (model_version) DO NOTHING",
+            (model.version,),
+        )
+        await cur.execute(
+            "SELECT cursor, passes > 0 AND cursor IS NULL AND pass_started_at > now() - make_interval(secs => %s)"
+            " FROM sweeper_progress WHERE model_version = %s FOR UPDATE",
+            (max_age_s, model.version),
+        )
+        after, resting = await cur.fetchone()
+        if resting:
+            return None
+        await cur.execute(
+            sql.SQL(
+                "WITH page AS (SELECT doc_id, updated_at, {h} IS DISTINCT FROM content_sha256 AS lacking"
+                "  FROM documents WHERE doc_id > %(after)s ORDER BY doc_id LIMIT %(scan)s)"
+                " SELECT (SELECT count(*) FROM page), (SELECT max(doc_id) FROM page),"
+                " array(SELECT p.doc_id FROM page p"
+                "  JOIN embedding_models m ON m.version = %(v)s"
+                "  LEFT JOIN serving s ON true"
+                "  LEFT JOIN backfill_progress b ON b.model_version = %(v)s"
+                "  WHERE p.lacking AND p.updated_at < now() - make_interval(secs => %(age)s)"
+                "  AND (s.read_model_version = m.version OR p.updated_at >= m.created_at"
+                "       OR p.doc_id <= b.watermark OR b.finished_at IS NOT NULL)"
+                "  AND NOT EXISTS (SELECT 1 FROM migration_changelog c WHERE c.doc_id = p.doc_id"
+                "       AND c.action IN ('failed', 'dead_lettered') AND c.model_version = %(v)s"
+                "       AND c.at > now() - make_interval(secs => %(quiet)s))"
+                "  ORDER BY p.doc_id)"
+            ).format(h=db.sha_column(model.version)),
+            {"after": after or "", "scan": scan_rows, "v": model.version, "age": max_age_s,
+             "quiet": retry_failed_after_s},
+        )
+        scanned, last, doc_ids = await cur.fetchone()
+        if scanned < scan_rows:  # the pass reached the end of the corpus
+            await cur.execute(
+                "UPDATE sweeper_progress SET cursor = NULL, passes = passes + 1, enqueued = enqueued + %s,"
+                " updated_at = now(), pass_started_at = CASE WHEN cursor IS NULL THEN now() ELSE pass_started_at END"
+                " WHERE model_version = %s",
+                (len(doc_ids), model.version),
+            )
+        else:
+            await cur.execute(
+                "UPDATE sweeper_progress SET cursor = %s, enqueued = enqueued + %s, updated_at = now(),"
+                " pass_started_at = CASE WHEN cursor IS NULL THEN now() ELSE pass_started_at END"
+                " WHERE model_version = %s",
+                (last, len(doc_ids), model.version),
+            )
+        return doc_ids
 
     async def close(self) -> None:
         """Close the connection."""

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="segue-bench-")))
     url = services.database_url(settings)
-    db.bootstrap(settings, url)
+    db.upgrade(settings, url)
     try:
         with db.connect(settings, url) as conn:
             for name, dim in (("old", 16), ("new", 32)):

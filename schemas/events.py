@@ -8,6 +8,7 @@ the worker decodes with :func:`decode_change` and :func:`decode_read_miss`, whic
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,12 +21,21 @@ import jsonschema
 import orjson
 
 
+MAX_DOC_ID_CHARS = 512  # documents.doc_id's CHECK; keeps every doc_id inside a btree index row
+MAX_VERSION = 2**63 - 1  # documents.version is a bigint
+DEAD_LETTER_MAX_BYTES = 900_000  # a dead letter (key + value) stays under Kafka's default 1 MB message limit
+DEAD_LETTER_KEY_MAX_BYTES = 4096
+DEAD_LETTER_ERROR_MAX_CHARS = 2000
+
+
 class DeadLetterReason(str, Enum):
     """Why an event went to the dead-letter topic (mirrors dead_letter.schema.json)."""
 
     BAD_JSON = "bad_json"
     SCHEMA_VIOLATION = "schema_violation"
     TEXT_TOO_LARGE = "text_too_large"
+    INVALID_KEY = "invalid_key"
+    KEY_MISMATCH = "key_mismatch"
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_DOCUMENT = "unknown_document"
     PROCESSING_FAILED = "processing_failed"
@@ -100,19 +110,60 @@ def _parse(name: str, value: bytes) -> dict[str, Any]:
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, f"{name} schema: {where}: {error.message}")
+    if "version" in obj and type(obj["version"]) is not int:  # JSON Schema counts 5.0 and 1e3 as integers
+        raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION,
+                           f"{name} schema: version: {obj['version']!r} is not an integer literal")
+    where = _nul_path(obj)
+    if where is not None:
+        raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION,
+                           f"{name}: {where or '(root)'} contains a NUL character, which PostgreSQL text cannot store")
     return obj
 
 
+def _nul_path(value: Any, path: str = "") -> str | None:
+    """The JSON path of the first string (or object key) holding U+0000, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}/{key}" if path else str(key)
+            if "\x00" in key:
+                return where
+            found = _nul_path(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}/{index}")
+            if found is not None:
+                return found
+    return None
+
+
+def _key_doc_id(key: bytes | None) -> str:
+    """The doc_id a record key names; raises ``invalid_key`` unless it could be a doc_id."""
+    if not key:
+        raise InvalidEvent(DeadLetterReason.INVALID_KEY, "the record has no key; records are keyed by doc_id")
+    try:
+        doc_id = key.decode()
+    except UnicodeDecodeError:
+        raise InvalidEvent(DeadLetterReason.INVALID_KEY, "the record key is not UTF-8") from None
+    if len(doc_id) > MAX_DOC_ID_CHARS:
+        raise InvalidEvent(DeadLetterReason.INVALID_KEY,
+                           f"the record key is {len(doc_id)} characters; a doc_id has at most {MAX_DOC_ID_CHARS}")
+    if "\x00" in doc_id:
+        raise InvalidEvent(DeadLetterReason.INVALID_KEY, "the record key contains a NUL character")
+    return doc_id
+
+
 def decode_change(key: bytes | None, value: bytes | None, *, max_text_bytes: int) -> DocumentChange:
-    """Decode a document-changes record; a null value is a tombstone for ``key``."""
+    """Decode a document-changes record; a null value is a tombstone for ``key``.
+
+    The record key must be the document's ``doc_id`` (UTF-8): per-document ordering
+    rests on it, so a record keyed otherwise is dead-lettered as ``key_mismatch``.
+    """
     if value is None:
-        if not key:
-            raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, "tombstone without a key")
-        try:
-            doc_id = key.decode()
-        except UnicodeDecodeError:
-            raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, "tombstone key is not UTF-8") from None
-        return DocumentChange(doc_id=doc_id, op="delete", version=None)
+        return DocumentChange(doc_id=_key_doc_id(key), op="delete", version=None)
     obj = _parse("document_change", value)
     text = obj.get("text")
     if text is not None and len(text.encode()) > max_text_bytes:
@@ -120,6 +171,11 @@ def decode_change(key: bytes | None, value: bytes | None, *, max_text_bytes: int
             DeadLetterReason.TEXT_TOO_LARGE,
             f"text is {len(text.encode())} bytes, over the limit of {max_text_bytes}",
         )
+    if key != obj["doc_id"].encode():
+        shown = "none" if key is None else repr(key[:80].decode(errors="replace"))
+        raise InvalidEvent(DeadLetterReason.KEY_MISMATCH,
+                           f"the record key ({shown}) is not the doc_id {obj['doc_id'][:80]!r}: "
+                           "document changes must be keyed by doc_id to keep their order")
     return DocumentChange(
         doc_id=obj["doc_id"],
         op=obj.get("op", "upsert"),
@@ -146,29 +202,47 @@ def read_miss_value(doc_id: str, model: str, event_id: str | None = None) -> byt
     return orjson.dumps(value)
 
 
+def _bytes_field(name: str, raw: bytes | None, keep: int) -> dict[str, Any]:
+    """``raw`` as JSON fields: text (UTF-8, else base64), its encoding, length and sha256; cut to ``keep`` bytes."""
+    if raw is None:
+        return {name: None, f"{name}_encoding": "utf-8"}
+    kept = raw[:keep]
+    try:
+        text, encoding = kept.decode(), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(kept).decode(), "base64"
+    return {name: text, f"{name}_encoding": encoding, f"{name}_bytes": len(raw),
+            f"{name}_sha256": hashlib.sha256(raw).hexdigest(), f"{name}_truncated": len(kept) < len(raw)}
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The Kafka key of a dead letter: the original key, cut to what a dead letter keeps."""
+    return None if key is None else key[:DEAD_LETTER_KEY_MAX_BYTES]
+
+
 def encode_dead_letter(
     *, reason: DeadLetterReason, error: str, source: SourcePosition, key: bytes | None, payload: bytes | None
 ) -> bytes:
-    """Build a dead-letter record value (dead_letter.schema.json) keeping the original payload."""
+    """Build a dead-letter record value (dead_letter.schema.json) keeping the original payload.
 
-    def text(raw: bytes | None) -> tuple[str | None, str]:
-        if raw is None:
-            return None, "utf-8"
-        try:
-            return raw.decode(), "utf-8"
-        except UnicodeDecodeError:
-            return base64.b64encode(raw).decode(), "base64"
-
-    payload_text, encoding = text(payload)
-    key_text, _ = text(key)
-    return orjson.dumps(
-        {
-            "reason": reason.value,
-            "error": error,
-            "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
-            "key": key_text,
-            "payload": payload_text,
-            "payload_encoding": encoding,
-            "failed_at": datetime.now(timezone.utc).isoformat(),
-        }
-    )
+    The record always fits a Kafka message: with its key it stays under
+    ``DEAD_LETTER_MAX_BYTES``. A payload that would not fit is kept as a base64 prefix
+    with ``payload_truncated`` set; ``payload_bytes`` and ``payload_sha256`` describe
+    the whole original either way.
+    """
+    letter = {
+        "reason": reason.value,
+        "error": error[:DEAD_LETTER_ERROR_MAX_CHARS],
+        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
+        **_bytes_field("key", key, DEAD_LETTER_KEY_MAX_BYTES),
+        **_bytes_field("payload", payload, len(payload or b"")),
+        "failed_at": datetime.now(timezone.utc).isoformat(),
+    }
+    budget = DEAD_LETTER_MAX_BYTES - len(dead_letter_key(key) or b"")
+    encoded = orjson.dumps(letter)
+    if len(encoded) <= budget:
+        return encoded
+    letter.update(payload="", payload_encoding="base64", payload_truncated=True)
+    room = budget - len(orjson.dumps(letter))  # base64 needs no JSON escaping: 4 characters per 3 bytes
+    letter["payload"] = base64.b64encode(payload[: max(room, 0) // 4 * 3]).decode()
+    return orjson.dumps(letter)

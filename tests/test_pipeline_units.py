@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 
+import jsonschema
 import psycopg
 import pytest
 
-from app.isolation import process_isolating_poison
-from app.pipeline import ChangeEvent, Envelope, latest_per_document, split_rounds
-from schemas.events import DeadLetterReason, InvalidEvent, SourcePosition, decode_change, decode_read_miss
+from app.errors import EngineStopped, ModelUnavailable
+from app.isolation import is_transient, process_isolating_poison
+from app.pipeline import ChangeEvent, Envelope, highest_versions, latest_per_document, split_rounds
+from schemas.events import (
+    DEAD_LETTER_MAX_BYTES,
+    DeadLetterReason,
+    InvalidEvent,
+    SourcePosition,
+    dead_letter_key,
+    decode_change,
+    decode_read_miss,
+    encode_dead_letter,
+    load_schema,
+)
 
 
 def event(doc_id: str, version: int | None, offset: int) -> ChangeEvent:
@@ -67,6 +81,8 @@ def test_events_after_a_tombstone_go_to_a_later_round():
     assert [[e.envelope.source.offset for e in r] for r in rounds] == [[0, 1, 2], [3, 4]]
     winners, _ = latest_per_document(rounds[0])
     assert {e.change.doc_id: e.change.version for e in winners} == {"a": None, "b": 1}
+    # The tombstone of "a" is recorded at the highest version its round carried.
+    assert highest_versions(rounds[0]) == {"a": 1, "b": 1}
 
 
 def run_isolated(items, process, attempts=3):
@@ -101,3 +117,110 @@ def test_connection_errors_are_retried_not_dead_lettered():
 
     assert run_isolated([1, 2, 3], process, attempts=2) == []
     assert calls == [[1, 2, 3]] * 6
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason", "fragment"),
+    [
+        (b"a", b'{"doc_id": "a", "text": "x", "version": 5.0}', DeadLetterReason.SCHEMA_VIOLATION, "integer literal"),
+        (b"a", b'{"doc_id": "a", "text": "x", "version": 1e3}', DeadLetterReason.SCHEMA_VIOLATION, "integer literal"),
+        (b"a", b'{"doc_id": "a", "text": "x", "version": 18446744073709551615}', DeadLetterReason.SCHEMA_VIOLATION,
+         "version"),
+        (b"a", b'{"doc_id": "a", "text": "x", "version": 9223372036854775808}', DeadLetterReason.SCHEMA_VIOLATION,
+         "version"),
+        (b"a", b'{"doc_id": "a", "text": "nul \\u0000 here", "version": 1}', DeadLetterReason.SCHEMA_VIOLATION,
+         "text contains a NUL"),
+        (b"a", b'{"doc_id": "a", "text": "x", "version": 1, "metadata": {"k": ["ok", "\\u0000"]}}',
+         DeadLetterReason.SCHEMA_VIOLATION, "metadata/k/1 contains a NUL"),
+        (b"a", b'{"doc_id": "a", "text": "x", "version": 1, "metadata": {"\\u0000": 1}}',
+         DeadLetterReason.SCHEMA_VIOLATION, "contains a NUL"),
+        (b"a", b'{"doc_id": "a", "text": "lone \\ud800 surrogate", "version": 1}', DeadLetterReason.BAD_JSON,
+         "surrogate"),
+        (b"b", b'{"doc_id": "a", "text": "x", "version": 1}', DeadLetterReason.KEY_MISMATCH, "not the doc_id 'a'"),
+        (None, b'{"doc_id": "a", "text": "x", "version": 1}', DeadLetterReason.KEY_MISMATCH, "key (none)"),
+        (None, None, DeadLetterReason.INVALID_KEY, "no key"),
+        (b"", None, DeadLetterReason.INVALID_KEY, "no key"),
+        (b"\xff\xfe", None, DeadLetterReason.INVALID_KEY, "not UTF-8"),
+        (b"k" * 513, None, DeadLetterReason.INVALID_KEY, "513 characters"),
+        (b"a\x00b", None, DeadLetterReason.INVALID_KEY, "NUL"),
+    ],
+)
+def test_decode_change_rejects_what_postgres_or_ordering_cannot_take(key, value, reason, fragment):
+    with pytest.raises(InvalidEvent) as raised:
+        decode_change(key, value, max_text_bytes=100)
+    assert raised.value.reason is reason and fragment in str(raised.value)
+
+
+def test_the_largest_version_and_doc_id_are_accepted():
+    change = decode_change(b"d" * 512, b'{"doc_id": "' + b"d" * 512 + b'", "text": "x", "version": 9223372036854775807}',
+                           max_text_bytes=100)
+    assert change.version == 2**63 - 1 and len(change.doc_id) == 512
+
+
+def _dead_letter(key: bytes | None, payload: bytes | None, error: str = "boom") -> tuple[bytes, dict]:
+    import orjson
+
+    encoded = encode_dead_letter(reason=DeadLetterReason.BAD_JSON, error=error,
+                                 source=SourcePosition("document-changes", 1, 42), key=key, payload=payload)
+    letter = orjson.loads(encoded)
+    jsonschema.validate(letter, load_schema("dead_letter"), format_checker=jsonschema.FormatChecker())
+    return encoded, letter
+
+
+def test_a_dead_letter_keeps_a_small_payload_whole():
+    _, letter = _dead_letter(b"doc-1", b'{"doc_id": "doc-1", "text": ')
+    assert letter["payload"] == '{"doc_id": "doc-1", "text": ' and letter["payload_truncated"] is False
+    assert letter["payload_bytes"] == 28 and letter["key"] == "doc-1" and letter["key_truncated"] is False
+    _, binary = _dead_letter(b"doc-1", b"\xff\xfe\x00")
+    assert binary["payload_encoding"] == "base64" and base64.b64decode(binary["payload"]) == b"\xff\xfe\x00"
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x01" * 950_000,  # control characters: JSON escapes each as \u0001, six bytes
+    b'"' * 950_000,  # quotes: escaped again inside the dead letter
+    bytes(range(256)) * 3_700,  # not UTF-8: base64 grows it by a third
+])
+def test_a_dead_letter_always_fits_a_kafka_message(payload):
+    key = b"k" * 10_000
+    encoded, letter = _dead_letter(key, payload, error="e" * 1_000_000)
+    assert len(encoded) + len(dead_letter_key(key)) <= DEAD_LETTER_MAX_BYTES
+    assert letter["payload_truncated"] is True and letter["payload_encoding"] == "base64"
+    kept = base64.b64decode(letter["payload"])
+    assert len(kept) > 500_000 and payload.startswith(kept)
+    assert letter["payload_bytes"] == len(payload)
+    assert letter["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert letter["key_truncated"] is True and letter["key_bytes"] == 10_000 and len(letter["key"]) == 4096
+    assert len(letter["error"]) == 2000
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    (psycopg.OperationalError("connection refused"), True),  # no SQLSTATE: the server never answered
+    (psycopg.InterfaceError("the connection is lost"), True),
+    (psycopg.errors.AdminShutdown(), True),
+    (psycopg.errors.QueryCanceled(), True),
+    (psycopg.errors.SerializationFailure(), True),
+    (psycopg.errors.DeadlockDetected(), True),
+    (psycopg.errors.TooManyConnections(), True),
+    (psycopg.errors.LockNotAvailable(), True),
+    (psycopg.errors.ProgramLimitExceeded(), False),  # 54000, e.g. an index row too large: the data's fault
+    (psycopg.errors.CheckViolation(), False),
+    (psycopg.errors.CharacterNotInRepertoire(), False),
+    (psycopg.errors.UndefinedColumn(), False),
+    (ModelUnavailable("source folder missing"), True),
+    (EngineStopped("closed"), True),
+    (ValueError("bad text"), False),
+])
+def test_only_infrastructure_errors_are_transient(error, transient):
+    assert is_transient(error) is transient
+
+
+def test_a_model_that_cannot_load_is_retried_not_isolated():
+    calls = []
+
+    async def process(batch):
+        calls.append(list(batch))
+        if len(calls) <= 4:
+            raise ModelUnavailable("model 'x' (v2) cannot be loaded from /gone: FileNotFoundError")
+
+    assert run_isolated([1, 2, 3], process, attempts=2) == []
+    assert calls == [[1, 2, 3]] * 5
