@@ -36,21 +36,14 @@ def _configure_logging(settings: Settings) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG)
 
 
-def _database(settings: Settings) -> str:
-    """The database URL (services started when embedded), its schema upgraded for commands that write."""
+def _database(settings: Settings, *, read_only: bool = False) -> str:
+    """The database URL (services started when embedded), its schema upgraded for commands that write.
+
+    ``read_only`` commands run no DDL: a database whose schema is behind is an error for them.
+    """
     url = services.database_url(settings)
     try:
-        db.upgrade(settings, url)
-    except db.SchemaError as error:
-        raise click.ClickException(str(error)) from None
-    return url
-
-
-def _database_to_read(settings: Settings) -> str:
-    """The database URL for commands that only read: no DDL; an outdated schema is an error."""
-    url = services.database_url(settings)
-    try:
-        db.require_schema(settings, url)
+        (db.require_schema if read_only else db.upgrade)(settings, url)
     except db.SchemaError as error:
         raise click.ClickException(str(error)) from None
     return url
@@ -124,7 +117,7 @@ def models_add(settings: Settings, name: str, source: str) -> None:
 @click.pass_obj
 def models_list(settings: Settings) -> None:
     """List registered models."""
-    with db.connect(settings, _database_to_read(settings)) as conn:
+    with db.connect(settings, _database(settings, read_only=True)) as conn:
         rows = registry.list_models(conn)
     table = Table(title="embedding_models")
     for header in ("v", "name", "kind", "dim", "pooling", "max tokens", "state", "reads", "fingerprint", "source"):
@@ -142,7 +135,7 @@ def status(settings: Settings) -> None:
     """Print migration_progress."""
     from app.progress import dead_letter_count, fetch_progress, origin_table, progress_table
 
-    with db.connect(settings, _database_to_read(settings)) as conn:
+    with db.connect(settings, _database(settings, read_only=True)) as conn:
         console.print(progress_table(fetch_progress(conn)))
         console.print(origin_table(conn))
         console.print(f"dead letters in the last 24 h: {dead_letter_count(conn)}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 

@@ -284,6 +284,7 @@ class ChangeProcessor(_Processor):
                 version=event.change.version,
                 content_sha256=sha,
                 metadata=event.change.metadata,
+                source=event.envelope.source,
                 vectors={m.version: vectors[(event.change.doc_id, m.version)] for m in needed},
             )
             for event, sha, needed in upserts
@@ -292,7 +293,8 @@ class ChangeProcessor(_Processor):
         async with self.store.transaction() as tx:
             applied = await tx.upsert_documents(rows, models)
             deleted = await tx.delete_documents(
-                [DeleteRow(e.change.doc_id, e.change.version, seen.get(e.change.doc_id)) for e in deletes])
+                [DeleteRow(e.change.doc_id, e.change.version, seen.get(e.change.doc_id), e.envelope.source)
+                 for e in deletes])
             changelog: list[ChangelogRow] = []
             for event, _, needed in upserts:
                 if event.change.doc_id not in applied:

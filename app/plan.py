@@ -12,6 +12,7 @@ from app.corpus import scifact_documents
 from app.engine import EmbeddingEngine, ModelSpec
 
 HASH_BYTES = 32 + 4  # sha256 in a bytea (with its varlena header)
+HNSW_MAX_DIMS = 2000  # pgvector's HNSW index on the vector type
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class MigrationPlan:
             f"estimated cost: ${self.cost_usd:,.2f} at ${self.gpu_hour_usd:g}/GPU-hour",
             f"extra storage: {self.storage_bytes / 2**20:,.1f} MiB (4·{self.dim}+8 bytes a vector + {HASH_BYTES} for its hash)",
             f"HNSW build memory: {self.hnsw_memory_bytes / 2**20:,.1f} MiB (set maintenance_work_mem at least this)",
-        ]
+        ] + ([f"warning: pgvector's HNSW index takes at most {HNSW_MAX_DIMS:,} dimensions; {self.dim}-d vectors "
+              "will be searched without an index"] if self.dim > HNSW_MAX_DIMS else [])
 
 
 def sample_texts(conn: psycopg.Connection, size: int) -> list[str]:

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _hnsw_graph_is_buildable(self) -> Settings:
+        if self.hnsw_ef_construction < 2 * self.hnsw_m:
+            raise ValueError(f"SEGUE_HNSW_EF_CONSTRUCTION ({self.hnsw_ef_construction}) must be at least twice "
+                             f"SEGUE_HNSW_M ({self.hnsw_m}), as pgvector requires")
+        return self
 
     @cached_property
     def kafka_bootstrap(self) -> str:

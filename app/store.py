@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from app import db
 from app.engine import ModelSpec
 from app.settings import Settings
-from schemas.events import MAX_DOC_ID_CHARS
+from schemas.events import MAX_DOC_ID_CHARS, SourcePosition
 
 SWEEPER_LOCK = 0x5E6F  # advisory lock: one sweeper at a time across workers
 MAX_CHANGELOG_TEXT_CHARS = 4000
@@ -54,21 +54,25 @@ class DocumentRow:
     version: int
     content_sha256: bytes
     metadata: dict[str, Any]
+    source: SourcePosition
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DeleteRow:
-    """A delete: ``version`` None (a tombstone) deletes whatever is stored.
+    """A delete: ``version`` None (a Kafka tombstone) deletes whatever is stored before it.
 
-    ``seen`` is the highest version the batch carried for the document: the tombstone
-    recorded is the highest of it, the deleted row's version and any earlier tombstone,
-    so no upsert the batch already superseded can come back later.
+    A tombstone has no version, so its place in the partition orders it: it deletes the
+    stored row unless a later record of the same partition wrote that row (a replay after
+    a crash must not delete what came after it). ``seen`` is the highest version the batch
+    carried for the document: the tombstone recorded is the highest of it, the deleted
+    row's version and any earlier tombstone, so no superseded upsert can come back later.
     """
 
     doc_id: str
     version: int | None
     seen: int | None
+    source: SourcePosition
 
 
 @dataclass(frozen=True)
@@ -144,12 +148,14 @@ class StoreTransaction:
             return set()
         await self._conn.execute("CREATE TEMP TABLE segue_stage (LIKE documents INCLUDING DEFAULTS) ON COMMIT DROP")
         columns = [("doc_id", "text"), ("body", "text"), ("version", "int8"), ("content_sha256", "bytea"),
-                   ("metadata", "jsonb")]
+                   ("metadata", "jsonb"), ("source_topic", "text"), ("source_partition", "int4"),
+                   ("source_offset", "int8")]
         for m in models:
             columns += [(f"embedding_v{m.version}", "vector"), (f"embedding_v{m.version}_sha256", "bytea")]
 
         def staged(row: DocumentRow) -> list[Any]:
-            values: list[Any] = [row.doc_id, row.body, row.version, row.content_sha256, Jsonb(row.metadata)]
+            values: list[Any] = [row.doc_id, row.body, row.version, row.content_sha256, Jsonb(row.metadata),
+                                 row.source.topic, row.source.partition, row.source.offset]
             for m in models:
                 embedded = m.version in row.vectors
                 values += [row.vectors[m.version] if embedded else None, row.content_sha256 if embedded else None]
@@ -168,7 +174,9 @@ class StoreTransaction:
             " LEFT JOIN document_tombstones t ON t.doc_id = s.doc_id"
             " WHERE t.version IS NULL OR s.version > t.version ORDER BY s.doc_id"
             " ON CONFLICT (doc_id) DO UPDATE SET body = excluded.body, version = excluded.version,"
-            " content_sha256 = excluded.content_sha256, metadata = excluded.metadata, updated_at = now()"
+            " content_sha256 = excluded.content_sha256, metadata = excluded.metadata, updated_at = now(),"
+            " source_topic = excluded.source_topic, source_partition = excluded.source_partition,"
+            " source_offset = excluded.source_offset"
             "{keep} WHERE d.version < excluded.version RETURNING d.doc_id"
         ).format(
             names=sql.SQL(", ").join(names),
@@ -192,20 +200,27 @@ class StoreTransaction:
         """
         if not deletes:
             return {}
-        ids = [d.doc_id for d in deletes]
-        versions = [d.version for d in deletes]
         async with self._conn.cursor() as cur:
             await cur.execute(
-                "DELETE FROM documents d USING unnest(%s::text[], %s::bigint[]) AS r(doc_id, version)"
-                " WHERE d.doc_id = r.doc_id AND (r.version IS NULL OR d.version < r.version)"
+                "DELETE FROM documents d"
+                " USING unnest(%s::text[], %s::bigint[], %s::text[], %s::int[], %s::bigint[])"
+                "   AS r(doc_id, version, topic, part, pos)"
+                " WHERE d.doc_id = r.doc_id AND CASE WHEN r.version IS NOT NULL THEN d.version < r.version"
+                "   ELSE NOT coalesce(d.source_topic = r.topic AND d.source_partition = r.part"
+                "                     AND d.source_offset > r.pos, false) END"
                 " RETURNING d.doc_id, d.version",
-                (ids, versions),
+                ([d.doc_id for d in deletes], [d.version for d in deletes], [d.source.topic for d in deletes],
+                 [d.source.partition for d in deletes], [d.source.offset for d in deletes]),
             )
             deleted = dict(await cur.fetchall())
+            kept = [d.doc_id for d in deletes if d.doc_id not in deleted]
+            await cur.execute("SELECT doc_id FROM documents WHERE doc_id = ANY(%s)", (kept,))
+            newer = {doc_id for (doc_id,) in await cur.fetchall()}  # stored rows the delete must not touch
         tombstones = sorted(
             (d.doc_id, max(known))
             for d in deletes
-            if (known := [v for v in (d.version, d.seen, deleted.get(d.doc_id)) if v is not None])
+            if d.doc_id not in newer
+            and (known := [v for v in (d.version, d.seen, deleted.get(d.doc_id)) if v is not None])
         )
         if tombstones:
             await self._conn.execute(

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from app import db, services
-from app.engine import ModelSpec
 from app.modelkit import ModelProfile
 from app.registry import register_model
 from app.settings import Settings

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from app import db, services
@@ -55,23 +54,38 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: f
         time.sleep(interval)
 
 
+def run_segue(*args: str, env: dict[str, str], check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the installed ``segue`` command; with ``check``, fail the test unless it exits 0."""
+    done = subprocess.run([SEGUE, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, f"segue {' '.join(args)} exited {done.returncode}:\n{done.stderr}"
+    return done
+
+
+def harness_env(data_dir: Path) -> dict[str, str]:
+    """The environment of the CLI and workers a harness runs: this one's, with test-sized SEGUE_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGUE_")}
+    env.update(
+        SEGUE_DATA_DIR=str(data_dir),
+        SEGUE_EMBEDDED_KAFKA_PORT=str(free_port()),
+        SEGUE_TOPIC_PARTITIONS="2",
+        SEGUE_BATCH_SIZE="32",
+        SEGUE_BATCH_TIMEOUT_S="0.2",
+        SEGUE_MAX_TEXT_BYTES="4000",
+        SEGUE_RETRY_BACKOFF_S="0.05",
+        SEGUE_GROUP_ID="segue-tests",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
 class Harness:
     """One test session's embedded services and worker processes."""
 
-    def __init__(self, data_dir: Path):
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SEGUE_")}
-        self.env.update(
-            SEGUE_DATA_DIR=str(data_dir),
-            SEGUE_EMBEDDED_KAFKA_PORT=str(free_port()),
-            SEGUE_TOPIC_PARTITIONS="2",
-            SEGUE_BATCH_SIZE="32",
-            SEGUE_BATCH_TIMEOUT_S="0.2",
-            SEGUE_MAX_TEXT_BYTES="4000",
-            SEGUE_RETRY_BACKOFF_S="0.05",
-            SEGUE_GROUP_ID="segue-tests",
-            HF_HUB_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false",
-        )
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None):
+        """Start (or attach to) the embedded services of ``env`` (default: :func:`harness_env` of ``data_dir``)."""
+        self.env = env or harness_env(data_dir)
         self.settings = Settings(**{
             "data_dir": data_dir,
             "embedded_kafka_port": int(self.env["SEGUE_EMBEDDED_KAFKA_PORT"]),
@@ -166,12 +180,8 @@ class Harness:
     # -- the CLI and workers ----------------------------------------------------------------
     def segue(self, *args: str, env: dict[str, str] | None = None, check: bool = True,
               timeout: float = 180) -> subprocess.CompletedProcess:
-        """Run the installed ``segue`` command; with ``check``, fail the test unless it exits 0."""
-        done = subprocess.run([SEGUE, *args], env=env or self.env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-        if check:
-            assert done.returncode == 0, f"segue {' '.join(args)} exited {done.returncode}:\n{done.stderr}"
-        return done
+        """Run the installed ``segue`` command with this harness's environment (or ``env``)."""
+        return run_segue(*args, env=env or self.env, check=check, timeout=timeout)
 
     def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")

@@ -29,7 +29,7 @@ class Expected:
     body: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Ledger:
     """The changes published for a set of documents, and the state they must lead to."""
 

@@ -34,6 +34,26 @@ def tiny_static(cache_dir: Path) -> Path:
     return distill_static(str(source), Path(cache_dir) / "tiny-static", dims=TINY_STATIC_DIM)
 
 
+def tiny_static_wide(cache_dir: Path, dims: int = 2001) -> Path:
+    """A model2vec static model wider than pgvector's HNSW limit (2,000 dims), as 3,072-d API models are.
+
+    Its vocabulary is the words of a small fixed list plus [UNK]; its vectors are seeded random.
+    """
+    target = Path(cache_dir) / f"tiny-static-{dims}"
+    if not (target / "model.safetensors").is_file():
+        import numpy as np
+        from model2vec import StaticModel
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        words = ["[UNK]"] + sorted(set("abstract proteins fold and cells divide document text written version "
+                                       "of the a to in at with model change read miss backfill".split()))
+        tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        vectors = np.random.default_rng(0).standard_normal((len(words), dims)).astype(np.float32)
+        StaticModel(vectors, tokenizer, normalize=True).save_pretrained(target)
+    return target
+
+
 def _cached(target: Path, build) -> Path:
     if not (target / "modules.json").is_file():
         build(target)

@@ -54,3 +54,15 @@ def test_settings_reject_bad_values(monkeypatch, bad):
 def test_gpu_override_reserves_one_gpu_per_worker():
     devices = load("docker-compose.gpu.yml")["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_settings_refuse_an_hnsw_graph_pgvector_cannot_build(monkeypatch):
+    monkeypatch.setenv("SEGUE_HNSW_M", "16")
+    monkeypatch.setenv("SEGUE_HNSW_EF_CONSTRUCTION", "24")
+    with pytest.raises(ValueError, match="at least twice SEGUE_HNSW_M"):
+        Settings()
+
+
+def test_compose_postgres_has_room_for_parallel_index_builds():
+    postgres = load("docker-compose.yml")["services"]["postgres"]
+    assert postgres["shm_size"] == "1g"  # parallel HNSW builds use /dev/shm; Docker's default is 64 MB

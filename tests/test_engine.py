@@ -301,13 +301,17 @@ def test_a_model_that_cannot_load_is_unavailable_not_bad_input(engine, tiny_a, t
         asyncio.run(engine.embed(spec, ["text"], priority=1))
 
 
-def test_retired_models_are_unloaded(engine, tiny_a, static_dir):
+def test_retired_models_are_unloaded(tiny_a, static_dir):
+    engine = EmbeddingEngine(device="cpu")
     old, new = spec_for(static_dir, "old"), spec_for(tiny_a, "new")
-    asyncio.run(engine.ensure_loaded([old, new]))
-    assert asyncio.run(engine.unload(keep=[new.version])) == {old.version}
-    assert old.version not in engine.loaded() and new.version in engine.loaded()
-    # A version above the caller's newest may have been registered since: it is kept.
-    newer = spec_for(tiny_a, "newer")
-    asyncio.run(engine.ensure_loaded([newer]))
-    assert asyncio.run(engine.unload(keep=[new.version])) == set()
-    assert newer.version in engine.loaded()
+    try:
+        asyncio.run(engine.ensure_loaded([old, new]))
+        assert asyncio.run(engine.unload(keep=[new.version])) == {old.version}
+        assert engine.loaded() == {new.version}
+        # A version above the caller's newest may have been registered since: it is kept.
+        newer = spec_for(tiny_a, "newer")
+        asyncio.run(engine.ensure_loaded([newer]))
+        assert asyncio.run(engine.unload(keep=[new.version])) == set()
+        assert engine.loaded() == {new.version, newer.version}
+    finally:
+        engine.close()

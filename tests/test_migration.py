@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -24,7 +23,7 @@ from app.plan import plan
 from app.modelkit import minilm_path
 from schemas.events import read_miss_value
 from tests import modelfactory
-from tests.harness import ROOT, Harness, change, wait_for
+from tests.harness import ROOT, SEGUE, Harness, change, wait_for
 
 ALPHA, BETA = "alpha", "beta"
 CORPUS = 240
@@ -61,6 +60,22 @@ def coverage(h, version: int) -> float:
         return migration.coverage_pct(conn, version)
 
 
+def registry_and_columns(h) -> tuple[list[str], set[str]]:
+    models = [name for (name,) in h.sql("SELECT name FROM embedding_models ORDER BY version")]
+    columns = {c for (c,) in h.sql("SELECT column_name FROM information_schema.columns WHERE table_name = 'documents'")}
+    return models, columns
+
+
+def test_a_failed_migrate_start_leaves_no_model_registered(mh, model_cache):
+    before = registry_and_columns(mh)
+    failed = mh.segue("migrate", "start", "--to", "gamma-b", "--from", "no-such-model",
+                      "--source", str(modelfactory.tiny_transformer_b(model_cache)), check=False)
+    assert failed.returncode == 1 and "no model named 'no-such-model'" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert registry_and_columns(mh) == before  # the registration was undone with the failed start
+    assert mh.scalar("SELECT count(*) FROM migrations") == 0
+
+
 def test_start_records_a_migration_and_allows_only_one(mh, model_cache):
     with conn_of(mh) as conn:
         registry.register_model(conn, BETA, str(modelfactory.tiny_transformer_a(model_cache)))
@@ -78,6 +93,14 @@ def test_start_records_a_migration_and_allows_only_one(mh, model_cache):
     assert coverage(mh, beta(mh).version) < 5
 
 
+def test_a_second_migrate_start_is_refused_before_registering(mh, model_cache):
+    before = registry_and_columns(mh)
+    refused = mh.segue("migrate", "start", "--to", "gamma-b", "--source",
+                       str(modelfactory.tiny_transformer_b(model_cache)), check=False)
+    assert refused.returncode == 1 and "one migration at a time" in refused.stderr
+    assert registry_and_columns(mh) == before
+
+
 def test_plan_measures_throughput_and_estimates_cost(mh):
     spec = beta(mh)
     engine = EmbeddingEngine(device="cpu")
@@ -92,9 +115,7 @@ def test_plan_measures_throughput_and_estimates_cost(mh):
     assert estimate.cost_usd == pytest.approx(estimate.seconds / 3600 * 3.0)
     assert estimate.storage_bytes == docs * (4 * spec.dim + 8 + 36)
     assert estimate.hnsw_memory_bytes == int(docs * (4 * spec.dim + 8) * 1.3)
-    printed = subprocess.run([sys.executable, "-m", "app.cli", "migrate", "plan", "--to", BETA, "--sample", "8"],
-                             env=mh.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert printed.returncode == 0, printed.stderr
+    printed = mh.segue("migrate", "plan", "--to", BETA, "--sample", "8")
     missing = round(docs * (1 - coverage(mh, spec.version) / 100))
     assert f"documents to embed: {missing}" in printed.stdout
     for fragment in ("docs/s on cpu", "estimated time", "estimated cost", "extra storage", "HNSW build memory"):
@@ -135,7 +156,7 @@ def test_backfill_resumes_after_being_killed(mh):
     spec = beta(mh)
     # With no worker embedding meanwhile, what the resumed run publishes is exactly what it skipped.
     mh.stop_worker(mh.workers[-1])
-    command = [sys.executable, "-m", "app.cli", "backfill", "--page-size", "20"]
+    command = [SEGUE, "backfill", "--page-size", "20"]
     watermark = "SELECT watermark FROM backfill_progress WHERE model_version = %s"
     before = mh.scalar(watermark, (spec.version,))
     first = subprocess.Popen(command + ["--rate", "40"], env=mh.env, cwd=ROOT,

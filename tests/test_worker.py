@@ -323,10 +323,7 @@ def test_new_model_is_picked_up_without_restart(harness, worker, model_cache):
 
 def test_cli_reports_models_and_progress(harness, worker):
     def segue(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "app.cli", *args], env=harness.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return harness.segue(*args).stdout
 
     listed = segue("models", "list")
     assert OLD in listed and NEW in listed and "live" in listed
@@ -335,8 +332,7 @@ def test_cli_reports_models_and_progress(harness, worker):
     total = harness.scalar("SELECT documents FROM corpus_counters")
     assert str(total) in status
     assert "no migration in progress" in segue("migrate", "status")
-    refused = subprocess.run([sys.executable, "-m", "app.cli", "migrate", "cutover"], env=harness.env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    refused = harness.segue("migrate", "cutover", check=False)
     assert refused.returncode != 0 and "no migration is in progress" in refused.stderr
 
 
@@ -467,3 +463,28 @@ def retire(harness, version: int) -> None:
                       (version,))
         conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (version,))
         db.install_vector_counters(conn)
+
+
+WATCHDOG_SCRIPT = """
+import threading, time, faust
+from agents.worker import create_app
+from app.engine import EmbeddingEngine, _Job
+from app.settings import load_settings
+from app import services
+settings = load_settings()
+engine = EmbeddingEngine(device="cpu")
+app = create_app(settings, database_url=services.database_url(settings), engine=engine)
+def stop_the_engine_thread():
+    time.sleep(8)
+    engine._jobs.put(_Job(-1, -1, None, None))  # the thread ends as if something had killed it
+threading.Thread(target=stop_the_engine_thread, daemon=True).start()
+faust.Worker(app, loglevel="info", override_logging=False).execute_from_commandline()
+"""
+
+
+def test_a_worker_whose_engine_thread_is_gone_exits_for_its_supervisor(harness):
+    env = {**harness.env, "SEGUE_GROUP_ID": "segue-watchdog"}  # its own group: it takes no partitions from others
+    done = subprocess.run([sys.executable, "-c", WATCHDOG_SCRIPT, "worker"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "the embedding engine's thread is gone; stopping the worker" in done.stdout + done.stderr

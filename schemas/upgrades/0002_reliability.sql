@@ -1,5 +1,11 @@
--- 0002: the sweeper scans the corpus incrementally from a cursor per model, and failed
--- HNSW builds are recorded in the changelog (action 'index_failed') so workers stop retrying.
+-- 0002: the sweeper scans the corpus incrementally from a cursor per model; failed HNSW
+-- builds are recorded in the changelog (action 'index_failed') so workers stop retrying; each
+-- document remembers the record that wrote it, so a replayed tombstone cannot delete a later write.
+
+-- Nullable, no default: adding them rewrites nothing.
+ALTER TABLE documents ADD COLUMN IF NOT EXISTS source_topic text,
+                      ADD COLUMN IF NOT EXISTS source_partition integer,
+                      ADD COLUMN IF NOT EXISTS source_offset bigint;
 
 -- Where each model's sweeper pass stands: it scans documents in doc_id order after the cursor.
 CREATE TABLE IF NOT EXISTS sweeper_progress (
