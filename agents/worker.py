@@ -1,6 +1,6 @@
-"""The Faust application: agents for changes, read misses and the backfill; the sweeper and index timers.
+"""The Faust application: agents for changes, read misses and the backfill; the sweeper and migration timers.
 
-Each agent takes a batch, hands it to its processor in ``app.pipeline`` and moves on
+Each agent takes a batch, hands it to its processor in ``segue.pipeline`` and moves on
 (which is when Faust acks the batch) only after the processor returned, i.e. after
 every outcome is committed in PostgreSQL or dead-lettered. Faust's ``take_events``
 acks a batch even when the body raised, so the body never lets an error escape: it
@@ -16,14 +16,16 @@ from collections.abc import Sequence
 
 import faust
 
-from app import db, migration
-from app.engine import EmbeddingEngine, ModelSpec
-from app.errors import EngineStopped
-from app.isolation import retry_forever
-from app.pipeline import BackfillProcessor, ChangeProcessor, DeadLetter, Envelope, ReadMissProcessor
-from app.settings import Settings
-from app.store import Store
-from schemas.events import SourcePosition, dead_letter_key, encode_dead_letter, read_miss_value
+from segue import db, indexes, migration, sweeper
+from segue.engine import EmbeddingEngine
+from segue.spec import ModelSpec
+from segue.errors import EngineStopped
+from segue.isolation import retry_forever
+from segue.batches import Envelope
+from segue.pipeline import BackfillProcessor, ChangeProcessor, DeadLetter, ReadMissProcessor
+from segue.settings import Settings
+from segue.store import Store
+from segue.schemas.events import SourcePosition, dead_letter_key, encode_dead_letter, encode_read_miss
 
 log = logging.getLogger("segue.worker")
 
@@ -101,7 +103,7 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     backfill = BackfillProcessor(settings, Store(settings, database_url), engine, dead_letters)
     sweeper_store = Store(settings, database_url)
     backfill_topic = raw_topic(settings.topic_backfill)
-    index_policy = migration.IndexPolicy.from_settings(settings)
+    index_policy = indexes.IndexPolicy.from_settings(settings)
 
     @app.agent(raw_topic(settings.topic_document_changes), name="document-changes")
     async def document_changes(stream: faust.StreamT) -> None:
@@ -119,33 +121,37 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             await _process_until_done("backfill", backfill, [_envelope(e) for e in events])
 
     async def enqueue(model: ModelSpec, doc_ids: list[str]) -> None:
-        await _publish_all(backfill_topic, [(d.encode(), read_miss_value(d, model.name, "sweeper")) for d in doc_ids])
+        await _publish_all(backfill_topic, [(d.encode(), encode_read_miss(d, model.name, "sweeper")) for d in doc_ids])
 
     @app.timer(settings.sweeper_interval_s)
-    async def sweeper() -> None:
+    async def sweep_lost_reembeds() -> None:
         """Re-enqueue vectors stale or missing for too long, so a lost message heals itself."""
         try:
-            published = await sweeper_store.sweep(
-                enqueue, max_age_s=settings.sweeper_max_age_s, scan_rows=settings.sweeper_scan_rows,
+            published = await sweeper.sweep(
+                sweeper_store, enqueue, max_age_s=settings.sweeper_max_age_s, scan_rows=settings.sweeper_scan_rows,
                 retry_failed_after_s=settings.sweeper_retry_failed_after_s)
             for model, count in published.items():
                 log.info("sweeper re-enqueued %d stale or missing %s vectors", count, model)
         except Exception:  # noqa: BLE001 - the next tick tries again
             log.exception("sweeper failed; retrying at the next tick")
 
-    def build_index_when_covered() -> str | None:
+    def advance_the_migration() -> list[str]:
+        """Mark the migration ready once its gate passes; build its HNSW index once coverage allows."""
         with db.connect(settings, database_url) as conn:
-            return migration.build_index_when_covered(conn, index_policy)
+            before = migration.active_migration(conn)
+            after = migration.refresh(conn)
+            done = [f"migration {after.id} is ready for cutover"] if before and after.state != before.state else []
+            built = indexes.build_when_covered(conn, index_policy)
+            return done + ([built] if built else [])
 
     @app.timer(settings.sweeper_interval_s)
-    async def index_builder() -> None:
-        """Build the new model's HNSW index (concurrently) once the migration's coverage allows."""
+    async def migration_steward() -> None:
+        """Move the migration along what needs no operator: the ready state and the index (in a thread)."""
         try:
-            message = await asyncio.to_thread(build_index_when_covered)
-            if message:
+            for message in await asyncio.to_thread(advance_the_migration):
                 log.info("%s", message)
-        except Exception:  # noqa: BLE001 - the next tick tries again (workers stop after repeated failures)
-            log.exception("index build failed")
+        except Exception:  # noqa: BLE001 - the next tick tries again (index builds stop after repeated failures)
+            log.exception("advancing the migration failed")
 
     @app.timer(WATCHDOG_INTERVAL_S)
     async def engine_watchdog() -> None:

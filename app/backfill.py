@@ -21,10 +21,11 @@ from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from app import db, migration
-from app.engine import ModelSpec
-from app.settings import Settings
-from schemas.events import read_miss_value
+from segue import db, migration
+from segue.spec import ModelSpec
+from segue.settings import Settings
+from segue.ratelimit import per_second
+from segue.schemas.events import encode_read_miss
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ async def run_backfill(
     planned = todo if budget is None else min(todo, budget)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
     await producer.start()
+    pace = per_second(limits.rate) if limits.rate else None
     published = 0
     started = time.perf_counter()
     stopped = "complete"
@@ -148,13 +150,11 @@ async def run_backfill(
                     break
                 deliveries = []
                 for doc_id in page:
-                    if limits.rate:
-                        ahead = (published + len(deliveries) + 1) / limits.rate - (time.perf_counter() - started)
-                        if ahead > 0:
-                            await asyncio.sleep(ahead)
+                    if pace is not None:
+                        await pace.try_acquire_async("backfill")
                     deliveries.append(await producer.send(
                         settings.topic_backfill, key=doc_id.encode(),
-                        value=read_miss_value(doc_id, model.name, f"backfill-{model.version}")))
+                        value=encode_read_miss(doc_id, model.name, f"backfill-{model.version}")))
                 # Every record of the page acknowledged, or this raises and the watermark stays put.
                 await asyncio.gather(*deliveries)
                 published += len(page)
@@ -167,4 +167,6 @@ async def run_backfill(
                 )
     finally:
         await producer.stop()
+        if pace is not None:
+            pace.close()
     return BackfillOutcome(published, stopped, after, time.perf_counter() - started)

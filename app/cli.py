@@ -1,4 +1,8 @@
-"""The ``segue`` command line: worker, models, migrate, backfill, status, services and the demo."""
+"""The ``segue`` command line: worker, models, migrate, backfill, status, db, services and the demo.
+
+Commands that only read (``status``, ``models list``, ``migrate status``) run no DDL and
+change no state, and none of the commands that do not embed imports model code (torch).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,26 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import asyncio
+import json
 import logging
 import sys
 import time
+from datetime import timedelta
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from app import db, registry, services
-from app.settings import Settings, load_settings, redact
+from segue import db, indexes, migration, providers, registry, services
+from segue.settings import Settings, load_settings, redact
+from segue.spec import ModelSpec
 
 console = Console()
 if not console.is_terminal:
     console = Console(width=180)  # tables stay readable in logs and pipes
 log = logging.getLogger("segue.cli")
+
+REFUSALS = (migration.MigrationError, registry.RegistryError, db.SchemaError, providers.OptionsError)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -49,6 +58,35 @@ def _database(settings: Settings, *, read_only: bool = False) -> str:
     return url
 
 
+def _control(settings: Settings, action, *, read_only: bool = False, **arguments):
+    """Run ``action(conn, **arguments)`` on the database; its refusals become clean CLI errors."""
+    with db.connect(settings, _database(settings, read_only=read_only), read_only=read_only) as conn:
+        try:
+            return action(conn, **arguments)
+        except REFUSALS as error:
+            raise click.ClickException(str(error)) from None
+
+
+def _options(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs as provider options; a value that parses as JSON (a number, true) is taken as such."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+PROVIDER_OPTION = click.option("--provider", type=click.Choice(providers.PROVIDERS),
+                               help="the provider that runs the model (default: detected from the source)")
+OPTION_OPTION = click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+                             help="a provider option, e.g. dtype=float16 or prefix='passage: ' (repeatable)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -65,11 +103,11 @@ def main(ctx: click.Context) -> None:
 @click.pass_obj
 def worker(settings: Settings) -> None:
     """Run a Faust worker: dual-write changes, re-embed read misses."""
-    from agents.worker import create_app
-    from app.engine import EmbeddingEngine
-    from app.topics import ensure_topics
-
     import faust
+
+    from segue.agents.worker import create_app
+    from segue.engine import EmbeddingEngine
+    from segue.topics import ensure_topics
 
     database_url = _database(settings)
     bootstrap = services.kafka_bootstrap(settings)
@@ -81,8 +119,7 @@ def worker(settings: Settings) -> None:
         log.warning("no model is registered yet: documents are stored, vectors come once one is (segue models add)")
     started = time.perf_counter()
     asyncio.run(engine.ensure_loaded(models))
-    log.info("loaded and warmed %d live model(s) on %s in %.2fs", len(models), engine.device,
-             time.perf_counter() - started)
+    log.info("loaded and warmed %d live model(s) in %.2fs", len(models), time.perf_counter() - started)
     app = create_app(settings, database_url=database_url, engine=engine)
     faust.Worker(app, loglevel=settings.log_level, override_logging=False).execute_from_commandline()
 
@@ -94,22 +131,21 @@ def models() -> None:
 
 @models.command("add")
 @click.argument("name")
-@click.option("--source", required=True, help="local model folder (transformers or model2vec) or a cached hub id")
+@click.option("--source", required=True, help="local model folder or a cached hub id")
+@PROVIDER_OPTION
+@OPTION_OPTION
 @click.pass_obj
-def models_add(settings: Settings, name: str, source: str) -> None:
+def models_add(settings: Settings, name: str, source: str, provider: str | None, option_pairs: tuple[str, ...]) -> None:
     """Register model NAME: compute its dim and fingerprint and add its columns.
 
     From then on every change is embedded with it too; running workers pick it up.
     """
-    database_url = _database(settings)
-    with db.connect(settings, database_url) as conn:
-        try:
-            spec = registry.register_model(conn, name, source)
-        except registry.RegistryError as error:
-            raise click.ClickException(str(error)) from None
+    spec = _control(settings, registry.register_model, name=name, source=source, provider=provider,
+                    options=_options(option_pairs))
     console.print(
-        f"registered [bold]{spec.name}[/] as v{spec.version}: {spec.kind}, {spec.dim}-d, pooling {spec.pooling}, "
-        f"fingerprint {spec.fingerprint[:16]}…; columns embedding_v{spec.version}, embedding_v{spec.version}_sha256"
+        f"registered [bold]{spec.name}[/] as v{spec.version}: {spec.provider}, {spec.dim}-d, "
+        f"{json.dumps(spec.config)}, fingerprint {spec.fingerprint[:16]}…; "
+        f"columns embedding_v{spec.version}, embedding_v{spec.version}_sha256"
     )
 
 
@@ -117,15 +153,14 @@ def models_add(settings: Settings, name: str, source: str) -> None:
 @click.pass_obj
 def models_list(settings: Settings) -> None:
     """List registered models."""
-    with db.connect(settings, _database(settings, read_only=True)) as conn:
-        rows = registry.list_models(conn)
+    rows = _control(settings, registry.list_models, read_only=True)
     table = Table(title="embedding_models")
-    for header in ("v", "name", "kind", "dim", "pooling", "max tokens", "state", "reads", "fingerprint", "source"):
+    for header in ("v", "name", "provider", "dim", "max tokens", "config", "state", "reads", "fingerprint", "source"):
         table.add_column(header)
     for m in rows:
         s = m.spec
-        table.add_row(str(s.version), s.name, s.kind, str(s.dim), s.pooling, str(s.max_tokens), m.state,
-                      "✓" if m.serving_reads else "", s.fingerprint[:16], s.source)
+        table.add_row(str(s.version), s.name, s.provider, str(s.dim), str(s.max_tokens), json.dumps(s.config),
+                      m.state, "✓" if m.serving_reads else "", s.fingerprint[:16], s.source)
     console.print(table)
 
 
@@ -133,25 +168,12 @@ def models_list(settings: Settings) -> None:
 @click.pass_obj
 def status(settings: Settings) -> None:
     """Print migration_progress."""
-    from app.progress import dead_letter_count, fetch_progress, origin_table, progress_table
+    from segue.progress import dead_letter_count, fetch_progress, origin_table, progress_table
 
-    with db.connect(settings, _database(settings, read_only=True)) as conn:
+    with db.connect(settings, _database(settings, read_only=True), read_only=True) as conn:
         console.print(progress_table(fetch_progress(conn)))
         console.print(origin_table(conn))
         console.print(f"dead letters in the last 24 h: {dead_letter_count(conn)}")
-
-
-def _model_spec(conn, name: str, source: str | None):
-    """A registered model's spec, or (with --source) an unregistered one's, inspected."""
-    from app.engine import ModelSpec
-    from app.modelkit import inspect_model
-
-    try:
-        return registry.get_model(conn, name).spec
-    except registry.RegistryError:
-        if source is None:
-            raise click.ClickException(f"model {name!r} is not registered; pass --source to plan it") from None
-    return ModelSpec.from_profile(0, name, source, inspect_model(source))
 
 
 @main.group()
@@ -159,68 +181,67 @@ def migrate() -> None:
     """Run a migration: plan, start, pause, resume, cutover, rollback, finish."""
 
 
-def _control(settings: Settings, action, **arguments):
-    """Run ``action(conn, **arguments)`` on the database; its refusals become clean CLI errors."""
-    from app import migration
-
-    with db.connect(settings, _database(settings)) as conn:
-        try:
-            result = action(conn, **arguments)
-        except (migration.MigrationError, registry.RegistryError, db.SchemaError) as error:
-            raise click.ClickException(str(error)) from None
-    return result
-
-
 @migrate.command("plan")
 @click.option("--to", "to_name", required=True, help="the new model (registered name, or any name with --source)")
-@click.option("--source", help="model folder, when the model is not registered yet")
+@click.option("--source", help="model source, when the model is not registered yet")
+@PROVIDER_OPTION
+@OPTION_OPTION
 @click.option("--sample", default=64, show_default=True, help="documents embedded to measure throughput")
 @click.pass_obj
-def migrate_plan(settings: Settings, to_name: str, source: str | None, sample: int) -> None:
+def migrate_plan(settings: Settings, to_name: str, source: str | None, provider: str | None,
+                 option_pairs: tuple[str, ...], sample: int) -> None:
     """Measure the new model here and estimate documents, time, cost, storage and index memory."""
-    from app.engine import EmbeddingEngine
-    from app.migration import vector_counts
-    from app.plan import plan
+    from segue.engine import EmbeddingEngine
+    from segue.plan import plan
 
-    with db.connect(settings, _database(settings)) as conn:
-        spec = _model_spec(conn, to_name, source)
+    def estimate(conn):
+        try:
+            spec = registry.get_model(conn, to_name).spec
+        except registry.RegistryError:
+            if source is None:
+                raise registry.RegistryError(f"model {to_name!r} is not registered; pass --source to plan it") from None
+            profile = providers.inspect(source, provider=provider, options=_options(option_pairs))
+            spec = ModelSpec.from_profile(0, to_name, source, profile)
         todo = None
         if spec.version:
-            current, total = vector_counts(conn, spec.version)
+            current, total = migration.vector_counts(conn, spec.version)
             todo = total - current
         engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
         try:
-            result = plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,
-                          documents_to_embed=todo)
+            return plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,
+                        documents_to_embed=todo, index_policy=indexes.IndexPolicy.from_settings(settings))
         finally:
             engine.close()
-    for line in result.lines():
+
+    for line in _control(settings, estimate).lines():
         console.print(line)
 
 
 @migrate.command("start")
 @click.option("--to", "to_name", required=True, help="the new model's name")
 @click.option("--from", "from_name", help="the old model (default: the one serving reads)")
-@click.option("--source", help="register the new model from this folder first")
+@click.option("--source", help="register the new model from this source first")
+@PROVIDER_OPTION
+@OPTION_OPTION
+@click.option("--min-coverage", type=float, help="coverage %% the cutover waits for [default: SEGUE_CUTOVER_MIN_COVERAGE_PCT]")
 @click.pass_obj
-def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None) -> None:
+def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None, provider: str | None,
+                  option_pairs: tuple[str, ...], min_coverage: float | None) -> None:
     """Start a migration: NEW is dual-written from now on. One migration at a time.
 
     With --source the model is registered and the migration recorded in one transaction:
     if either fails, neither happened.
     """
-    from app import migration
-    from app.modelkit import inspect_model
-
-    profile = inspect_model(source) if source is not None else None
+    profile = (providers.inspect(source, provider=provider, options=_options(option_pairs))
+               if source is not None else None)
 
     def register_and_start(conn):
         with conn.transaction():
             if profile is not None:
                 migration.ensure_none_active(conn)
-                registry.register_model(conn, to_name, source, profile)
-            return migration.start(conn, to_name, from_name,
-                                   {"cutover_min_coverage_pct": settings.cutover_min_coverage_pct})
+                registry.register_model(conn, to_name, source, profile=profile)
+            return migration.start(conn, to_name, from_name, cutover_min_coverage_pct=(
+                settings.cutover_min_coverage_pct if min_coverage is None else min_coverage))
 
     started = _control(settings, register_and_start)
     console.print(f"migration {started.id} started: {started.from_name} → {started.to_name}; "
@@ -230,21 +251,20 @@ def migrate_start(settings: Settings, to_name: str, from_name: str | None, sourc
 @migrate.command("status")
 @click.pass_obj
 def migrate_status(settings: Settings) -> None:
-    """Show the migration, its gate and its progress."""
-    from app import migration
-    from app.progress import fetch_progress, progress_table
+    """Show the migration, what a cutover would do now, the index and the progress (reads only)."""
+    from segue.progress import fetch_progress, progress_table
 
-    with db.connect(settings, _database(settings)) as conn:
-        current = migration.refresh(conn, settings.cutover_min_coverage_pct)
+    with db.connect(settings, _database(settings, read_only=True), read_only=True) as conn:
+        current = migration.active_migration(conn)
         if current is None:
             console.print("no migration in progress")
         else:
-            check = migration.gate(conn, current, settings.cutover_min_coverage_pct)
+            check = migration.gate(conn, current)
             console.print(f"migration {current.id}: {current.from_name} → {current.to_name}, [bold]{current.state}[/] "
                           f"since {current.updated_at:%Y-%m-%d %H:%M:%S}")
             console.print("cutover gate: " + ("open" if check.passed else "closed: " + "; ".join(check.reasons())))
-            console.print("HNSW index: " + migration.index_status(conn, current.to_version,
-                                                                    migration.IndexPolicy.from_settings(settings)))
+            console.print("HNSW index: " + indexes.describe(conn, current.to_version,
+                                                           indexes.IndexPolicy.from_settings(settings)))
         console.print(progress_table(fetch_progress(conn)))
 
 
@@ -252,8 +272,6 @@ def migrate_status(settings: Settings) -> None:
 @click.pass_obj
 def migrate_pause(settings: Settings) -> None:
     """Pause the backfill; changes are still dual-written."""
-    from app import migration
-
     console.print(f"migration {_control(settings, migration.pause).id} paused")
 
 
@@ -261,25 +279,18 @@ def migrate_pause(settings: Settings) -> None:
 @click.pass_obj
 def migrate_resume(settings: Settings) -> None:
     """Resume a paused migration."""
-    from app import migration
-
     console.print(f"migration {_control(settings, migration.resume).id} running")
 
 
 @migrate.command("cutover")
-@click.option("--min-coverage", type=float, help="coverage % the new model needs (default SEGUE_CUTOVER_MIN_COVERAGE_PCT)")
 @click.option("--force", is_flag=True, help="switch even though the gate is closed")
 @click.option("--reason", help="why the gate is forced (required with --force; logged)")
 @click.pass_obj
-def migrate_cutover(settings: Settings, min_coverage: float | None, force: bool, reason: str | None) -> None:
-    """Switch reads to the new model if coverage and the latest quality verdict pass."""
-    from app import migration
-
+def migrate_cutover(settings: Settings, force: bool, reason: str | None) -> None:
+    """Switch reads to the new model if coverage (the threshold set at start) and the latest verdict pass."""
     if force and not reason:
         raise click.UsageError("--force needs --reason")
-    done = _control(settings, migration.cutover,
-                    min_coverage_pct=settings.cutover_min_coverage_pct if min_coverage is None else min_coverage,
-                    force_reason=reason if force else None)
+    done = _control(settings, migration.cutover, force_reason=reason if force else None)
     console.print(f"reads now use {done.to_name} (migration {done.id} cut over); rollback is instant until finish")
 
 
@@ -287,8 +298,6 @@ def migrate_cutover(settings: Settings, min_coverage: float | None, force: bool,
 @click.pass_obj
 def migrate_rollback(settings: Settings) -> None:
     """Switch reads back to the old model (still dual-written)."""
-    from app import migration
-
     done = _control(settings, migration.rollback)
     console.print(f"reads back on {done.from_name} (migration {done.id} rolled back)")
 
@@ -298,10 +307,6 @@ def migrate_rollback(settings: Settings) -> None:
 @click.pass_obj
 def migrate_finish(settings: Settings, grace: float) -> None:
     """Retire the old model: stop writing it, drop its index and columns."""
-    from datetime import timedelta
-
-    from app import migration
-
     done = _control(settings, migration.finish, grace=timedelta(seconds=grace))
     console.print(f"migration {done.id} finished: {done.from_name} retired, its columns and index dropped")
 
@@ -311,15 +316,12 @@ def migrate_finish(settings: Settings, grace: float) -> None:
 @click.pass_obj
 def migrate_index(settings: Settings, name: str | None) -> None:
     """Build the HNSW index (CREATE INDEX CONCURRENTLY) once coverage passes the threshold."""
-    from app import migration
 
-    with db.connect(settings, _database(settings)) as conn:
-        try:
-            version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
-            _, message = migration.build_index(conn, version, migration.IndexPolicy.from_settings(settings))
-        except (migration.MigrationError, registry.RegistryError) as error:
-            raise click.ClickException(str(error)) from None
-    console.print(message)
+    def build(conn):
+        version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
+        return indexes.build(conn, version, indexes.IndexPolicy.from_settings(settings))[1]
+
+    console.print(_control(settings, build))
 
 
 @main.command()
@@ -333,27 +335,25 @@ def migrate_index(settings: Settings, name: str | None) -> None:
 def backfill(settings: Settings, name: str | None, rate: float | None, max_docs: int | None,
              max_gpu_seconds: float | None, throughput: float | None, page_size: int) -> None:
     """Enqueue every document lacking a current vector, at low priority; resumable."""
-    from app import migration
-    from app.backfill import BackfillLimits, run_backfill
+    from segue.backfill import BackfillLimits, run_backfill
 
     database_url = _database(settings)
     bootstrap = services.kafka_bootstrap(settings)
     with db.connect(settings, database_url) as conn:
         try:
-            spec = (registry.get_model(conn, name).spec if name
-                    else registry.get_model(conn, migration.require_active(conn).to_name).spec)
-        except (migration.MigrationError, registry.RegistryError) as error:
+            spec = registry.get_model(conn, name or migration.require_active(conn).to_name).spec
+        except REFUSALS as error:
             raise click.ClickException(str(error)) from None
         if max_gpu_seconds is not None and throughput is None:
-            from app.engine import EmbeddingEngine
-            from app.plan import measure_throughput, sample_texts
+            from segue.engine import EmbeddingEngine
+            from segue.plan import measure_throughput, sample_texts
 
             engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
             try:
                 throughput = measure_throughput(engine, spec, sample_texts(conn, 32))
+                console.print(f"measured {throughput:.1f} docs/s for {spec.name} on {engine.device_of(spec)}")
             finally:
                 engine.close()
-            console.print(f"measured {throughput:.1f} docs/s for {spec.name} on {engine.device}")
         limits = BackfillLimits(rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput)
         outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, page_size=page_size,
                                            console=console))
@@ -397,7 +397,7 @@ def db_upgrade(settings: Settings) -> None:
 @click.pass_obj
 def demo(settings: Settings, docs: int) -> None:
     """Run the whole flow on embedded services with a real corpus."""
-    from app.demo import run_demo
+    from segue.demo import run_demo
 
     run_demo(settings, docs=docs, console=console)
 

@@ -18,7 +18,7 @@ class CorpusDocument:
 
 def scifact_documents(limit: int | None = None) -> Iterator[CorpusDocument]:
     """SciFact abstracts in file order, title and abstract joined as the body."""
-    path = resources.files("app").joinpath("data/scifact/corpus.jsonl.gz")
+    path = resources.files("segue").joinpath("data/scifact/corpus.jsonl.gz")
     with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
         for count, line in enumerate(lines):
             if limit is not None and count >= limit:
@@ -29,7 +29,7 @@ def scifact_documents(limit: int | None = None) -> Iterator[CorpusDocument]:
 
 def scifact_queries() -> dict[str, str]:
     """SciFact test claims by query id."""
-    path = resources.files("app").joinpath("data/scifact/queries.jsonl")
+    path = resources.files("segue").joinpath("data/scifact/queries.jsonl")
     return {q["_id"]: q["text"] for q in map(json.loads, path.read_text().splitlines())}
 
 
@@ -40,7 +40,7 @@ def scifact_queries_list(limit: int) -> list[str]:
 
 def scifact_qrels() -> dict[str, set[str]]:
     """Relevant document ids (as stored by Segue) per query id."""
-    lines = resources.files("app").joinpath("data/scifact/qrels.tsv").read_text().splitlines()[1:]
+    lines = resources.files("segue").joinpath("data/scifact/qrels.tsv").read_text().splitlines()[1:]
     relevant: dict[str, set[str]] = {}
     for line in lines:
         query_id, corpus_id, score = line.split("\t")

@@ -2,8 +2,8 @@
 
 The schema is a list of ordered upgrade steps (``schemas/upgrades/NNNN_name.sql``);
 ``schema_migrations`` records the ones applied. :func:`upgrade` applies the missing
-ones under an advisory lock, each in its own transaction with a short lock timeout
-(retried), and does nothing at all on an up-to-date database: no DDL, no lock.
+ones under an advisory lock, each once and in its own transaction with a short lock
+timeout (retried), and does nothing at all on an up-to-date database: no DDL, no lock.
 
 Each registered model version N owns two columns on ``documents``:
 ``embedding_vN vector(dim)`` and ``embedding_vN_sha256 bytea``. The statement-level
@@ -27,13 +27,13 @@ import psycopg
 from pgvector.psycopg import register_vector, register_vector_async
 from psycopg import errors, sql
 
-from app.settings import Settings
+from segue.locks import Lock, held
+from segue.settings import Settings
 
 log = logging.getLogger("segue.db")
 
 T = TypeVar("T")
 
-BOOTSTRAP_LOCK = 0x5E6E  # advisory lock serializing schema changes across processes
 DDL_LOCK_TIMEOUT_S = 2.0  # a DDL statement waits this long for its lock, then lets queued writes through
 DDL_GIVE_UP_S = 300.0  # and is retried with backoff for this long before the caller is told
 
@@ -59,7 +59,7 @@ class UpgradeStep:
 def upgrade_steps() -> tuple[UpgradeStep, ...]:
     """Every shipped upgrade step, in order."""
     steps = []
-    for entry in resources.files("schemas").joinpath("upgrades").iterdir():
+    for entry in resources.files("segue.schemas").joinpath("upgrades").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             steps.append(UpgradeStep(int(match[1]), match[2], entry.read_text()))
@@ -79,6 +79,11 @@ def vector_column(version: int) -> sql.Identifier:
     return sql.Identifier(f"embedding_v{version}")
 
 
+def index_name(version: int) -> sql.Identifier:
+    """The HNSW index on model version ``version``'s column."""
+    return sql.Identifier(f"documents_embedding_v{version}_hnsw")
+
+
 def sha_column(version: int) -> sql.Identifier:
     """The column holding the content hash that model version ``version``'s vector was built from."""
     return sql.Identifier(f"embedding_v{version}_sha256")
@@ -90,16 +95,24 @@ def _search_path(schema: str) -> sql.Composed:
     )
 
 
-def connect(settings: Settings, url: str) -> psycopg.Connection:
+def connect(settings: Settings, url: str, *, read_only: bool = False) -> psycopg.Connection:
     """Open a connection with Segue's schema on the search_path and pgvector types registered.
 
     Autocommit: a statement never leaves an idle transaction holding locks that would
     block DDL (registering a model) or CREATE INDEX CONCURRENTLY; writes that belong
-    together use ``with conn.transaction():``.
+    together use ``with conn.transaction():``. A ``read_only`` session cannot write at all.
     """
-    conn = _connect_plain(settings, url)
-    register_vector(conn)
+    conn = psycopg.connect(url, autocommit=True)
+    configure(conn, settings)
+    if read_only:
+        conn.execute("SET default_transaction_read_only = on")
     return conn
+
+
+def configure(conn: psycopg.Connection, settings: Settings) -> None:
+    """Put Segue's schema on a connection's search_path and register pgvector's types (pools use this too)."""
+    conn.execute(_search_path(settings.db_schema))
+    register_vector(conn)
 
 
 def _connect_plain(settings: Settings, url: str) -> psycopg.Connection:
@@ -175,8 +188,7 @@ def upgrade(settings: Settings, url: str) -> list[str]:
         if current > latest_schema_version():
             raise SchemaError(
                 f"the database is at schema version {current}, newer than this Segue ({latest_schema_version()})")
-        conn.execute("SELECT pg_advisory_lock(%s)", (BOOTSTRAP_LOCK,))
-        try:
+        with held(conn, Lock.SCHEMA):
             _create_prerequisites(conn, settings.db_schema)
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
@@ -189,8 +201,6 @@ def upgrade(settings: Settings, url: str) -> list[str]:
                 log.info("applied schema upgrade %04d_%s", step.version, step.name)
             run_ddl(conn, lambda: install_vector_counters(conn), what="installing the counter triggers")
             return applied
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (BOOTSTRAP_LOCK,))
 
 
 def _create_prerequisites(conn: psycopg.Connection, schema: str) -> None:

@@ -27,17 +27,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from app import db, migration, registry, services
-from app.backfill import BackfillLimits, run_backfill
-from app.corpus import ndcg_at_10, scifact_documents, scifact_qrels, scifact_queries, scifact_queries_list
-from app.engine import EmbeddingEngine, ModelSpec
-from app.modelkit import distill_static, inspect_model, minilm_path
-from app.plan import plan
-from app.progress import fetch_progress, format_cell, progress_table
-from app.reader import SegueReader
-from app.settings import Settings
-from app.topics import ensure_topics
-from schemas.events import read_miss_value
+from segue import db, evaluation, indexes, migration, providers, registry, services
+from segue.backfill import BackfillLimits, run_backfill
+from segue.corpus import ndcg_at_10, scifact_documents, scifact_qrels, scifact_queries, scifact_queries_list
+from segue.engine import EmbeddingEngine
+from segue.spec import ModelSpec
+from segue.modelkit import distill_static, minilm_path
+from segue.plan import plan
+from segue.progress import fetch_progress, format_cell, progress_table
+from segue.reader import SegueReader
+from segue.settings import Settings
+from segue.topics import ensure_topics
+from segue.schemas.events import encode_change, encode_read_miss
 
 OLD_MODEL = "minilm-static-256"
 NEW_MODEL = "minilm-l6"
@@ -66,13 +67,6 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _change(doc_id: str, text: str | None, version: int, *, op: str = "upsert", event_id: str) -> bytes:
-    value = {"doc_id": doc_id, "op": op, "version": version, "event_id": event_id}
-    if text is not None:
-        value["text"] = text
-    return orjson.dumps(value)
-
-
 class _Publisher:
     def __init__(self, settings: Settings, bootstrap: str, console: Console):
         self.settings = settings
@@ -99,13 +93,13 @@ class _Publisher:
         for partition in sorted(await self.producer.partitions_for(self.settings.topic_document_changes)):
             ids.append(f"marker-{phase}-changes-{partition}")
             await self.producer.send(self.settings.topic_document_changes, key=b"segue-demo-marker",
-                                     value=_change("segue-demo-marker", None, 0, op="delete", event_id=ids[-1]),
+                                     value=encode_change("segue-demo-marker", version=0, op="delete", event_id=ids[-1]),
                                      partition=partition)
         read_miss_partitions = await self.producer.partitions_for(self.settings.topic_read_misses)
         for partition in sorted(read_miss_partitions) if known_doc else ():
             ids.append(f"marker-{phase}-misses-{partition}")
             await self.producer.send(self.settings.topic_read_misses, key=known_doc.encode(),
-                                     value=read_miss_value(known_doc, OLD_MODEL, ids[-1]), partition=partition)
+                                     value=encode_read_miss(known_doc, OLD_MODEL, ids[-1]), partition=partition)
         await self.producer.flush()
         return ids
 
@@ -215,7 +209,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     engine = EmbeddingEngine(device=demo.device, batch_size=demo.embed_batch_size)
     with open(log_path, "wb") as worker_log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"], env=_worker_env(demo), stdout=worker_log,
+            [sys.executable, "-m", "segue.cli", "worker"], env=_worker_env(demo), stdout=worker_log,
             stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
         )
     try:
@@ -223,22 +217,24 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
         async with _Publisher(demo, bootstrap, console) as pub:
             console.rule("1. the corpus, on the old model only")
             for n, doc in enumerate(first):
-                await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"load-{n}"))
+                await pub.change(doc.doc_id, encode_change(doc.doc_id, version=1, text=doc.text, event_id=f"load-{n}"))
             await pub.producer.flush()
             console.print(f"published {len(first)} SciFact abstracts as document changes")
             elapsed = await _watch(demo, database_url, console, f"{OLD_MODEL} only",
                                    await pub.markers("load"))
 
             console.rule("2. plan the migration to all-MiniLM-L6-v2")
-            new_spec = ModelSpec.from_profile(0, NEW_MODEL, str(minilm_path()), inspect_model(str(minilm_path())))
+            new_spec = ModelSpec.from_profile(0, NEW_MODEL, str(minilm_path()), providers.inspect(str(minilm_path())))
             with db.connect(demo, database_url) as conn:
-                for line in plan(conn, engine, new_spec, sample=32, gpu_hour_usd=demo.gpu_hour_usd).lines():
+                for line in plan(conn, engine, new_spec, sample=32, gpu_hour_usd=demo.gpu_hour_usd,
+                                 index_policy=indexes.IndexPolicy.from_settings(demo)).lines():
                     console.print("  " + line)
 
             console.rule("3. start: dual-write live changes, backfill the rest, re-embed read misses first")
             with db.connect(demo, database_url) as conn:
                 new = registry.register_model(conn, NEW_MODEL, str(minilm_path()))
-                started_migration = migration.start(conn, NEW_MODEL)
+                started_migration = migration.start(conn, NEW_MODEL,
+                                                    cutover_min_coverage_pct=demo.cutover_min_coverage_pct)
             console.print(f"migration {started_migration.id}: {OLD_MODEL} → {NEW_MODEL} (v{new.version}, "
                           f"{new.dim}-d); the running worker picks the new model up without a restart")
             await _publish_changes(pub, first, rest, demo)
@@ -260,15 +256,15 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
         corpus_ids = {d.doc_id for d in corpus}
         scores = _evaluate(demo, database_url, engine, corpus_ids)
         with db.connect(demo, database_url) as conn:
-            verdict = migration.record_evaluation(conn, started_migration.id, "ndcg@10 (SciFact)",
+            verdict = evaluation.record_evaluation(conn, started_migration.id, "ndcg@10 (SciFact)",
                                                   scores[OLD_MODEL], scores[NEW_MODEL])
             console.print(f"nDCG@10 on SciFact queries with judged abstracts in this corpus: {OLD_MODEL} "
                           f"{scores[OLD_MODEL]:.3f}, {NEW_MODEL} {scores[NEW_MODEL]:.3f} → verdict {verdict}")
             console.print(progress_table(fetch_progress(conn), title="migration_progress before the cutover"))
-            ready = migration.refresh(conn, demo.cutover_min_coverage_pct)
+            ready = migration.refresh(conn)
             console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}% and verdict "
                           f"{verdict} → migration {ready.state}")
-            built, message = migration.build_index(conn, new.version, migration.IndexPolicy.from_settings(demo))
+            built, message = indexes.build(conn, new.version, indexes.IndexPolicy.from_settings(demo))
             if not built:
                 (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'index_built'"
                                          " ORDER BY id DESC LIMIT 1").fetchone()
@@ -276,9 +272,9 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                             f"(m={detail['m']}, ef_construction={detail['ef_construction']}, "
                             f"maintenance_work_mem={detail['maintenance_work_mem_mb']}MB)")
             console.print(message)
-            for step, action in (("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0)),
+            for step, action in (("cutover", lambda: migration.cutover(conn)),
                                  ("rollback", lambda: migration.rollback(conn)),
-                                 ("cutover", lambda: migration.cutover(conn, min_coverage_pct=100.0))):
+                                 ("cutover", lambda: migration.cutover(conn))):
                 state = action()
                 (serving,) = conn.execute("SELECT m.name FROM serving s JOIN embedding_models m"
                                           " ON m.version = s.read_model_version").fetchone()
@@ -303,20 +299,20 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
 async def _publish_changes(pub: _Publisher, first, rest, demo: Settings) -> None:
     """Live traffic during the migration: new documents, edits, replays, deletes, misses, bad events."""
     for n, doc in enumerate(rest):
-        await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"load-{len(first) + n}"))
+        await pub.change(doc.doc_id, encode_change(doc.doc_id, version=1, text=doc.text, event_id=f"load-{len(first) + n}"))
     for n, doc in enumerate(first[:20]):
-        await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 2, event_id=f"touch-{n}"))
+        await pub.change(doc.doc_id, encode_change(doc.doc_id, version=2, text=doc.text, event_id=f"touch-{n}"))
     for n, doc in enumerate(first[20:40]):
         edited = doc.text + "\n\nErratum: corrected figures in the results section."
-        await pub.change(doc.doc_id, _change(doc.doc_id, edited, 2, event_id=f"edit-{n}"))
-        await pub.change(doc.doc_id, _change(doc.doc_id, doc.text, 1, event_id=f"replay-{n}"))
+        await pub.change(doc.doc_id, encode_change(doc.doc_id, version=2, text=edited, event_id=f"edit-{n}"))
+        await pub.change(doc.doc_id, encode_change(doc.doc_id, version=1, text=doc.text, event_id=f"replay-{n}"))
     for n, doc in enumerate(first[40:45]):
-        await pub.change(doc.doc_id, _change(doc.doc_id, None, 3, op="delete", event_id=f"delete-{n}"))
+        await pub.change(doc.doc_id, encode_change(doc.doc_id, version=3, op="delete", event_id=f"delete-{n}"))
     for doc in first[45:50]:
         await pub.change(doc.doc_id, None)
     await pub.change("bad-json", b'{"doc_id": "bad-json", "text": ')
     await pub.change("no-version", orjson.dumps({"doc_id": "no-version", "text": "hello"}))
-    await pub.change("huge", _change("huge", "x" * (demo.max_text_bytes + 1), 1, event_id="huge"))
+    await pub.change("huge", encode_change("huge", version=1, text="x" * (demo.max_text_bytes + 1), event_id="huge"))
     await pub.read_miss(first[60].doc_id, orjson.dumps({"doc_id": first[60].doc_id, "model": "no-such-model"}))
     await pub.read_miss("missing-doc", orjson.dumps({"doc_id": "missing-doc", "model": NEW_MODEL}))
     await pub.producer.flush()

@@ -1,8 +1,12 @@
-"""The embedding engine: turns texts into L2-normalised float32 vectors for registered models.
+"""The embedding engine: a scheduler that turns texts into L2-normalised float32 vectors for registered models.
+
+It knows nothing about any kind of model: a provider (``segue.providers``) loads each
+one as an :class:`~segue.providers.Embedder`, and the engine checks its fingerprint and
+dimension, normalises what it returns, and decides when it runs.
 
 All model work — loading and forward passes — happens in one worker thread owned by
 the engine, so the asyncio event loop (and with it Kafka heartbeats) never stalls on
-torch. :meth:`EmbeddingEngine.embed` splits a request into chunks of ``batch_size``
+a model. :meth:`EmbeddingEngine.embed` splits a request into chunks of ``batch_size``
 texts and queues them by priority (lower number first: 0 read misses, 1 live changes,
 2 backfill; FIFO within a priority), so a later urgent request overtakes the rest of a
 large backfill after at most one chunk. :meth:`EmbeddingEngine.embed_sync` runs the
@@ -19,7 +23,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,10 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
-from app.errors import EngineStopped, ModelUnavailable
-from app.modelkit import LoadedModel, ModelProfile, load_model
+from segue import providers
+from segue.errors import EngineStopped, ModelUnavailable
+from segue.providers import Embedder
+from segue.spec import ModelSpec
 
 log = logging.getLogger("segue.engine")
 
@@ -53,28 +57,6 @@ class FingerprintMismatch(ModelUnavailable):
     """The model at a registered source is no longer the model that was registered."""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One row of the registry table ``embedding_models``."""
-
-    version: int
-    name: str
-    source: str
-    kind: str
-    dim: int
-    pooling: str
-    normalize: bool
-    max_tokens: int
-    fingerprint: str
-
-    @classmethod
-    def from_profile(cls, version: int, name: str, source: str, profile: ModelProfile) -> ModelSpec:
-        """The spec of an inspected model (version 0 for one that is not registered)."""
-        return cls(version=version, name=name, source=source, kind=profile.kind, dim=profile.dim,
-                   pooling=profile.pooling, normalize=profile.normalize, max_tokens=profile.max_tokens,
-                   fingerprint=profile.fingerprint)
-
-
 @dataclass(order=True)
 class _Job:
     priority: int
@@ -87,18 +69,12 @@ class EmbeddingEngine:
     """Loads models and embeds texts with them on one device, in one worker thread."""
 
     def __init__(self, *, device: str | None = None, batch_size: int = 32):
-        """``device`` None picks ``cuda`` when available, else ``cpu``; transformers run in fp16 on CUDA."""
+        """``device`` is handed to providers (None: each picks, e.g. ``cuda`` when present, else ``cpu``)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = device
         self._batch_size = batch_size
-        if self._device == "cpu":
-            # torch defaults to one thread per physical core of the machine, which can exceed
-            # the cores this process may use; tokenizer threads would only add contention.
-            torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-        self._models: dict[int, LoadedModel] = {}  # written only under _model_lock
+        self._models: dict[int, Embedder] = {}  # written only under _model_lock
         self._versions: frozenset[int] = frozenset()
         self._model_lock = threading.Lock()  # one forward pass or load at a time
         self._jobs: queue.PriorityQueue[_Job] = queue.PriorityQueue()
@@ -108,10 +84,15 @@ class EmbeddingEngine:
         self._worker = threading.Thread(target=self._serve, name="segue-engine", daemon=True)
         self._worker.start()
 
-    @property
-    def device(self) -> str:
-        """The torch device all transformer models run on (static models always compute in numpy)."""
-        return self._device
+    def device_of(self, spec: ModelSpec) -> str:
+        """Where ``spec`` runs, loading it first if needed (in the caller's thread, like :meth:`embed_sync`)."""
+        with self._model_lock:
+            return self._loaded_locked(spec).device
+
+    def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int]:
+        """Tokens each text takes as ``spec``'s input, before truncation (in the caller's thread)."""
+        with self._model_lock:
+            return self._loaded_locked(spec).count_tokens(texts)
 
     def loaded(self) -> set[int]:
         """Versions of the models loaded so far."""
@@ -179,10 +160,10 @@ class EmbeddingEngine:
             if job.future is not None:
                 _settle(job.future, None, EngineStopped("the embedding engine was closed"))
         with self._model_lock:
+            for embedder in self._models.values():
+                embedder.close()
             self._models.clear()
             self._versions = frozenset()
-        if self._device.startswith("cuda"):
-            torch.cuda.empty_cache()
 
     # -- scheduling (event loop side) ----------------------------------------------------------
 
@@ -249,15 +230,20 @@ class EmbeddingEngine:
     def _drop(self, versions: set[int]) -> None:
         with self._model_lock:
             for version in versions:
-                self._models.pop(version, None)
+                if version in self._models:
+                    self._models.pop(version).close()
             self._versions = frozenset(self._models)
 
     def _encode(self, spec: ModelSpec, texts: list[str]) -> np.ndarray:
         """Vectors for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
-            if spec.version not in self._models:
-                self._load_locked(spec)
-            return self._vectors(spec, self._models[spec.version], texts)
+            return self._vectors(spec, self._loaded_locked(spec), texts)
+
+    def _loaded_locked(self, spec: ModelSpec) -> Embedder:
+        """The loaded model of ``spec`` (the caller holds ``_model_lock``), loading it if needed."""
+        if spec.version not in self._models:
+            self._load_locked(spec)
+        return self._models[spec.version]
 
     def _load_locked(self, spec: ModelSpec) -> float:
         try:
@@ -271,58 +257,27 @@ class EmbeddingEngine:
 
     def _load_checked(self, spec: ModelSpec) -> float:
         started = time.perf_counter()
-        loaded = load_model(spec.source)
-        if loaded.profile.fingerprint != spec.fingerprint:
+        embedder = providers.load(spec, self._device)
+        if embedder.profile.fingerprint != spec.fingerprint:
+            embedder.close()
             raise FingerprintMismatch(
-                f"weights at {spec.source} changed since registration of model {spec.name!r} (v{spec.version}): "
-                f"fingerprint {loaded.profile.fingerprint[:12]}…, registered {spec.fingerprint[:12]}…"
+                f"the model at {spec.source} changed since registration of model {spec.name!r} (v{spec.version}): "
+                f"fingerprint {embedder.profile.fingerprint[:12]}…, registered {spec.fingerprint[:12]}…"
             )
-        if loaded.tokenizer is not None:
-            if self._device.startswith("cuda"):
-                loaded.model.half()
-            loaded.model.to(self._device)
-        self._vectors(spec, loaded, [_WARM_UP_TEXT])
-        self._models[spec.version] = loaded
+        self._vectors(spec, embedder, [_WARM_UP_TEXT])
+        self._models[spec.version] = embedder
         self._versions = frozenset(self._models)
         took = time.perf_counter() - started
         log.info("loaded model %s v%d (%s, %d) on %s in %.2fs",
-                 spec.name, spec.version, spec.kind, spec.dim, self._device, took)
+                 spec.name, spec.version, spec.provider, spec.dim, embedder.device, took)
         return took
 
-    def _vectors(self, spec: ModelSpec, loaded: LoadedModel, texts: list[str]) -> np.ndarray:
+    def _vectors(self, spec: ModelSpec, embedder: Embedder, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``."""
-        if loaded.tokenizer is None:
-            raw = loaded.model.encode(
-                texts, max_length=spec.max_tokens or None, normalize=False, use_multiprocessing=False
-            ).astype(np.float32, copy=False)
-            norms = np.linalg.norm(raw, axis=1, keepdims=True)
-            vectors = raw / np.maximum(norms, 1e-12)
-        else:
-            vectors = self._transformer_vectors(spec, loaded, texts)
-        if vectors.shape[1] != spec.dim:
-            raise DimensionMismatch(spec, vectors.shape[1])
-        return vectors
-
-    def _transformer_vectors(self, spec: ModelSpec, loaded: LoadedModel, texts: list[str]) -> np.ndarray:
-        batch = loaded.tokenizer(
-            texts, padding=True, truncation=True, max_length=spec.max_tokens, return_tensors="pt"
-        ).to(self._device)
-        with torch.inference_mode():
-            hidden = loaded.model(**batch).last_hidden_state.float()
-            pooled = _pool(hidden, batch["attention_mask"], spec.pooling)
-            return torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
-
-
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool token vectors ``(batch, tokens, dim)`` into one vector per text, as sentence-transformers does."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    if pooling == "mean":
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-    if pooling == "max":
-        return hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
-    raise ValueError(f"unknown pooling {pooling!r}")
+        raw = np.asarray(embedder.embed(texts), dtype=np.float32)
+        if raw.ndim != 2 or raw.shape[1] != spec.dim:
+            raise DimensionMismatch(spec, raw.shape[-1])
+        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -1,9 +1,9 @@
 """The failure classes Segue tells apart: an event's own fault, or the infrastructure's.
 
-Bad input is dead-lettered with its reason (``schemas.events.InvalidEvent``); an
+Bad input is dead-lettered with its reason (``segue.schemas.events.InvalidEvent``); an
 :class:`InfrastructureError` (a model that cannot load, a stopped engine) is retried
 and reported, never dead-lettered, as are transient database errors
-(:func:`app.isolation.is_transient`).
+(:func:`segue.isolation.is_transient`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Errors fall in two classes (see README, "Delivery guarantees"):
 * transient — the infrastructure, not the batch, is at fault: a lost or refused
   database connection, deadlock or serialization failure, cancel or shutdown,
   resource exhaustion, a lock timeout (SQLSTATE classes 08, 40, 53, 57, 58 and
-  55P03), or an :class:`~app.errors.InfrastructureError` (a model that cannot load,
+  55P03), or an :class:`~segue.errors.InfrastructureError` (a model that cannot load,
   a stopped engine). These are retried with capped backoff until they clear: an
   outage never dead-letters good events.
 * anything else is the batch's fault: retried ``attempts`` times, then the batch is
@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import psycopg
 
-from app.errors import InfrastructureError
+from segue.errors import InfrastructureError
 
 log = logging.getLogger("segue.isolation")
 

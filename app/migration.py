@@ -1,7 +1,8 @@
-"""Migration control: start, pause, resume, the cutover gate, rollback, finish, the HNSW index.
+"""The migration lifecycle: start, pause, resume, the cutover gate, cutover, rollback, finish.
 
 Every transition is one transaction that updates ``migrations``, flips ``serving``
-where reads move, and appends a ``control`` row to ``migration_changelog``.
+where reads move, and appends a ``control`` row to ``migration_changelog``. The gate
+uses the coverage threshold recorded when the migration started.
 
     running ⇄ paused
     running → ready            (coverage and the latest quality verdict pass)
@@ -21,8 +22,8 @@ from psycopg import errors, sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from app import db, registry
-from app.isolation import is_transient
+from segue import db, registry
+from segue.schemas.changelog import Action, Origin
 
 ACTIVE = ("running", "paused", "ready", "cut_over", "rolled_back")
 
@@ -44,6 +45,11 @@ class Migration:
     updated_at: datetime
     cut_over_at: datetime | None
     finished_at: datetime | None
+
+    @property
+    def cutover_min_coverage_pct(self) -> float:
+        """The coverage the cutover gate waits for, as recorded at start (100 for older migrations)."""
+        return float(self.settings.get("cutover_min_coverage_pct", 100.0))
 
 
 @dataclass(frozen=True)
@@ -113,11 +119,10 @@ def require_active(conn: psycopg.Connection) -> Migration:
     return migration
 
 
-def _log(conn: psycopg.Connection, migration: Migration, action: str, detail: dict[str, Any]) -> None:
+def _log(conn: psycopg.Connection, migration: Migration, action: Action, detail: dict[str, Any]) -> None:
     conn.execute(
-        "INSERT INTO migration_changelog (model_version, action, origin, event_id, detail)"
-        " VALUES (%s, %s, 'control', %s, %s)",
-        (migration.to_version, action, f"migration-{migration.id}",
+        "INSERT INTO migration_changelog (model_version, action, origin, event_id, detail) VALUES (%s, %s, %s, %s, %s)",
+        (migration.to_version, action.value, Origin.CONTROL.value, f"migration-{migration.id}",
          Jsonb({"migration_id": migration.id, "from": migration.from_name, "to": migration.to_name, **detail})),
     )
 
@@ -126,7 +131,7 @@ def _transition(
     conn: psycopg.Connection,
     allowed: tuple[str, ...],
     state: str,
-    action: str,
+    action: Action,
     detail: dict[str, Any] | None = None,
     *,
     read_version: str | None = None,
@@ -163,9 +168,13 @@ def ensure_none_active(conn: psycopg.Connection) -> None:
         )
 
 
-def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None,
-          settings: dict[str, Any] | None = None) -> Migration:
-    """Record a migration to ``to_name`` (registered, live) from ``from_name`` (default: the read model)."""
+def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None, *,
+          cutover_min_coverage_pct: float) -> Migration:
+    """Record a migration to ``to_name`` (registered, live) from ``from_name`` (default: the read model).
+
+    ``cutover_min_coverage_pct`` is recorded with it: the gate the cutover waits for.
+    """
+    settings = {"cutover_min_coverage_pct": cutover_min_coverage_pct}
     to = registry.get_model(conn, to_name)
     if to.state != "live":
         raise MigrationError(f"model {to_name!r} is {to.state}; register a new one")
@@ -182,10 +191,10 @@ def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None,
             (migration_id,) = conn.execute(
                 "INSERT INTO migrations (from_version, to_version, state, settings) VALUES (%s, %s, 'running', %s)"
                 " RETURNING id",
-                (source.spec.version, to.spec.version, Jsonb(settings or {})),
+                (source.spec.version, to.spec.version, Jsonb(settings)),
             ).fetchone()
             migration = require_active(conn)
-            _log(conn, migration, "migration_started", {"settings": settings or {}})
+            _log(conn, migration, Action.MIGRATION_STARTED, {"settings": settings})
     except errors.UniqueViolation:
         ensure_none_active(conn)
         raise
@@ -194,12 +203,12 @@ def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None,
 
 def pause(conn: psycopg.Connection) -> Migration:
     """Pause the backfill (changes keep being dual-written)."""
-    return _transition(conn, ("running", "ready"), "paused", "migration_paused")
+    return _transition(conn, ("running", "ready"), "paused", Action.MIGRATION_PAUSED)
 
 
 def resume(conn: psycopg.Connection) -> Migration:
     """Resume a paused migration."""
-    return _transition(conn, ("paused",), "running", "migration_resumed")
+    return _transition(conn, ("paused",), "running", Action.MIGRATION_RESUMED)
 
 
 def vector_counts(conn: psycopg.Connection, version: int) -> tuple[int, int]:
@@ -219,8 +228,9 @@ def coverage_pct(conn: psycopg.Connection, version: int) -> float:
     return 100.0 if total == 0 else 100.0 * current / total
 
 
-def gate(conn: psycopg.Connection, migration: Migration, min_coverage_pct: float) -> Gate:
-    """Evaluate the cutover gate: coverage of the new model and the latest quality verdict."""
+def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
+    """Evaluate the cutover gate, reading only: coverage of the new model against the threshold recorded
+    at start, and the latest quality verdict."""
     verdict = conn.execute(
         "SELECT verdict, metric FROM model_evaluations WHERE migration_id = %s ORDER BY evaluated_at DESC, id DESC"
         " LIMIT 1",
@@ -228,53 +238,39 @@ def gate(conn: psycopg.Connection, migration: Migration, min_coverage_pct: float
     ).fetchone()
     return Gate(
         coverage_pct=coverage_pct(conn, migration.to_version),
-        min_coverage_pct=min_coverage_pct,
+        min_coverage_pct=migration.cutover_min_coverage_pct,
         verdict=verdict[0] if verdict else None,
         verdict_metric=verdict[1] if verdict else None,
     )
 
 
-def record_evaluation(conn: psycopg.Connection, migration_id: int, metric: str, old_value: float,
-                      new_value: float, *, higher_is_better: bool = True, detail: dict | None = None) -> str:
-    """Record a quality check of the new model against the old one; returns its verdict."""
-    better = new_value >= old_value if higher_is_better else new_value <= old_value
-    verdict = "pass" if better else "fail"
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO model_evaluations (migration_id, metric, old_value, new_value, verdict, detail)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (migration_id, metric, old_value, new_value, verdict, Jsonb(detail or {})),
-        )
-    return verdict
-
-
-def refresh(conn: psycopg.Connection, min_coverage_pct: float) -> Migration | None:
-    """Mark a running migration ready once its gate passes; returns the active migration."""
+def refresh(conn: psycopg.Connection) -> Migration | None:
+    """Mark a running migration ready once its gate passes (workers do, periodically); the active migration."""
     migration = active_migration(conn)
     if migration is None or migration.state != "running":
         return migration
-    check = gate(conn, migration, min_coverage_pct)
+    check = gate(conn, migration)
     if not check.passed:
         return migration
-    return _transition(conn, ("running",), "ready", "migration_ready", {"coverage_pct": check.coverage_pct})
+    return _transition(conn, ("running",), "ready", Action.MIGRATION_READY, {"coverage_pct": check.coverage_pct})
 
 
-def cutover(conn: psycopg.Connection, *, min_coverage_pct: float, force_reason: str | None = None) -> Migration:
+def cutover(conn: psycopg.Connection, *, force_reason: str | None = None) -> Migration:
     """Switch reads to the new model, atomically, if the gate passes (or is forced with a reason)."""
     migration = require_active(conn)
-    check = gate(conn, migration, min_coverage_pct)
+    check = gate(conn, migration)
     if not check.passed and not force_reason:
         raise MigrationError("cutover refused: " + "; ".join(check.reasons()) + " (override: --force --reason TEXT)")
     detail = {"coverage_pct": round(check.coverage_pct, 3), "verdict": check.verdict}
     if not check.passed:
         detail.update(forced=True, reason=force_reason, gate_failures=check.reasons())
-    return _transition(conn, ("running", "ready", "rolled_back"), "cut_over", "migration_cut_over", detail,
+    return _transition(conn, ("running", "ready", "rolled_back"), "cut_over", Action.MIGRATION_CUT_OVER, detail,
                        read_version="to_version")
 
 
 def rollback(conn: psycopg.Connection) -> Migration:
     """Switch reads back to the old model; both are still dual-written."""
-    return _transition(conn, ("cut_over",), "rolled_back", "migration_rolled_back", read_version="from_version")
+    return _transition(conn, ("cut_over",), "rolled_back", Action.MIGRATION_ROLLED_BACK, read_version="from_version")
 
 
 def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
@@ -292,167 +288,11 @@ def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
 
     def retire() -> Migration:
         conn.execute("UPDATE embedding_models SET state = 'retired', retired_at = now() WHERE version = %s", (old,))
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index_name(old)))
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(db.index_name(old)))
         conn.execute(sql.SQL("ALTER TABLE documents DROP COLUMN IF EXISTS {}, DROP COLUMN IF EXISTS {}").format(
             db.vector_column(old), db.sha_column(old)))
         conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (old,))
         db.install_vector_counters(conn)
-        return _transition(conn, ("cut_over",), "finished", "migration_finished", {"retired": migration.from_name})
+        return _transition(conn, ("cut_over",), "finished", Action.MIGRATION_FINISHED, {"retired": migration.from_name})
 
     return db.run_ddl(conn, retire, what=f"retiring model {migration.from_name!r}")
-
-
-def index_name(version: int) -> sql.Identifier:
-    """The HNSW index of model version ``version``'s column."""
-    return sql.Identifier(f"documents_embedding_v{version}_hnsw")
-
-
-def hnsw_memory_bytes(rows: int, dim: int) -> int:
-    """Rough HNSW build memory: rows × (4·dim + 8) × 1.3."""
-    return int(rows * (4 * dim + 8) * 1.3)
-
-
-INDEX_LOCK = 0x5E70  # advisory lock: one index build at a time across workers
-
-
-@dataclass(frozen=True)
-class IndexPolicy:
-    """How HNSW indexes are built: graph settings, the coverage to wait for, memory cap, failures allowed."""
-
-    min_coverage_pct: float
-    m: int
-    ef_construction: int
-    max_memory_mb: int
-    max_failures: int
-
-    @classmethod
-    def from_settings(cls, settings) -> IndexPolicy:
-        return cls(min_coverage_pct=settings.index_min_coverage_pct, m=settings.hnsw_m,
-                   ef_construction=settings.hnsw_ef_construction,
-                   max_memory_mb=settings.index_max_maintenance_work_mem_mb,
-                   max_failures=settings.index_max_failures)
-
-
-@dataclass(frozen=True)
-class IndexFailures:
-    """Failed builds of one model's index: how many, and the last error."""
-
-    count: int
-    last_error: str | None
-
-    def stopped(self, policy: IndexPolicy) -> bool:
-        """Whether workers have given up building it (``segue migrate index`` still tries)."""
-        return self.count >= policy.max_failures
-
-    def describe(self, policy: IndexPolicy) -> str:
-        head = f"{self.count} failed build(s)"
-        if self.stopped(policy):
-            head += (f"; workers stopped trying after {policy.max_failures}"
-                     " (fix the cause, then run segue migrate index)")
-        return f"{head}; last error: {self.last_error}"
-
-
-def index_failures(conn: psycopg.Connection, version: int) -> IndexFailures:
-    """Failed HNSW builds of model ``version`` recorded in the changelog."""
-    count, last_error = conn.execute(
-        "SELECT count(*), (array_agg(error ORDER BY id DESC))[1] FROM migration_changelog"
-        " WHERE action = 'index_failed' AND model_version = %s",
-        (version,),
-    ).fetchone()
-    return IndexFailures(count, last_error)
-
-
-def index_status(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> str:
-    """One line on model ``version``'s HNSW index: built, building, waiting, or failing and why."""
-    name = index_name(version).as_string(conn)
-    valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
-    failures = index_failures(conn, version)
-    if valid is not None and valid[0]:
-        return f"{name} is built"
-    state = (f"{name} is being built (or was interrupted)" if valid is not None
-             else f"{name} waits for {policy.min_coverage_pct:g}% coverage")
-    return state if failures.count == 0 else f"{state}; {failures.describe(policy)}"
-
-
-def build_index_when_covered(conn: psycopg.Connection, policy: IndexPolicy) -> str | None:
-    """Build the active migration's HNSW index once its coverage allows; what was done, if anything.
-
-    Workers call this periodically; the advisory lock keeps it to one builder at a time,
-    and they stop after ``policy.max_failures`` failed builds (each logged as ``index_failed``).
-    """
-    active = active_migration(conn)
-    if active is None or active.state == "paused":
-        return None
-    if index_failures(conn, active.to_version).stopped(policy):
-        return None
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (INDEX_LOCK,)).fetchone()[0]:
-        return None
-    try:
-        built, message = _build_index_locked(conn, active.to_version, policy)
-        return message if built else None
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
-
-
-def build_index(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> tuple[bool, str]:
-    """CREATE INDEX CONCURRENTLY an HNSW index on a model's column once coverage allows.
-
-    Waits for any other builder; runs outside a transaction (connections from ``db.connect``
-    autocommit). Tries even after workers gave up. Returns (built, message).
-    """
-    conn.execute("SELECT pg_advisory_lock(%s)", (INDEX_LOCK,))
-    try:
-        return _build_index_locked(conn, version, policy)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (INDEX_LOCK,))
-
-
-def index_memory_mb(rows: int, dim: int, policy: IndexPolicy) -> int:
-    """The maintenance_work_mem for a build: the estimate, at least 64 MB, at most the policy's cap."""
-    return min(max(64, -(-hnsw_memory_bytes(rows, dim) // 2**20)), policy.max_memory_mb)
-
-
-def _build_index_locked(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> tuple[bool, str]:
-    spec = next((s for s in registry.live_models(conn) if s.version == version), None)
-    if spec is None:
-        raise MigrationError(f"model version {version} is not live")
-    name = index_name(version).as_string(conn)
-    valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
-    if valid is not None and valid[0]:
-        return False, f"the HNSW index {name} already exists"
-    if valid is not None:  # left invalid by an interrupted concurrent build
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
-    covered = coverage_pct(conn, version)
-    if covered < policy.min_coverage_pct:
-        return False, (f"coverage {covered:.2f}% < {policy.min_coverage_pct:.2f}%: the index waits "
-                       "(it would be built on a moving target)")
-    (rows,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
-    memory_mb = index_memory_mb(rows, spec.dim, policy)
-    settings = {"m": policy.m, "ef_construction": policy.ef_construction, "maintenance_work_mem_mb": memory_mb,
-                "coverage_pct": round(covered, 3)}
-    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
-    try:
-        conn.execute(
-            sql.SQL(
-                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON documents USING hnsw ({} vector_cosine_ops)"
-                " WITH (m = {}, ef_construction = {})"
-            ).format(index_name(version), db.vector_column(version), sql.Literal(policy.m),
-                     sql.Literal(policy.ef_construction))
-        )
-    except psycopg.Error as error:
-        if conn.broken or is_transient(error):  # the database, not the build, failed: not counted
-            raise
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
-        conn.execute(
-            "INSERT INTO migration_changelog (model_version, action, origin, error, detail)"
-            " VALUES (%s, 'index_failed', 'control', %s, %s)",
-            (version, f"{type(error).__name__}: {error}"[:4000], Jsonb(settings)),
-        )
-        raise MigrationError(f"building the HNSW index {name} failed: {error} ("
-                             f"{index_failures(conn, version).describe(policy)})") from error
-    conn.execute(
-        "INSERT INTO migration_changelog (model_version, action, origin, detail) VALUES (%s, 'index_built', 'control', %s)",
-        (version, Jsonb(settings)),
-    )
-    return True, (f"HNSW index {name} (m={policy.m}, ef_construction={policy.ef_construction}) "
-                  f"built with maintenance_work_mem={memory_mb}MB for {rows} rows × {spec.dim}-d")

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.engine import EmbeddingEngine, ModelSpec
-from app.isolation import process_isolating_poison, retry_forever
-from app.settings import Settings
-from app.store import ChangelogRow, DeleteRow, DocumentRow, Store, StoredDocument, VectorRow
-from schemas.events import (
+from segue.engine import EmbeddingEngine
+from segue.spec import ModelSpec
+from segue.isolation import process_isolating_poison, retry_forever
+from segue.settings import Settings
+from segue.batches import ChangeEvent, Envelope, highest_versions, latest_per_document, split_rounds
+from segue.store import ChangelogRow, DeleteRow, DocumentRow, Store, StoredDocument, VectorRow
+from segue.schemas.changelog import Action, Origin
+from segue.schemas.events import (
     DeadLetterReason,
-    DocumentChange,
     InvalidEvent,
     ReadMiss,
-    SourcePosition,
     decode_change,
     decode_read_miss,
 )
@@ -34,23 +34,6 @@ log = logging.getLogger("segue.pipeline")
 PRIORITY_READ_MISS = 0
 PRIORITY_CHANGE = 1
 PRIORITY_BACKFILL = 2
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """A raw record as read from Kafka."""
-
-    key: bytes | None
-    value: bytes | None
-    source: SourcePosition
-    timestamp_ms: int | None = None
-
-    def key_text(self) -> str | None:
-        return self.key.decode(errors="replace") if self.key is not None else None
-
-    def latency_ms(self) -> float | None:
-        """Milliseconds from publication to now."""
-        return time.time() * 1000 - self.timestamp_ms if self.timestamp_ms else None
 
 
 class DeadLetterSink(Protocol):
@@ -65,7 +48,7 @@ class DeadLetter:
     envelope: Envelope
     reason: DeadLetterReason
     error: str
-    origin: str
+    origin: Origin
     model_version: int | None = None
     event_id: str | None = None
 
@@ -87,7 +70,7 @@ def _error_text(error: BaseException) -> str:
 class _Processor:
     """What both processors share: the store, the engine and dead-lettering."""
 
-    origin: str
+    origin: Origin
 
     def __init__(self, settings: Settings, store: Store, engine: EmbeddingEngine, dead_letters: DeadLetterSink):
         self.settings = settings
@@ -98,7 +81,7 @@ class _Processor:
     async def _live_models(self) -> list[ModelSpec]:
         """The live models, loaded and warm; retired ones are freed from the engine.
 
-        A model that cannot load raises :class:`~app.errors.ModelUnavailable`, which the
+        A model that cannot load raises :class:`~segue.errors.ModelUnavailable`, which the
         isolation retries (an outage of that model), never dead-letters.
         """
         models = await self.store.live_models()
@@ -139,7 +122,7 @@ class _Processor:
             ChangelogRow(
                 doc_id=letter.envelope.key_text(),
                 model_version=letter.model_version,
-                action="dead_lettered",
+                action=Action.DEAD_LETTERED,
                 origin=letter.origin,
                 event_id=letter.event_id,
                 latency_ms=letter.envelope.latency_ms(),
@@ -159,67 +142,10 @@ class _Processor:
         await self._isolate(rows, record, unrecordable)
 
 
-@dataclass(frozen=True)
-class ChangeEvent:
-    envelope: Envelope
-    change: DocumentChange
-
-
-def split_rounds(events: Sequence[ChangeEvent]) -> list[list[ChangeEvent]]:
-    """Cut a batch where an event follows a version-less tombstone of the same document.
-
-    A tombstone deletes whatever is stored when it is applied, so what came after it
-    in the partition must be applied after it, in a later round.
-    """
-    rounds: list[list[ChangeEvent]] = [[]]
-    tombstoned: set[str] = set()
-    for event in events:
-        doc_id = event.change.doc_id
-        if doc_id in tombstoned:
-            rounds.append([])
-            tombstoned = set()
-        rounds[-1].append(event)
-        if event.change.version is None:
-            tombstoned.add(doc_id)
-    return [r for r in rounds if r]
-
-
-def highest_versions(events: Sequence[ChangeEvent]) -> dict[str, int]:
-    """The highest version each document carries in ``events`` (documents with none are absent)."""
-    highest: dict[str, int] = {}
-    for event in events:
-        version = event.change.version
-        if version is not None and version > highest.get(event.change.doc_id, -1):
-            highest[event.change.doc_id] = version
-    return highest
-
-
-def latest_per_document(events: Sequence[ChangeEvent]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
-    """Keep the highest version per doc id (a tombstone beats what came before it).
-
-    Returns (winners, superseded); among equal versions the first one wins.
-    """
-    winners: dict[str, ChangeEvent] = {}
-    superseded: list[ChangeEvent] = []
-    for event in events:
-        doc_id = event.change.doc_id
-        current = winners.get(doc_id)
-        if current is None:
-            winners[doc_id] = event
-        elif event.change.version is None or (
-            current.change.version is not None and event.change.version > current.change.version
-        ):
-            superseded.append(current)
-            winners[doc_id] = event
-        else:
-            superseded.append(event)
-    return list(winners.values()), superseded
-
-
 class ChangeProcessor(_Processor):
     """Dual-writes document changes: every live model, one transaction per batch."""
 
-    origin = "change"
+    origin = Origin.CHANGE
 
     async def process(self, envelopes: Sequence[Envelope]) -> None:
         """Apply a batch of document-changes records; returns once every outcome is durable."""
@@ -236,7 +162,7 @@ class ChangeProcessor(_Processor):
         for round_ in split_rounds(events):
             await self._isolate(round_, self._apply, self._poison)
 
-    def _row(self, event: ChangeEvent, model_version: int | None, action: str, error: str | None = None):
+    def _row(self, event: ChangeEvent, model_version: int | None, action: Action, error: str | None = None):
         return ChangelogRow(
             doc_id=event.change.doc_id,
             model_version=model_version,
@@ -298,23 +224,23 @@ class ChangeProcessor(_Processor):
             changelog: list[ChangelogRow] = []
             for event, _, needed in upserts:
                 if event.change.doc_id not in applied:
-                    changelog += [self._row(event, v, "superseded") for v in slots]
+                    changelog += [self._row(event, v, Action.SUPERSEDED) for v in slots]
                     continue
                 needed_versions = {m.version for m in needed}
                 changelog += [
-                    self._row(event, v, "embedded" if v in needed_versions else "unchanged") for v in slots
+                    self._row(event, v, Action.EMBEDDED if v in needed_versions else Action.UNCHANGED) for v in slots
                 ]
             for event in deletes:
                 absent_already = stored[event.change.doc_id].version is None
-                action = "deleted" if event.change.doc_id in deleted or absent_already else "superseded"
+                action = Action.DELETED if event.change.doc_id in deleted or absent_already else Action.SUPERSEDED
                 changelog += [self._row(event, v, action) for v in slots]
             for event in superseded:
-                changelog += [self._row(event, v, "superseded") for v in slots]
+                changelog += [self._row(event, v, Action.SUPERSEDED) for v in slots]
             await tx.log(changelog)
 
     async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
         models = await self.store.live_models()
-        failed = [self._row(event, v, "failed", _error_text(error)) for v in _model_slots(models)]
+        failed = [self._row(event, v, Action.FAILED, _error_text(error)) for v in _model_slots(models)]
         letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin,
                             event_id=event.change.event_id)
         await self._dead_letter([letter], failed)
@@ -330,7 +256,7 @@ class ReadMissEvent:
 class ReadMissProcessor(_Processor):
     """Re-embeds the stored body of documents a reader found without a current vector."""
 
-    origin = "read_miss"
+    origin = Origin.READ_MISS
     priority = PRIORITY_READ_MISS
 
     async def process(self, envelopes: Sequence[Envelope]) -> None:
@@ -363,7 +289,7 @@ class ReadMissProcessor(_Processor):
             if mine:
                 await self._isolate(mine, self._apply, self._poison)
 
-    def _row(self, event: ReadMissEvent, action: str, doc_version: int | None = None, error: str | None = None):
+    def _row(self, event: ReadMissEvent, action: Action, doc_version: int | None = None, error: str | None = None):
         return ChangelogRow(
             doc_id=event.miss.doc_id,
             model_version=event.model.version,
@@ -398,11 +324,11 @@ class ReadMissProcessor(_Processor):
             for event in known:
                 doc = stored[event.miss.doc_id]
                 if event.miss.doc_id in written and event.miss.doc_id not in first_seen:
-                    action = "embedded"
+                    action = Action.EMBEDDED
                 elif event.miss.doc_id in todo and event.miss.doc_id not in written:
-                    action = "superseded"
+                    action = Action.SUPERSEDED
                 else:
-                    action = "unchanged"
+                    action = Action.UNCHANGED
                 first_seen.add(event.miss.doc_id)
                 changelog.append(self._row(event, action, doc.version))
             await tx.log(changelog)
@@ -420,17 +346,17 @@ class ReadMissProcessor(_Processor):
     async def _poison(self, event: ReadMissEvent, error: BaseException) -> None:
         letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin,
                             event.model.version, event.miss.event_id)
-        await self._dead_letter([letter], [self._row(event, "failed", error=_error_text(error))])
+        await self._dead_letter([letter], [self._row(event, Action.FAILED, error=_error_text(error))])
 
 
 class BackfillProcessor(ReadMissProcessor):
     """Re-embeds documents the backfill or the sweeper enqueued, behind read misses and changes."""
 
-    origin = "backfill"
+    origin = Origin.BACKFILL
     priority = PRIORITY_BACKFILL
 
     async def _unknown_documents(self, events: Sequence[ReadMissEvent]) -> None:
         """Deleted since it was enqueued: nothing to do, and nothing wrong."""
         if events:
             async with self.store.transaction() as tx:
-                await tx.log([self._row(e, "superseded") for e in events])
+                await tx.log([self._row(e, Action.SUPERSEDED) for e in events])

@@ -23,40 +23,40 @@ A query vector is only ever compared with the column of the model that embedded 
 registry before every column query. Scores are cosine similarities (``1 - (v <=> q)``)
 when one column ranked the hits and fused RRF scores when two did.
 
-Read misses are deduplicated per (document, model) for ``read_miss_dedup_s`` and
-bounded by a token bucket of ``read_miss_rate`` events/s (capacity ``max(1, rate)``);
-events over the bound are dropped and counted, never waited for. An aiokafka producer
-on a private event-loop thread sends them, so publishing never slows a query;
-:meth:`SegueReader.close` flushes it.
+Read misses go through a :class:`~segue.readmisses.ReadMissPublisher`: deduplicated per
+(document, model) for ``read_miss_dedup_s``, at most ``read_miss_rate`` a second, sent
+without slowing a query; :meth:`SegueReader.close` flushes them.
+
+The reader is made for threaded host services: queries borrow connections from a pool
+(``pool_size``), so concurrent searches run in parallel in PostgreSQL. Importing it
+loads no model code; torch comes only when a local model is first loaded.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import orjson
-from aiokafka import AIOKafkaProducer
+import psycopg
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
 
-from app import db, migration, registry, services
-from app.engine import EmbeddingEngine, ModelSpec
-from app.settings import Settings, load_settings
+from segue import db, migration, registry, services
+from segue.engine import EmbeddingEngine
+from segue.readmisses import ReadMissPublisher
+from segue.settings import Settings, load_settings
+from segue.spec import ModelSpec
 
 log = logging.getLogger("segue.reader")
 
 MODES = ("incremental", "parallel", "routing")
 RRF_K = 60  # the reciprocal rank fusion constant: score = sum of 1 / (RRF_K + rank)
-FLUSH_TIMEOUT_S = 10.0
 
 RoutingPolicy = Callable[[str, list[ModelSpec]], ModelSpec]
 
@@ -149,7 +149,7 @@ class _View:
 class SegueReader:
     """Searches the corpus with the serving model, falling back to the other model mid-migration.
 
-    Thread-safe; queries share one connection. Use as a context manager or call :meth:`close`.
+    Thread-safe: queries borrow connections from a pool. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(
@@ -164,6 +164,7 @@ class SegueReader:
         read_miss_dedup_s: float = 60.0,
         serving_ttl_s: float = 2.0,
         read_model: str | None = None,
+        pool_size: int = 8,
     ):
         """Connect to ``database_url`` (default: the settings' database, embedded if unset).
 
@@ -171,7 +172,8 @@ class SegueReader:
         ``mode`` is the default for :meth:`search`; ``routing_policy`` picks the model in routing
         mode. ``read_miss_rate`` 0 disables read-miss events. ``read_model`` pins the reader to a
         live model instead of the serving one (a canary reading the new model mid-migration,
-        whose misses drive lazy re-embedding).
+        whose misses drive lazy re-embedding). ``pool_size`` bounds the connections, so the
+        searches running at once.
         """
         _check_mode(mode)
         self._settings = settings or load_settings()
@@ -180,9 +182,11 @@ class SegueReader:
         self._policy = routing_policy or route_by_query_shape
         self._serving_ttl_s = serving_ttl_s
         self._read_model = read_model
-        self._misses = _ReadMissPublisher(self._settings, read_miss_rate, read_miss_dedup_s)
-        self._lock = threading.Lock()  # guards the connection, the view and _closed
-        self._conn = self._connect()
+        self._misses = ReadMissPublisher(self._settings, read_miss_rate, read_miss_dedup_s)
+        self._lock = threading.Lock()  # guards the view and _closed
+        self._pool = ConnectionPool(self._url, min_size=1, max_size=pool_size, name="segue-reader",
+                                    kwargs={"autocommit": True, "application_name": "segue-reader"},
+                                    configure=self._configure, open=True)
         self._view: _View | None = None
         self._closed = False
         self._owns_engine = engine is None
@@ -232,8 +236,7 @@ class SegueReader:
                 return
             self._closed = True
         self._misses.close()
-        with self._lock:
-            self._conn.close()
+        self._pool.close()
         if self._owns_engine:
             self._engine.close()
 
@@ -290,16 +293,16 @@ class SegueReader:
             "SELECT doc_id, body, metadata, {column} <=> %(query)s AS distance FROM documents"
             " WHERE {where} ORDER BY distance LIMIT %(k)s"
         ).format(column=db.vector_column(spec.version), where=sql.SQL(" AND ").join(where))
-        with self._lock:
-            rows = self._connection().execute(statement, params).fetchall()
+        with self._connection() as conn:
+            rows = conn.execute(statement, params).fetchall()
         rows.sort(key=lambda row: (row[3], row[0]))  # deterministic among equal distances
         return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name)
                 for doc_id, body, metadata, distance in rows]
 
     def _read_model_incomplete(self, read: ModelSpec) -> bool:
         """Whether some document lacks a current vector for ``read`` (from the exact counters)."""
-        with self._lock:
-            current, total = migration.vector_counts(self._connection(), read.version)
+        with self._connection() as conn:
+            current, total = migration.vector_counts(conn, read.version)
         return total > current
 
     # -- serving state ------------------------------------------------------------------------
@@ -314,27 +317,28 @@ class SegueReader:
     def _current_view(self, *, refresh: bool = False) -> _View:
         with self._lock:
             view = self._view
-            if refresh or view is None or time.monotonic() - view.loaded_at >= self._serving_ttl_s:
-                view = self._view = self._load_view(self._connection(), self._read_model)
-            return view
+        if refresh or view is None or time.monotonic() - view.loaded_at >= self._serving_ttl_s:
+            with self._connection() as conn:
+                view = self._load_view(conn, self._read_model)
+            with self._lock:
+                self._view = view
+        return view
 
     def _connection(self):
-        """The connection (caller holds the lock), reopened if it broke."""
+        """A pooled connection, for one query (a context manager)."""
         if self._closed:
             raise RuntimeError("the reader is closed")
-        if self._conn.broken:
-            self._conn = self._connect()
-        return self._conn
+        return self._pool.connection()
 
-    def _connect(self):
-        conn = db.connect(self._settings, self._url)
+    def _configure(self, conn: psycopg.Connection) -> None:
+        """Each pooled connection: Segue's schema and vector types, and exact-order iterative HNSW scans."""
+        db.configure(conn, self._settings)
         # HNSW filters after the scan, so a query for few qualifying rows (the fallback's documents
         # lacking a read-model vector, a narrow metadata filter) could come back short; pgvector
         # >= 0.8 can keep scanning instead, in exact distance order.
         (version,) = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
         if tuple(int(part) for part in version.split(".")[:2]) >= (0, 8):
             conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', false)")
-        return conn
 
     @staticmethod
     def _load_view(conn, read_model: str | None) -> _View:
@@ -366,121 +370,3 @@ def _check_request(k: int, filters: dict | None) -> None:
         raise ValueError(f"k must be a positive integer, not {k!r}")
     if filters is not None and not isinstance(filters, dict):
         raise TypeError(f"filters must be a dict (matched with metadata @> filters), not {type(filters).__name__}")
-
-
-class _ReadMissPublisher:
-    """Deduplicated, rate-bounded, fire-and-forget read-miss events, sent from a private event-loop thread."""
-
-    def __init__(self, settings: Settings, rate: float, dedup_s: float):
-        if rate < 0 or dedup_s < 0:
-            raise ValueError("read_miss_rate and read_miss_dedup_s must not be negative")
-        self._settings = settings
-        self._rate = rate
-        self._capacity = max(1.0, rate) if rate > 0 else 0.0
-        self._tokens = self._capacity
-        self._refilled = time.monotonic()
-        self._dedup_s = dedup_s
-        self._recent: dict[tuple[str, str], float] = {}  # insertion order is time order
-        self._counts = {"published": 0, "deduplicated": 0, "dropped": 0, "failed": 0}
-        self._lock = threading.Lock()
-        self._pending: set[concurrent.futures.Future] = set()
-        self._pending_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._producer: AIOKafkaProducer | None = None
-        self._start_lock: asyncio.Lock | None = None
-        self._closed = False
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-    def offer(self, doc_ids: Sequence[str], model: str) -> list[str]:
-        """Queue an event per document not sent within the dedup window, while tokens last; returns those queued."""
-        queued: list[str] = []
-        with self._lock:
-            if self._closed:
-                return queued
-            now = time.monotonic()
-            self._tokens = min(self._capacity, self._tokens + (now - self._refilled) * self._rate)
-            self._refilled = now
-            while self._recent and now - next(iter(self._recent.values())) >= self._dedup_s:
-                del self._recent[next(iter(self._recent))]
-            for doc_id in dict.fromkeys(doc_ids):
-                if (doc_id, model) in self._recent:
-                    self._counts["deduplicated"] += 1
-                elif self._tokens < 1:
-                    self._counts["dropped"] += 1
-                else:
-                    self._tokens -= 1
-                    self._recent[(doc_id, model)] = now
-                    queued.append(doc_id)
-            if queued and self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="segue-read-misses", daemon=True)
-                self._thread.start()
-            for doc_id in queued:
-                future = asyncio.run_coroutine_threadsafe(self._send(doc_id, model), self._loop)
-                with self._pending_lock:
-                    self._pending.add(future)
-                future.add_done_callback(self._settled)
-        return queued
-
-    def close(self) -> None:
-        """Wait for queued events to be acknowledged, then stop the producer and the loop thread."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if self._loop is None:
-            return
-        with self._pending_lock:
-            pending = list(self._pending)
-        concurrent.futures.wait(pending, timeout=FLUSH_TIMEOUT_S)
-        try:
-            asyncio.run_coroutine_threadsafe(self._stop_producer(), self._loop).result(FLUSH_TIMEOUT_S)
-        except Exception:
-            log.warning("the read-miss producer did not stop cleanly", exc_info=True)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def _settled(self, future: concurrent.futures.Future) -> None:
-        with self._pending_lock:
-            self._pending.discard(future)
-
-    # -- on the loop thread -----------------------------------------------------------------
-
-    async def _send(self, doc_id: str, model: str) -> None:
-        value = orjson.dumps({"doc_id": doc_id, "model": model, "event_id": f"read-miss-{uuid.uuid4().hex}"})
-        try:
-            producer = await self._started_producer()
-            delivery = await producer.send(self._settings.topic_read_misses, key=doc_id.encode(), value=value)
-            await delivery
-        except Exception as exc:
-            log.warning("could not publish a read miss for %r (%s): %s", doc_id, model, exc)
-            with self._lock:
-                self._counts["failed"] += 1
-                self._recent.pop((doc_id, model), None)  # let a later search try again
-        else:
-            with self._lock:
-                self._counts["published"] += 1
-
-    async def _started_producer(self) -> AIOKafkaProducer:
-        self._start_lock = self._start_lock or asyncio.Lock()
-        async with self._start_lock:
-            if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=services.kafka_bootstrap(self._settings), client_id="segue-reader", linger_ms=5
-                )
-                try:
-                    await producer.start()
-                except BaseException:
-                    await producer.stop()
-                    raise
-                self._producer = producer
-        return self._producer
-
-    async def _stop_producer(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()

@@ -13,10 +13,10 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
-from app import db
-from app.engine import ModelSpec
-from app.modelkit import ModelProfile, inspect_model
+from segue import db, providers
+from segue.spec import ModelProfile, ModelSpec
 
 _SPEC_COLUMNS = [f.name for f in fields(ModelSpec)]
 
@@ -36,6 +36,7 @@ class RegisteredModel:
 
 
 def _spec(row: dict) -> ModelSpec:
+    """The spec of an ``embedding_models`` row (its other columns are lifecycle state)."""
     return ModelSpec(**{name: row[name] for name in _SPEC_COLUMNS})
 
 
@@ -62,15 +63,17 @@ def get_model(conn: psycopg.Connection, name: str) -> RegisteredModel:
     raise RegistryError(f"no model named {name!r} is registered")
 
 
-def register_model(conn: psycopg.Connection, name: str, source: str, profile: ModelProfile | None = None) -> ModelSpec:
+def register_model(conn: psycopg.Connection, name: str, source: str, *, provider: str | None = None,
+                   options: dict | None = None, profile: ModelProfile | None = None) -> ModelSpec:
     """Register ``source`` as ``name``: a new version, its columns and its counters, in one transaction.
 
-    ``profile`` may be passed when the caller already inspected the model. Inside an
-    outer transaction the registration is part of it (and undone with it). The DDL waits
-    for its locks at most briefly at a time (:func:`app.db.run_ddl`), so writers never
+    The model is inspected by ``provider`` (default: detected from the source) with its
+    ``options``, unless the caller passes the ``profile`` it already has. Inside an outer
+    transaction the registration is part of it (and undone with it). The DDL waits for
+    its locks at most briefly at a time (:func:`segue.db.run_ddl`), so writers never
     queue behind it for long.
     """
-    profile = profile or inspect_model(source)
+    profile = profile or providers.inspect(source, provider=provider, options=options)
 
     def register() -> ModelSpec:
         conn.execute("LOCK TABLE embedding_models IN EXCLUSIVE MODE")
@@ -83,7 +86,7 @@ def register_model(conn: psycopg.Connection, name: str, source: str, profile: Mo
                 sql.SQL(", ").join(map(sql.Identifier, _SPEC_COLUMNS)),
                 sql.SQL(", ").join(sql.Placeholder() * len(_SPEC_COLUMNS)),
             ),
-            [getattr(spec, c) for c in _SPEC_COLUMNS],
+            [Jsonb(spec.config) if c == "config" else getattr(spec, c) for c in _SPEC_COLUMNS],
         )
         conn.execute(
             sql.SQL("ALTER TABLE documents ADD COLUMN {} vector({}), ADD COLUMN {} bytea").format(

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.settings import Settings
+from segue.settings import Settings
 
 log = logging.getLogger("segue.services")
 

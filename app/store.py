@@ -9,7 +9,7 @@ crash are harmless. Callers group the writes of one batch in :meth:`Store.transa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +19,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from app import db
-from app.engine import ModelSpec
-from app.settings import Settings
-from schemas.events import MAX_DOC_ID_CHARS, SourcePosition
+from segue import db
+from segue.spec import ModelSpec
+from segue.settings import Settings
+from segue.schemas.changelog import Action, Origin
+from segue.schemas.events import MAX_DOC_ID_CHARS, SourcePosition
 
-SWEEPER_LOCK = 0x5E6F  # advisory lock: one sweeper at a time across workers
 MAX_CHANGELOG_TEXT_CHARS = 4000
 
 
@@ -90,8 +90,8 @@ class ChangelogRow:
 
     doc_id: str | None
     model_version: int | None
-    action: str
-    origin: str
+    action: Action
+    origin: Origin
     doc_version: int | None = None
     event_id: str | None = None
     latency_ms: float | None = None
@@ -103,7 +103,7 @@ class ChangelogRow:
         Texts lose NUL characters and are cut (a doc_id to 512 characters, so it fits the
         btree index whatever a bad key held): recording an outcome must never fail on data.
         """
-        return [_text(self.doc_id, MAX_DOC_ID_CHARS), self.model_version, self.action, self.origin,
+        return [_text(self.doc_id, MAX_DOC_ID_CHARS), self.model_version, self.action.value, self.origin.value,
                 self.doc_version, _text(self.event_id, MAX_DOC_ID_CHARS), self.latency_ms,
                 _text(self.error, MAX_CHANGELOG_TEXT_CHARS)]
 
@@ -276,7 +276,8 @@ class Store:
         self._url = url
         self._conn: psycopg.AsyncConnection | None = None
 
-    async def _connection(self) -> psycopg.AsyncConnection:
+    async def connection(self) -> psycopg.AsyncConnection:
+        """The open connection (autocommit), reopened after a connection loss."""
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = await db.connect_async(self._settings, self._url)
         return self._conn
@@ -284,16 +285,16 @@ class Store:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTransaction]:
         """A transaction whose writes commit together or not at all."""
-        conn = await self._connection()
+        conn = await self.connection()
         async with conn.transaction():
             yield StoreTransaction(conn)
 
     async def live_models(self) -> list[ModelSpec]:
         """The models every change is embedded with, oldest first."""
-        conn = await self._connection()
+        conn = await self.connection()
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
-                "SELECT version, name, source, kind, dim, pooling, normalize, max_tokens, fingerprint"
+                "SELECT version, name, provider, source, dim, max_tokens, config, fingerprint"
                 " FROM embedding_models WHERE state = 'live' ORDER BY version"
             )
             return [ModelSpec(**row) for row in await cur.fetchall()]
@@ -302,7 +303,7 @@ class Store:
         self, doc_ids: Sequence[str], models: Sequence[ModelSpec], *, with_body: bool = False
     ) -> dict[str, StoredDocument]:
         """The stored state of ``doc_ids`` (absent ids come back with version None)."""
-        conn = await self._connection()
+        conn = await self.connection()
         hashes = [sql.SQL("d.{}").format(db.sha_column(m.version)) for m in models]
         statement = sql.SQL(
             "SELECT q.doc_id, d.version, d.content_sha256, t.version, {body}{hashes}"
@@ -326,92 +327,6 @@ class Store:
                     body=body,
                 )
             return result
-
-    async def sweep(
-        self,
-        publish: Callable[[ModelSpec, list[str]], Awaitable[None]],
-        *,
-        max_age_s: float,
-        scan_rows: int,
-        retry_failed_after_s: float,
-    ) -> dict[str, int]:
-        """One sweeper step: ``publish`` each live model's lost re-embeds in the next slice of the corpus.
-
-        Each model keeps a cursor in ``sweeper_progress`` and scans ``documents`` by primary
-        key, ``scan_rows`` a step, so every document is looked at once a pass whatever the
-        corpus size, and a new pass begins no sooner than ``max_age_s`` after the last one
-        did. A document is published when its vector has been stale or missing for over
-        ``max_age_s`` and it should be current: the model serves reads (readers need it
-        whole, e.g. a first model registered over an existing corpus), or the document was
-        written while the model was live, or it is behind the model's backfill watermark.
-        Documents whose re-embed failed within ``retry_failed_after_s`` are skipped. The
-        cursor moves only after ``publish`` returned, in one transaction with one sweeper
-        at a time (advisory lock). Returns {model name: documents published}.
-        """
-        conn = await self._connection()
-        published: dict[str, int] = {}
-        async with conn.transaction():
-            async with conn.cursor() as cur:
-                await cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (SWEEPER_LOCK,))
-                if not (await cur.fetchone())[0]:
-                    return published
-                for model in await self.live_models():
-                    doc_ids = await self._sweep_model(cur, model, max_age_s, scan_rows, retry_failed_after_s)
-                    if doc_ids:
-                        await publish(model, doc_ids)
-                        published[model.name] = len(doc_ids)
-        return published
-
-    async def _sweep_model(self, cur: psycopg.AsyncCursor, model: ModelSpec, max_age_s: float, scan_rows: int,
-                           retry_failed_after_s: float) -> list[str] | None:
-        await cur.execute(
-            "INSERT INTO sweeper_progress (model_version) VALUES (%s) ON CONFLICT (model_version) DO NOTHING",
-            (model.version,),
-        )
-        await cur.execute(
-            "SELECT cursor, passes > 0 AND cursor IS NULL AND pass_started_at > now() - make_interval(secs => %s)"
-            " FROM sweeper_progress WHERE model_version = %s FOR UPDATE",
-            (max_age_s, model.version),
-        )
-        after, resting = await cur.fetchone()
-        if resting:
-            return None
-        await cur.execute(
-            sql.SQL(
-                "WITH page AS (SELECT doc_id, updated_at, {h} IS DISTINCT FROM content_sha256 AS lacking"
-                "  FROM documents WHERE doc_id > %(after)s ORDER BY doc_id LIMIT %(scan)s)"
-                " SELECT (SELECT count(*) FROM page), (SELECT max(doc_id) FROM page),"
-                " array(SELECT p.doc_id FROM page p"
-                "  JOIN embedding_models m ON m.version = %(v)s"
-                "  LEFT JOIN serving s ON true"
-                "  LEFT JOIN backfill_progress b ON b.model_version = %(v)s"
-                "  WHERE p.lacking AND p.updated_at < now() - make_interval(secs => %(age)s)"
-                "  AND (s.read_model_version = m.version OR p.updated_at >= m.created_at"
-                "       OR p.doc_id <= b.watermark OR b.finished_at IS NOT NULL)"
-                "  AND NOT EXISTS (SELECT 1 FROM migration_changelog c WHERE c.doc_id = p.doc_id"
-                "       AND c.action IN ('failed', 'dead_lettered') AND c.model_version = %(v)s"
-                "       AND c.at > now() - make_interval(secs => %(quiet)s))"
-                "  ORDER BY p.doc_id)"
-            ).format(h=db.sha_column(model.version)),
-            {"after": after or "", "scan": scan_rows, "v": model.version, "age": max_age_s,
-             "quiet": retry_failed_after_s},
-        )
-        scanned, last, doc_ids = await cur.fetchone()
-        if scanned < scan_rows:  # the pass reached the end of the corpus
-            await cur.execute(
-                "UPDATE sweeper_progress SET cursor = NULL, passes = passes + 1, enqueued = enqueued + %s,"
-                " updated_at = now(), pass_started_at = CASE WHEN cursor IS NULL THEN now() ELSE pass_started_at END"
-                " WHERE model_version = %s",
-                (len(doc_ids), model.version),
-            )
-        else:
-            await cur.execute(
-                "UPDATE sweeper_progress SET cursor = %s, enqueued = enqueued + %s, updated_at = now(),"
-                " pass_started_at = CASE WHEN cursor IS NULL THEN now() ELSE pass_started_at END"
-                " WHERE model_version = %s",
-                (last, len(doc_ids), model.version),
-            )
-        return doc_ids
 
     async def close(self) -> None:
         """Close the connection."""

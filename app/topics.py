@@ -7,7 +7,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.settings import Settings
+from segue.settings import Settings
 
 log = logging.getLogger("segue.topics")
 

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from app.corpus import scifact_documents
-from app.engine import EmbeddingEngine, ModelSpec
-from app.modelkit import inspect_model, minilm_path
+from segue.corpus import scifact_documents
+from segue.engine import EmbeddingEngine
+from segue.spec import ModelSpec
+from segue.modelkit import minilm_path
+from segue.providers import inspect
 
 
 def random_weights_copy(skeleton: Path) -> Path:
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--skeleton", type=Path)
     args = parser.parse_args()
     source = random_weights_copy(args.skeleton) if args.skeleton else minilm_path()
-    profile = inspect_model(str(source))
+    profile = inspect(str(source))
     spec = ModelSpec.from_profile(1, "bench", str(source), profile)
     texts = [doc.text for doc in scifact_documents(args.docs)]
     print(f"{len(texts)} SciFact abstracts, model {'random-weight ' if args.skeleton else ''}MiniLM-L6 "
@@ -50,12 +52,13 @@ def main() -> None:
         engine = EmbeddingEngine(batch_size=batch_size)
         try:
             engine.embed_sync(spec, texts[:batch_size])  # load and warm up
+            where = engine.device_of(spec)
             started = time.perf_counter()
             vectors = engine.embed_sync(spec, texts)
             seconds = time.perf_counter() - started
         finally:
             engine.close()
-        device = torch.cuda.get_device_name(0) if engine.device == "cuda" else engine.device
+        device = torch.cuda.get_device_name(0) if where == "cuda" else where
         print(f"device {device}, batch {batch_size}: {len(texts) / seconds:,.0f} texts/s "
               f"({seconds:.2f} s, vectors {vectors.shape})")
 

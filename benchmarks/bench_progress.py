@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from app import db, services
-from app.modelkit import ModelProfile
-from app.registry import register_model
-from app.settings import Settings
+from segue import db, services
+from segue.registry import register_model
+from segue.settings import Settings
+from segue.spec import ModelProfile
 
 
 def main() -> None:
@@ -32,8 +32,9 @@ def main() -> None:
     try:
         with db.connect(settings, url) as conn:
             for name, dim in (("old", 16), ("new", 32)):
-                register_model(conn, name, f"/bench/{name}",
-                               ModelProfile("static", dim, "none", True, 512, f"fingerprint-{name}"))
+                register_model(conn, name, f"/bench/{name}", profile=ModelProfile(
+                    provider="static", dim=dim, max_tokens=512, config={"normalize": True},
+                    fingerprint=f"fingerprint-{name}"))
             started = time.perf_counter()
             step = 100_000
             for first in range(0, args.docs, step):

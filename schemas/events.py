@@ -194,7 +194,22 @@ def decode_read_miss(value: bytes | None) -> ReadMiss:
     return ReadMiss(doc_id=obj["doc_id"], model=obj["model"], event_id=obj.get("event_id"))
 
 
-def read_miss_value(doc_id: str, model: str, event_id: str | None = None) -> bytes:
+def encode_change(doc_id: str, *, version: int, text: str | None = None, op: str = "upsert",
+                  metadata: dict[str, Any] | None = None, event_id: str | None = None) -> bytes:
+    """A document-changes record value (document_change.schema.json); publish it keyed by ``doc_id``."""
+    if op == "upsert" and text is None:
+        raise ValueError("an upsert needs a text")
+    value: dict[str, Any] = {"doc_id": doc_id, "op": op, "version": version}
+    if text is not None:
+        value["text"] = text
+    if metadata is not None:
+        value["metadata"] = metadata
+    if event_id is not None:
+        value["event_id"] = event_id
+    return orjson.dumps(value)
+
+
+def encode_read_miss(doc_id: str, model: str, event_id: str | None = None) -> bytes:
     """A read-misses (or backfill) record value asking to re-embed ``doc_id`` with ``model``."""
     value = {"doc_id": doc_id, "model": model}
     if event_id is not None:

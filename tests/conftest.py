@@ -25,7 +25,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory, model_cache) -> Harness:
     """Embedded PostgreSQL and broker with an old (static) and a new (transformer) model registered."""
-    from app import db, registry
+    from segue import db, registry
 
     h = Harness(tmp_path_factory.mktemp("segue"))
     with db.connect(h.settings, h.database_url) as conn:

@@ -1,7 +1,7 @@
 """Test harness: embedded services, a worker subprocess, an aiokafka producer, SQL helpers.
 
 Nothing is mocked: the tests talk to the embedded PostgreSQL and the Tansu broker
-through real clients, and the worker runs as ``python -m app.cli worker``.
+through real clients, and the worker runs as ``python -m segue.cli worker``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from app import db, services
-from app.settings import Settings
-from app.topics import ensure_topics
+from segue import db, services
+from segue.settings import Settings
+from segue.schemas.events import encode_change
+from segue.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 SEGUE = str(Path(sys.executable).with_name("segue"))  # the installed console script
@@ -35,11 +36,8 @@ def free_port() -> int:
 
 
 def change(doc_id: str, text: str | None, version: int, **extra: Any) -> bytes:
-    """A document-changes value."""
-    value = {"doc_id": doc_id, "version": version, **extra}
-    if text is not None:
-        value["text"] = text
-    return orjson.dumps(value)
+    """A document-changes value (``extra``: op, metadata, event_id), encoded as producers should."""
+    return encode_change(doc_id, version=version, text=text, **extra)
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.2, what: str = "") -> Any:

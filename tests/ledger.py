@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from psycopg import sql
 
-from app import db, registry
+from segue import db, registry
 from tests.harness import change
 
 

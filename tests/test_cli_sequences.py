@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from app import db
+from segue import db
 from tests import modelfactory
 from tests.harness import Harness, change, harness_env, run_segue, wait_for
 

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from psycopg import sql
 
-from app import db, registry
+from segue import db, registry
 from tests import modelfactory
 from tests.harness import Harness, change, wait_for
 from tests.ledger import Ledger

@@ -1,4 +1,4 @@
-"""Tests of app.modelkit and app.engine with real models (MiniLM and tiny built ones), no mocks."""
+"""Tests of segue.modelkit and segue.engine with real models (MiniLM and tiny built ones), no mocks."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.corpus import scifact_documents
-from app.engine import DimensionMismatch, EmbeddingEngine, FingerprintMismatch, ModelSpec
-from app.modelkit import build_tiny_transformer, distill_static, inspect_model, minilm_path
+from segue.corpus import scifact_documents
+from segue.engine import DimensionMismatch, EmbeddingEngine, FingerprintMismatch, ModelSpec
+from segue.modelkit import build_tiny_transformer, distill_static, minilm_path
+from segue.providers import OptionsError, inspect
 from tests.modelfactory import tiny_static, tiny_transformer_a, tiny_transformer_b
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ _versions = itertools.count(1)
 
 def spec_for(path: Path | str, name: str, **overrides) -> ModelSpec:
     """A registry row for the model at ``path`` as the registry would write it, with optional edits."""
-    profile = inspect_model(str(path))
+    profile = inspect(str(path))
     row = dict(version=next(_versions), name=name, source=str(path), **dataclasses.asdict(profile))
     return ModelSpec(**{**row, **overrides})
 
@@ -125,25 +126,26 @@ def test_tiny_models_match_their_reference_encoders(engine, tiny_a, static_dir, 
 
 
 def test_profiles(tiny_a, models_dir, static_dir, minilm_spec):
-    a = inspect_model(str(tiny_a))
-    assert (a.kind, a.dim, a.pooling, a.normalize, a.max_tokens) == ("transformer", 32, "mean", True, 128)
-    b = inspect_model(str(tiny_transformer_b(models_dir)))
-    assert (b.kind, b.dim, b.pooling) == ("transformer", 48, "mean")
-    static = inspect_model(str(static_dir))
-    assert (static.kind, static.dim, static.pooling, static.normalize) == ("static", 16, "none", True)
-    assert (minilm_spec.kind, minilm_spec.dim, minilm_spec.pooling, minilm_spec.max_tokens) == (
+    a = inspect(str(tiny_a))
+    assert (a.provider, a.dim, a.max_tokens) == ("transformer", 32, 128)
+    assert a.config == {"pooling": "mean", "normalize": True, "dtype": "float32", "attention": "sdpa", "prefix": ""}
+    b = inspect(str(tiny_transformer_b(models_dir)))
+    assert (b.provider, b.dim, b.config["pooling"]) == ("transformer", 48, "mean")
+    static = inspect(str(static_dir))
+    assert (static.provider, static.dim, static.config) == ("static", 16, {"normalize": True})
+    assert (minilm_spec.provider, minilm_spec.dim, minilm_spec.config["pooling"], minilm_spec.max_tokens) == (
         "transformer", 384, "mean", 256,
     )
     with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
-        inspect_model("segue-tests/no-such-model")
+        inspect("segue-tests/no-such-model")
 
 
 def test_fingerprint_is_deterministic(tiny_a, tmp_path):
-    first = inspect_model(str(tiny_a)).fingerprint
-    assert inspect_model(str(tiny_a)).fingerprint == first
-    assert inspect_model(str(build_tiny_transformer(tmp_path / "again"))).fingerprint == first
+    first = inspect(str(tiny_a)).fingerprint
+    assert inspect(str(tiny_a)).fingerprint == first
+    assert inspect(str(build_tiny_transformer(tmp_path / "again"))).fingerprint == first
     other_process = subprocess.run(
-        [sys.executable, "-c", f"from app.modelkit import inspect_model; print(inspect_model({str(tiny_a)!r}).fingerprint)"],
+        [sys.executable, "-c", f"from segue.providers import inspect; print(inspect({str(tiny_a)!r}).fingerprint)"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert other_process.stdout.strip() == first
@@ -153,7 +155,7 @@ def test_fingerprint_changes_with_weights_and_settings(tiny_a, tmp_path):
     def edited(name: str, edit) -> str:
         copy = shutil.copytree(tiny_a, tmp_path / name)
         edit(copy)
-        return inspect_model(str(copy)).fingerprint
+        return inspect(str(copy)).fingerprint
 
     def drop_normalize(folder: Path) -> None:
         modules = json.loads((folder / "modules.json").read_text())
@@ -163,9 +165,9 @@ def test_fingerprint_changes_with_weights_and_settings(tiny_a, tmp_path):
         (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
 
     fingerprints = [
-        inspect_model(str(tiny_a)).fingerprint,
-        inspect_model(str(build_tiny_transformer(tmp_path / "seed1", seed=1))).fingerprint,
-        inspect_model(str(build_tiny_transformer(tmp_path / "cls", pooling="cls"))).fingerprint,
+        inspect(str(tiny_a)).fingerprint,
+        inspect(str(build_tiny_transformer(tmp_path / "seed1", seed=1))).fingerprint,
+        inspect(str(build_tiny_transformer(tmp_path / "cls", pooling="cls"))).fingerprint,
         edited("unnormalized", drop_normalize),
         edited("limit64", shorter_limit),
     ]
@@ -198,7 +200,7 @@ def test_ensure_loaded_reports_and_logs(tiny_a, static_dir, caplog):
 
 def test_changed_weights_are_refused(engine, tiny_a, models_dir):
     moved = spec_for(tiny_a, "tiny-a", source=str(tiny_transformer_b(models_dir)))
-    with pytest.raises(FingerprintMismatch, match=f"weights at {moved.source} changed since registration"):
+    with pytest.raises(FingerprintMismatch, match=f"the model at {moved.source} changed since registration"):
         asyncio.run(engine.ensure_loaded([moved]))
     assert moved.version not in engine.loaded()
 
@@ -273,8 +275,8 @@ def test_a_job_that_raises_anything_settles_its_caller_and_the_engine_serves_on(
 
 def test_a_gone_engine_thread_is_reported_not_waited_on(tiny_a):
     """Whatever stops the thread, callers get EngineStopped at once and ``alive`` turns False."""
-    from app.engine import _Job
-    from app.errors import EngineStopped
+    from segue.engine import _Job
+    from segue.errors import EngineStopped
 
     engine = EmbeddingEngine(device="cpu")
     spec = spec_for(tiny_a, "tiny-a")
@@ -289,7 +291,7 @@ def test_a_gone_engine_thread_is_reported_not_waited_on(tiny_a):
 
 
 def test_a_model_that_cannot_load_is_unavailable_not_bad_input(engine, tiny_a, tmp_path):
-    from app.errors import ModelUnavailable
+    from segue.errors import ModelUnavailable
 
     gone = tmp_path / "moved-away"
     shutil.copytree(tiny_a, gone)
@@ -315,3 +317,46 @@ def test_retired_models_are_unloaded(tiny_a, static_dir):
         assert engine.loaded() == {new.version, newer.version}
     finally:
         engine.close()
+
+
+def test_provider_options_are_part_of_the_identity(tiny_a):
+    default = inspect(str(tiny_a))
+    # Options at their defaults leave the identity as it was before the option existed.
+    explicit = inspect(str(tiny_a), options={"dtype": "float32", "attention": "sdpa", "prefix": ""})
+    assert explicit.fingerprint == default.fingerprint
+    variants = [inspect(str(tiny_a), options=option).fingerprint
+                for option in ({"dtype": "bfloat16"}, {"attention": "eager"}, {"prefix": "passage: "})]
+    assert len({default.fingerprint, *variants}) == 4
+    with pytest.raises(OptionsError, match="takes no option colour"):
+        inspect(str(tiny_a), options={"colour": "red"})
+    with pytest.raises(OptionsError, match="dtype must be one of"):
+        inspect(str(tiny_a), options={"dtype": "int4"})
+    with pytest.raises(OptionsError, match="'static' takes no option dtype"):
+        inspect(str(tiny_static(tiny_a.parent)), options={"dtype": "float16"})
+
+
+def test_a_registered_dtype_prefix_and_attention_are_what_runs(engine, tiny_a):
+    texts = varied_texts()
+    plain = engine.embed_sync(spec_for(tiny_a, "plain"), texts)
+    prefixed = engine.embed_sync(spec_for(tiny_a, "prefixed", **profile_of(tiny_a, prefix="query: ")), texts)
+    np.testing.assert_allclose(prefixed, engine.embed_sync(spec_for(tiny_a, "plain"), ["query: " + t for t in texts]),
+                               atol=1e-5)
+    assert cosine_rows(prefixed, plain).min() < 0.999  # the prefix does change the vectors
+    eager = engine.embed_sync(spec_for(tiny_a, "eager", **profile_of(tiny_a, attention="eager")), texts)
+    assert cosine_rows(eager, plain).min() >= 0.9999
+    half = engine.embed_sync(spec_for(tiny_a, "bf16", **profile_of(tiny_a, dtype="bfloat16")), texts)
+    assert 0.98 <= cosine_rows(half, plain).min() < 1.0  # bfloat16 weights: close, not the same vectors
+
+
+def profile_of(path, **options) -> dict:
+    """A spec's fields for the model at ``path`` registered with ``options``."""
+    profile = inspect(str(path), options=options)
+    return {"config": profile.config, "fingerprint": profile.fingerprint}
+
+
+def test_counting_tokens_before_truncation(engine, tiny_a, static_dir, scifact_texts):
+    spec = spec_for(tiny_a, "tiny-a")
+    counts = engine.count_tokens(spec, ["p53", scifact_texts[14]])
+    assert counts[0] == 4  # [CLS] p ##53 [SEP]
+    assert counts[1] > spec.max_tokens  # the long abstract is over the 128-token limit, and says so
+    assert engine.count_tokens(spec_for(static_dir, "tiny-static"), ["p53"])[0] >= 1

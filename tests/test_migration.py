@@ -16,12 +16,12 @@ from datetime import timedelta
 import pytest
 from psycopg import sql
 
-from app import db, migration, registry
-from app.backfill import BackfillLimits, run_backfill
-from app.engine import EmbeddingEngine
-from app.plan import plan
-from app.modelkit import minilm_path
-from schemas.events import read_miss_value
+from segue import db, evaluation, indexes, migration, registry
+from segue.backfill import BackfillLimits, run_backfill
+from segue.engine import EmbeddingEngine
+from segue.plan import plan
+from segue.modelkit import minilm_path
+from segue.schemas.events import encode_read_miss
 from tests import modelfactory
 from tests.harness import ROOT, SEGUE, Harness, change, wait_for
 
@@ -79,10 +79,10 @@ def test_a_failed_migrate_start_leaves_no_model_registered(mh, model_cache):
 def test_start_records_a_migration_and_allows_only_one(mh, model_cache):
     with conn_of(mh) as conn:
         registry.register_model(conn, BETA, str(modelfactory.tiny_transformer_a(model_cache)))
-        started = migration.start(conn, BETA)
+        started = migration.start(conn, BETA, cutover_min_coverage_pct=100.0)
         assert (started.from_name, started.to_name, started.state) == (ALPHA, BETA, "running")
         with pytest.raises(migration.MigrationError, match="one migration at a time"):
-            migration.start(conn, BETA)
+            migration.start(conn, BETA, cutover_min_coverage_pct=100.0)
         assert conn.execute("SELECT count(*) FROM migrations").fetchone()[0] == 1
         logged = conn.execute("SELECT action, origin FROM migration_changelog WHERE origin = 'control'").fetchall()
         assert logged == [("migration_started", "control")]
@@ -107,9 +107,13 @@ def test_plan_measures_throughput_and_estimates_cost(mh):
     try:
         with conn_of(mh) as conn:
             (docs,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
-            estimate = plan(conn, engine, spec, sample=16, gpu_hour_usd=3.0, documents_to_embed=200)
+            estimate = plan(conn, engine, spec, sample=16, gpu_hour_usd=3.0, documents_to_embed=200,
+                            index_policy=indexes.IndexPolicy(min_coverage_pct=95.0, m=16, ef_construction=64,
+                                                             max_memory_mb=0, max_failures=3))
     finally:
         engine.close()
+    assert estimate.truncated_in_sample == 0  # short abstracts, 128-token limit
+    assert any("will not fit the 0 MiB cap" in line for line in estimate.lines())
     assert estimate.throughput_docs_per_s > 0 and estimate.sample_docs == 16
     assert estimate.seconds == pytest.approx(200 / estimate.throughput_docs_per_s)
     assert estimate.cost_usd == pytest.approx(estimate.seconds / 3600 * 3.0)
@@ -125,11 +129,11 @@ def test_plan_measures_throughput_and_estimates_cost(mh):
 def test_cutover_and_index_wait_for_coverage(mh):
     with conn_of(mh) as conn:
         with pytest.raises(migration.MigrationError, match="coverage .* is below 100.00%.*no quality verdict"):
-            migration.cutover(conn, min_coverage_pct=100.0)
+            migration.cutover(conn)
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == 1
-        policy = migration.IndexPolicy(min_coverage_pct=95.0, m=8, ef_construction=32, max_memory_mb=1024,
+        policy = indexes.IndexPolicy(min_coverage_pct=95.0, m=8, ef_construction=32, max_memory_mb=1024,
                                        max_failures=3)
-        built, message = migration.build_index(conn, beta(mh).version, policy)
+        built, message = indexes.build(conn, beta(mh).version, policy)
         assert not built and "the index waits" in message
         assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%%hnsw'").fetchone()[0] == 0
 
@@ -206,8 +210,8 @@ def test_read_miss_is_embedded_before_a_queued_backfill(mh, model_cache):
         # MiniLM is slow enough on a CPU for the backfill to queue up behind the engine.
         gamma = registry.register_model(conn, "gamma", str(minilm_path()))
     ids = [f"doc-{n:04d}" for n in range(CORPUS)]
-    mh.publish(mh.settings.topic_backfill, [(i, read_miss_value(i, "gamma")) for i in ids[1:]])
-    mh.publish_read_misses([(ids[0], read_miss_value(ids[0], "gamma", "urgent"))])
+    mh.publish(mh.settings.topic_backfill, [(i, encode_read_miss(i, "gamma")) for i in ids[1:]])
+    mh.publish_read_misses([(ids[0], encode_read_miss(ids[0], "gamma", "urgent"))])
     wait_for(lambda: mh.scalar("SELECT count(*) FROM migration_changelog WHERE event_id = 'urgent'"),
              timeout=120, what="the read miss")
     miss_id = mh.scalar("SELECT id FROM migration_changelog WHERE event_id = 'urgent'")
@@ -228,14 +232,14 @@ def test_cutover_rollback_cutover_finish(mh):
     with conn_of(mh) as conn:
         current = migration.active_migration(conn)
         with pytest.raises(migration.MigrationError, match="no quality verdict"):
-            migration.cutover(conn, min_coverage_pct=100.0)
-        assert migration.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.38) == "fail"
+            migration.cutover(conn)
+        assert evaluation.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.38) == "fail"
         with pytest.raises(migration.MigrationError, match="verdict .* is fail"):
-            migration.cutover(conn, min_coverage_pct=100.0)
-        assert migration.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.52) == "pass"
-        assert migration.refresh(conn, 100.0).state == "ready"
+            migration.cutover(conn)
+        assert evaluation.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.52) == "pass"
+        assert migration.refresh(conn).state == "ready"
 
-        assert migration.cutover(conn, min_coverage_pct=100.0).state == "cut_over"
+        assert migration.cutover(conn).state == "cut_over"
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == spec.version
         assert migration.rollback(conn).state == "rolled_back"
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == current.from_version
@@ -246,7 +250,7 @@ def test_cutover_rollback_cutover_finish(mh):
         db.sha_column(current.from_version), db.sha_column(spec.version))), what="dual-write after rollback")
 
     with conn_of(mh) as conn:
-        assert migration.cutover(conn, min_coverage_pct=100.0).state == "cut_over"
+        assert migration.cutover(conn).state == "cut_over"
         with pytest.raises(migration.MigrationError, match="grace period"):
             migration.finish(conn, grace=timedelta(hours=1))
         done = migration.finish(conn, grace=timedelta(0))
@@ -267,6 +271,8 @@ def test_cutover_rollback_cutover_finish(mh):
              what="a change after finish")
     assert mh.scalar("SELECT array_agg(model_version) FROM migration_changelog WHERE doc_id = 'after-finish'") == [
         spec.version]
+    # And frees it: the running worker unloads the retired model.
+    assert f"unloaded retired model version(s) {current.from_version}" in mh.worker_log(mh.workers[-1])
     total = mh.scalar("SELECT count(*) FROM documents")
     assert mh.sql("SELECT model, total_documents, current_vectors FROM migration_progress") == [
         (BETA, total, total)]
@@ -275,7 +281,7 @@ def test_cutover_rollback_cutover_finish(mh):
 def test_pause_stops_the_backfill_and_a_forced_cutover_logs_its_reason(mh, model_cache):
     with conn_of(mh) as conn:
         registry.register_model(conn, "delta", str(modelfactory.tiny_static(model_cache)))
-        started = migration.start(conn, "delta")
+        started = migration.start(conn, "delta", cutover_min_coverage_pct=100.0)
         assert (started.from_name, started.to_name) == (BETA, "delta")
         assert migration.pause(conn).state == "paused"
         delta = registry.get_model(conn, "delta").spec
@@ -283,7 +289,7 @@ def test_pause_stops_the_backfill_and_a_forced_cutover_logs_its_reason(mh, model
         assert (outcome.published, outcome.stopped) == (0, "paused")
         assert migration.resume(conn).state == "running"
 
-        forced = migration.cutover(conn, min_coverage_pct=100.0, force_reason="incident 42: old model endpoint down")
+        forced = migration.cutover(conn, force_reason="incident 42: old model endpoint down")
         assert forced.state == "cut_over"
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == delta.version
         (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'migration_cut_over'"

@@ -10,10 +10,10 @@ import jsonschema
 import psycopg
 import pytest
 
-from app.errors import EngineStopped, ModelUnavailable
-from app.isolation import is_transient, process_isolating_poison
-from app.pipeline import ChangeEvent, Envelope, highest_versions, latest_per_document, split_rounds
-from schemas.events import (
+from segue.errors import EngineStopped, ModelUnavailable
+from segue.isolation import is_transient, process_isolating_poison
+from segue.batches import ChangeEvent, Envelope, highest_versions, latest_per_document, split_rounds
+from segue.schemas.events import (
     DEAD_LETTER_MAX_BYTES,
     DeadLetterReason,
     InvalidEvent,
@@ -27,7 +27,7 @@ from schemas.events import (
 
 
 def event(doc_id: str, version: int | None, offset: int) -> ChangeEvent:
-    from schemas.events import DocumentChange
+    from segue.schemas.events import DocumentChange
 
     change = DocumentChange(doc_id=doc_id, op="delete" if version is None else "upsert", version=version,
                             text=None if version is None else f"v{version}")

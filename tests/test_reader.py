@@ -17,9 +17,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from psycopg import sql
 
-from app import db, registry
-from app.engine import EmbeddingEngine, ModelSpec
-from app.reader import (
+from segue import db, registry
+from segue.engine import EmbeddingEngine
+from segue.spec import ModelSpec
+from segue.reader import (
     RRF_K,
     IncompatibleQuery,
     SearchHit,
@@ -156,7 +157,8 @@ def reader_for(harness, engine, **options) -> SegueReader:
 # -- pure functions -----------------------------------------------------------------------------
 
 def spec(name: str, dim: int, version: int) -> ModelSpec:
-    return ModelSpec(version, name, f"/models/{name}", "static", dim, "mean", True, 128, f"fp-{name}")
+    return ModelSpec(version=version, name=name, provider="static", source=f"/models/{name}", dim=dim, max_tokens=128,
+                     config={}, fingerprint=f"fp-{name}")
 
 
 def test_route_by_query_shape():

@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 from psycopg import sql
 
-from app import backfill, db, registry
-from app.backfill import BackfillLimits, run_backfill
+from segue import backfill, db, registry
+from segue.backfill import BackfillLimits, run_backfill
 from tests import modelfactory
 from tests.harness import Harness, change, wait_for
 

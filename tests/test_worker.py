@@ -1,6 +1,6 @@
 """End to end: aiokafka producer → Tansu → worker subprocess → embedded PostgreSQL.
 
-The worker is a real ``python -m app.cli worker`` process with two tiny real models
+The worker is a real ``python -m segue.cli worker`` process with two tiny real models
 registered (a static "old" one and a transformer "new" one).
 """
 
@@ -22,8 +22,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from app import db, registry
-from app.engine import EmbeddingEngine
+from segue import db, registry
+from segue.engine import EmbeddingEngine
 from tests import modelfactory
 from tests.conftest import NEW, OLD
 from tests.harness import ROOT, change, wait_for
@@ -467,10 +467,10 @@ def retire(harness, version: int) -> None:
 
 WATCHDOG_SCRIPT = """
 import threading, time, faust
-from agents.worker import create_app
-from app.engine import EmbeddingEngine, _Job
-from app.settings import load_settings
-from app import services
+from segue.agents.worker import create_app
+from segue.engine import EmbeddingEngine, _Job
+from segue.settings import load_settings
+from segue import services
 settings = load_settings()
 engine = EmbeddingEngine(device="cpu")
 app = create_app(settings, database_url=services.database_url(settings), engine=engine)
