@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import faust
 
-from segue import db, indexes, migration, sweeper
+from segue import db, heartbeat, indexes, metrics, migration, sweeper
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.errors import EngineStopped
 from segue.isolation import retry_forever
+from segue.ops import WorkerState
 from segue.batches import Envelope
 from segue.pipeline import BackfillProcessor, ChangeProcessor, DeadLetter, ReadMissProcessor
 from segue.settings import Settings
 from segue.store import Store
-from segue.schemas.events import SourcePosition, dead_letter_key, encode_dead_letter, encode_read_miss
+from segue.schemas.events import (
+    REPLAY_HEADER,
+    SourcePosition,
+    dead_letter_key,
+    encode_dead_letter,
+    encode_read_miss,
+)
 
 log = logging.getLogger("segue.worker")
 
@@ -36,11 +45,14 @@ WATCHDOG_INTERVAL_S = 5.0
 
 def _envelope(event: faust.EventT) -> Envelope:
     message = event.message
+    headers = dict(message.headers.items() if hasattr(message.headers, "items") else message.headers or ())
+    replay_of = headers.get(REPLAY_HEADER)
     return Envelope(
         key=message.key,
         value=message.value,
         source=SourcePosition(message.topic, message.partition, message.offset),
         timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+        replay_of=replay_of.decode(errors="replace") if replay_of else None,
     )
 
 
@@ -60,19 +72,55 @@ class KafkaDeadLetters:
         await _publish_all(self._topic, [
             (dead_letter_key(letter.envelope.key),
              encode_dead_letter(reason=letter.reason, error=letter.error, source=letter.envelope.source,
-                                key=letter.envelope.key, payload=letter.envelope.value))
+                                key=letter.envelope.key, payload=letter.envelope.value,
+                                replay_of=letter.envelope.replay_of))
             for letter in letters
         ])
 
 
-async def _process_until_done(name: str, processor, envelopes: Sequence[Envelope]) -> None:
-    """Never return before the batch is processed; an escaping error would ack it unprocessed."""
-    await retry_forever(lambda: processor.process(envelopes), what=f"{name}: a batch of {len(envelopes)}",
-                        backoff_s=RETRY_DELAY_S)
+class Progress:
+    """The last record processed on each topic-partition (offset, publication time), for the lag figures."""
+
+    def __init__(self, state: WorkerState):
+        self.state = state
+        self.last: dict[tuple[str, int], tuple[int, float | None]] = {}
+
+    async def process_until_done(self, name: str, processor, envelopes: Sequence[Envelope]) -> None:
+        """Never return before the batch is processed; an escaping error would ack it unprocessed."""
+        started = time.perf_counter()
+        await retry_forever(lambda: processor.process(envelopes), what=f"{name}: a batch of {len(envelopes)}",
+                            backoff_s=RETRY_DELAY_S, label=name)
+        metrics.BATCH_SIZE.labels(name).observe(len(envelopes))
+        metrics.BATCH_SECONDS.labels(name).observe(time.perf_counter() - started)
+        self.state.processed(len(envelopes))
+        for envelope in envelopes:
+            source = envelope.source
+            published = envelope.timestamp_ms / 1000 if envelope.timestamp_ms else None
+            if source.offset >= self.last.get((source.topic, source.partition), (-1, None))[0]:
+                self.last[(source.topic, source.partition)] = (source.offset, published)
+
+    def lag(self, app: faust.App) -> dict[str, int]:
+        """Records behind on each assigned partition (also set as gauges, with the lag in seconds)."""
+        behind = {}
+        for tp in app.consumer.assignment():
+            highwater = app.consumer.highwater(tp)
+            offset, published = self.last.get((tp.topic, tp.partition), (None, None))
+            committed = app.monitor.tp_committed_offsets.get(tp)
+            next_offset = offset + 1 if offset is not None else committed
+            if highwater is None or next_offset is None:
+                continue
+            records = max(highwater - next_offset, 0)
+            behind[f"{tp.topic}/{tp.partition}"] = records
+            metrics.LAG_RECORDS.labels(tp.topic, str(tp.partition)).set(records)
+            age = time.time() - published if records and published else 0.0
+            metrics.LAG_SECONDS.labels(tp.topic, str(tp.partition)).set(max(age, 0.0))
+        return behind
 
 
-def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine) -> faust.App:
-    """Build the Faust app wired to ``database_url`` and an engine with the live models loaded."""
+def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine, state: WorkerState,
+               metrics_url: str | None) -> faust.App:
+    """Build the Faust app wired to ``database_url``, an engine with the live models loaded, and the
+    worker's ``state`` (which its operations endpoint at ``metrics_url`` reads)."""
     datadir = settings.data_dir / "faust"
     try:
         datadir.mkdir(parents=True, exist_ok=True)
@@ -102,23 +150,28 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     read_misses = ReadMissProcessor(settings, Store(settings, database_url), engine, dead_letters)
     backfill = BackfillProcessor(settings, Store(settings, database_url), engine, dead_letters)
     sweeper_store = Store(settings, database_url)
+    heartbeat_store = Store(settings, database_url)
     backfill_topic = raw_topic(settings.topic_backfill)
     index_policy = indexes.IndexPolicy.from_settings(settings)
+    progress = Progress(state)
+    metrics.initialize([settings.topic_document_changes, settings.topic_read_misses, settings.topic_backfill])
+    started_at = datetime.now(timezone.utc)
+    me = heartbeat.worker_id(started_at)
 
     @app.agent(raw_topic(settings.topic_document_changes), name="document-changes")
     async def document_changes(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
-            await _process_until_done("document-changes", changes, [_envelope(e) for e in events])
+            await progress.process_until_done(settings.topic_document_changes, changes, [_envelope(e) for e in events])
 
     @app.agent(raw_topic(settings.topic_read_misses), name="read-misses")
     async def read_miss_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=READ_MISS_BATCH_S):
-            await _process_until_done("read-misses", read_misses, [_envelope(e) for e in events])
+            await progress.process_until_done(settings.topic_read_misses, read_misses, [_envelope(e) for e in events])
 
     @app.agent(backfill_topic, name="backfill")
     async def backfill_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
-            await _process_until_done("backfill", backfill, [_envelope(e) for e in events])
+            await progress.process_until_done(settings.topic_backfill, backfill, [_envelope(e) for e in events])
 
     async def enqueue(model: ModelSpec, doc_ids: list[str]) -> None:
         await _publish_all(backfill_topic, [(d.encode(), encode_read_miss(d, model.name, "sweeper")) for d in doc_ids])
@@ -152,6 +205,32 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
                 log.info("%s", message)
         except Exception:  # noqa: BLE001 - the next tick tries again (index builds stop after repeated failures)
             log.exception("advancing the migration failed")
+
+    @app.on_rebalance_complete.connect
+    async def assigned(sender: faust.App, **kwargs) -> None:
+        state.assigned = sorted(f"{tp.topic}/{tp.partition}" for tp in app.consumer.assignment())
+
+    def migration_gauges() -> None:
+        with db.connect(settings, database_url) as conn:
+            active = migration.active_migration(conn)
+            for name in metrics.MIGRATION_STATES:
+                metrics.MIGRATION_STATE.labels(name).set(int(name == (active.state if active else "none")))
+            for row in conn.execute("SELECT model, coverage_pct FROM migration_progress").fetchall():
+                metrics.COVERAGE.labels(row[0]).set(float(row[1] or 0) / 100)
+
+    @app.timer(settings.heartbeat_interval_s)
+    async def report() -> None:
+        """Heartbeat row, lag and migration gauges: what the worker is doing, seen from outside."""
+        try:
+            lag = progress.lag(app)
+            devices = engine.devices()
+            await heartbeat.beat(await heartbeat_store.connection(), heartbeat.Beat(
+                worker_id=me, started_at=started_at, state=state.state(), partitions=state.assigned or [],
+                lag=lag, models=sorted(devices), device=", ".join(sorted(set(devices.values()))) or None,
+                events_per_s=round(state.events_per_second(), 2), metrics_url=metrics_url))
+            await asyncio.to_thread(migration_gauges)
+        except Exception:  # noqa: BLE001 - the next beat tries again
+            log.exception("reporting the worker's state failed")
 
     @app.timer(WATCHDOG_INTERVAL_S)
     async def engine_watchdog() -> None:

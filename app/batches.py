@@ -23,6 +23,7 @@ class Envelope:
     value: bytes | None
     source: SourcePosition
     timestamp_ms: int | None = None
+    replay_of: str | None = None  # the dead letter this record replays (its REPLAY_HEADER), if any
 
     def key_text(self) -> str | None:
         return self.key.decode(errors="replace") if self.key is not None else None

@@ -105,22 +105,28 @@ def worker(settings: Settings) -> None:
     """Run a Faust worker: dual-write changes, re-embed read misses."""
     import faust
 
+    from segue import ops
     from segue.agents.worker import create_app
     from segue.engine import EmbeddingEngine
+    from segue.ops import WorkerState
     from segue.topics import ensure_topics
 
     database_url = _database(settings)
     bootstrap = services.kafka_bootstrap(settings)
-    asyncio.run(ensure_topics(settings, bootstrap))
     engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+    state = WorkerState(engine, database_url, bootstrap)
+    metrics_url = ops.serve(state, settings.metrics_host, settings.metrics_port)
+    log.info("metrics at %s/metrics, health at %s/healthz and %s/readyz", metrics_url, metrics_url, metrics_url)
+    asyncio.run(ensure_topics(settings, bootstrap))
     with db.connect(settings, database_url) as conn:
         models = registry.live_models(conn)
     if not models:
         log.warning("no model is registered yet: documents are stored, vectors come once one is (segue models add)")
     started = time.perf_counter()
     asyncio.run(engine.ensure_loaded(models))
+    state.models_warm = True
     log.info("loaded and warmed %d live model(s) in %.2fs", len(models), time.perf_counter() - started)
-    app = create_app(settings, database_url=database_url, engine=engine)
+    app = create_app(settings, database_url=database_url, engine=engine, state=state, metrics_url=metrics_url)
     faust.Worker(app, loglevel=settings.log_level, override_logging=False).execute_from_commandline()
 
 
@@ -165,15 +171,37 @@ def models_list(settings: Settings) -> None:
 
 
 @main.command()
+@click.option("--watch", is_flag=True, help="keep the view up, refreshed every --every seconds")
+@click.option("--every", default=3.0, show_default=True, help="seconds between refreshes with --watch")
 @click.pass_obj
-def status(settings: Settings) -> None:
-    """Print migration_progress."""
-    from segue.progress import dead_letter_count, fetch_progress, origin_table, progress_table
+def status(settings: Settings, watch: bool, every: float) -> None:
+    """Print migration_progress, vectors by origin, freshness, the workers and the dead letters."""
+    from rich.console import Group
+    from rich.live import Live
+
+    from segue.heartbeat import list_workers
+    from segue.progress import (dead_letter_count, fetch_progress, freshness_table, origin_table, progress_table,
+                                workers_table)
+
+    def view(conn) -> Group:
+        return Group(
+            progress_table(fetch_progress(conn)), origin_table(conn), freshness_table(conn),
+            workers_table(list_workers(conn, lost_after_s=settings.worker_lost_after_s),
+                          lost_after_s=settings.worker_lost_after_s),
+            f"dead letters in the last 24 h: {dead_letter_count(conn)}",
+        )
 
     with db.connect(settings, _database(settings, read_only=True), read_only=True) as conn:
-        console.print(progress_table(fetch_progress(conn)))
-        console.print(origin_table(conn))
-        console.print(f"dead letters in the last 24 h: {dead_letter_count(conn)}")
+        if not watch:
+            console.print(view(conn))
+            return
+        with Live(view(conn), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(every)
+                    live.update(view(conn), refresh=True)
+            except KeyboardInterrupt:
+                pass
 
 
 @main.group()
@@ -371,6 +399,73 @@ def services_command(settings: Settings, action: str) -> None:
         raise click.ClickException(str(error)) from None
     for s in result:
         console.print(f"{s.name:<11} {'running' if s.running else 'stopped':<8} {redact(s.address or '')}  {s.detail}")
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list them, replay them once their cause is fixed."""
+
+
+def _letters(settings: Settings, reason: str | None, since: str | None, doc_id: str | None):
+    from datetime import datetime
+
+    from segue.dlq import read_letters
+
+    try:
+        since_at = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise click.BadParameter(f"{since!r} is not an ISO date or time", param_hint="--since") from None
+    if since_at is not None and since_at.tzinfo is None:
+        since_at = since_at.astimezone()
+    return asyncio.run(read_letters(settings, services.kafka_bootstrap(settings), reason=reason, since=since_at,
+                                    doc_id=doc_id))
+
+
+LETTER_FILTERS = [
+    click.option("--reason", help="only letters with this reason (e.g. unknown_model)"),
+    click.option("--since", help="only letters that failed at or after this ISO time (e.g. 2026-11-27T10:00)"),
+    click.option("--doc-id", help="only letters of this document (by record key)"),
+]
+
+
+def _with_filters(command):
+    for option in reversed(LETTER_FILTERS):
+        command = option(command)
+    return command
+
+
+@dlq.command("list")
+@_with_filters
+@click.pass_obj
+def dlq_list(settings: Settings, reason: str | None, since: str | None, doc_id: str | None) -> None:
+    """List dead letters, oldest first."""
+    letters = _letters(settings, reason, since, doc_id)
+    table = Table(title=f"{settings.topic_dead_letters}: {len(letters)} letter(s)")
+    for header in ("at", "letter", "reason", "source", "key", "error"):
+        table.add_column(header)
+    for letter in letters:
+        table.add_row(f"{letter.failed_at:%Y-%m-%d %H:%M:%S}", letter.coordinates, letter.reason, letter.source,
+                      (letter.doc_id or "–")[:60], letter.error[:100])
+    console.print(table)
+
+
+@dlq.command("replay")
+@_with_filters
+@click.option("--dry-run", is_flag=True, help="say what would be replayed, replay nothing")
+@click.pass_obj
+def dlq_replay(settings: Settings, reason: str | None, since: str | None, doc_id: str | None, dry_run: bool) -> None:
+    """Re-publish dead-lettered originals to their source topic, each letter once."""
+    from segue.dlq import replay
+
+    letters = _letters(settings, reason, since, doc_id)
+    with db.connect(settings, _database(settings)) as conn:
+        report = asyncio.run(replay(settings, conn, services.kafka_bootstrap(settings), letters, dry_run=dry_run))
+    verb = "would replay" if dry_run else "replayed"
+    console.print(f"{verb} {len(report.replayed)} letter(s); {len(report.already)} replayed before; "
+                  f"{len(report.failed_again)} failed again after a replay (fix the cause first); "
+                  f"{len(report.truncated)} cannot be replayed (payload cut to fit the topic)")
+    for letter in report.replayed:
+        console.print(f"  {letter.coordinates} {letter.reason} → {letter.source_topic} key {letter.doc_id!r}")
 
 
 @main.group("db")

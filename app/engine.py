@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from segue import providers
+from segue import metrics, providers
 from segue.errors import EngineStopped, ModelUnavailable
 from segue.providers import Embedder
 from segue.spec import ModelSpec
@@ -75,6 +75,7 @@ class EmbeddingEngine:
         self._device = device
         self._batch_size = batch_size
         self._models: dict[int, Embedder] = {}  # written only under _model_lock
+        self._names: dict[int, str] = {}
         self._versions: frozenset[int] = frozenset()
         self._model_lock = threading.Lock()  # one forward pass or load at a time
         self._jobs: queue.PriorityQueue[_Job] = queue.PriorityQueue()
@@ -97,6 +98,11 @@ class EmbeddingEngine:
     def loaded(self) -> set[int]:
         """Versions of the models loaded so far."""
         return set(self._versions)
+
+    def devices(self) -> dict[str, str]:
+        """Where each loaded model runs, by name (a snapshot, without waiting for a forward pass)."""
+        models, names = dict(self._models), dict(self._names)
+        return {names[version]: embedder.device for version, embedder in models.items() if version in names}
 
     @property
     def alive(self) -> bool:
@@ -157,12 +163,17 @@ class EmbeddingEngine:
         self._worker.join()
         while not self._jobs.empty():
             job = self._jobs.get_nowait()
+            with self._submit_lock:
+                self._queued(job.priority, -1)
             if job.future is not None:
                 _settle(job.future, None, EngineStopped("the embedding engine was closed"))
         with self._model_lock:
             for embedder in self._models.values():
                 embedder.close()
+            for name in self._names.values():
+                metrics.MODEL_READY.labels(name).set(0)
             self._models.clear()
+            self._names.clear()
             self._versions = frozenset()
 
     # -- scheduling (event loop side) ----------------------------------------------------------
@@ -175,7 +186,13 @@ class EmbeddingEngine:
             if not self._worker.is_alive():
                 raise EngineStopped("the embedding engine's thread is gone")
             self._jobs.put(_Job(priority, next(self._seq), run, future))
+            self._queued(priority, +1)
         return future
+
+    def _queued(self, priority: int, change: int) -> None:
+        """Keep the queue-depth gauge of ``priority`` (callers hold ``_submit_lock``)."""
+        if priority in metrics.PRIORITY_NAMES:
+            metrics.ENGINE_QUEUE.labels(metrics.PRIORITY_NAMES[priority]).inc(change)
 
     @staticmethod
     async def _gather(futures: list[asyncio.Future]) -> list[Any]:
@@ -209,6 +226,8 @@ class EmbeddingEngine:
             job = self._jobs.get()
             if job.run is None:
                 return
+            with self._submit_lock:
+                self._queued(job.priority, -1)
             if job.future.cancelled():
                 continue
             try:
@@ -231,13 +250,24 @@ class EmbeddingEngine:
         with self._model_lock:
             for version in versions:
                 if version in self._models:
-                    self._models.pop(version).close()
+                    embedder = self._models.pop(version)
+                    embedder.close()
+                    metrics.MODEL_READY.labels(self._names.pop(version)).set(0)
             self._versions = frozenset(self._models)
 
     def _encode(self, spec: ModelSpec, texts: list[str]) -> np.ndarray:
         """Vectors for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
-            return self._vectors(spec, self._loaded_locked(spec), texts)
+            embedder = self._loaded_locked(spec)
+            started = time.perf_counter()
+            vectors = self._vectors(spec, embedder, texts)
+            metrics.EMBED_SECONDS.labels(spec.name).observe(time.perf_counter() - started)
+            tokens = embedder.count_tokens(texts)
+        limit = spec.max_tokens or max(tokens, default=0)
+        metrics.TEXTS_EMBEDDED.labels(spec.name).inc(len(texts))
+        metrics.TOKENS_EMBEDDED.labels(spec.name).inc(sum(min(count, limit) for count in tokens))
+        metrics.TRUNCATED_TEXTS.labels(spec.name).inc(sum(count > limit for count in tokens))
+        return vectors
 
     def _loaded_locked(self, spec: ModelSpec) -> Embedder:
         """The loaded model of ``spec`` (the caller holds ``_model_lock``), loading it if needed."""
@@ -266,7 +296,9 @@ class EmbeddingEngine:
             )
         self._vectors(spec, embedder, [_WARM_UP_TEXT])
         self._models[spec.version] = embedder
+        self._names[spec.version] = spec.name
         self._versions = frozenset(self._models)
+        metrics.MODEL_READY.labels(spec.name).set(1)
         took = time.perf_counter() - started
         log.info("loaded model %s v%d (%s, %d) on %s in %.2fs",
                  spec.name, spec.version, spec.provider, spec.dim, embedder.device, took)

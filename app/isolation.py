@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import psycopg
 
+from segue import metrics
 from segue.errors import InfrastructureError
 
 log = logging.getLogger("segue.isolation")
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 MAX_BACKOFF_S = 30.0
 TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "58", "55P03")  # classes, and lock_not_available
+LOCK_SQLSTATES = ("55P03", "40P01", "40001")  # lock timeout, deadlock, serialization failure
 LOUD_AFTER = 5  # consecutive transient failures before each one is logged as an error
 
 
@@ -44,13 +46,24 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def _count_retry(label: str, error: BaseException, transient: bool) -> None:
+    metrics.RETRIES.labels(label, "transient" if transient else "failure").inc()
+    if transient and isinstance(error, psycopg.Error):
+        state = error.sqlstate or "08"  # no SQLSTATE: the connection failed
+        kind = "connection" if state.startswith("08") else "lock" if state in LOCK_SQLSTATES else "other"
+        metrics.DB_ERRORS.labels(kind).inc()
+
+
 def next_delay(delay: float, backoff_s: float) -> float:
     """The next backoff delay: doubled, at least ``backoff_s``, at most ``MAX_BACKOFF_S``."""
     return min(max(delay * 2, backoff_s), MAX_BACKOFF_S)
 
 
-async def retry_forever(run: Callable[[], Awaitable[T]], *, what: str, backoff_s: float) -> T:
-    """Await ``run()`` until it succeeds, logging each failure; the caller must not give up on the work."""
+async def retry_forever(run: Callable[[], Awaitable[T]], *, what: str, backoff_s: float, label: str) -> T:
+    """Await ``run()`` until it succeeds, logging each failure; the caller must not give up on the work.
+
+    ``label`` names the topic the work is for, on the retry metrics.
+    """
     delay = backoff_s
     failures = 0
     while True:
@@ -58,6 +71,7 @@ async def retry_forever(run: Callable[[], Awaitable[T]], *, what: str, backoff_s
             return await run()
         except Exception as error:  # noqa: BLE001 - retried, never swallowed
             failures += 1
+            _count_retry(label, error, is_transient(error))
             level = logging.ERROR if failures >= LOUD_AFTER else logging.WARNING
             log.log(level, "%s failed (%d in a row, retrying in %.1fs): %s: %s", what, failures, delay,
                     type(error).__name__, error, exc_info=failures == LOUD_AFTER)
@@ -72,8 +86,12 @@ async def process_isolating_poison(
     *,
     attempts: int,
     backoff_s: float,
+    label: str,
 ) -> None:
-    """Run ``process(items)``; on repeated failure split and hand single poison items to ``on_poison``."""
+    """Run ``process(items)``; on repeated failure split and hand single poison items to ``on_poison``.
+
+    ``label`` names the topic the items came from, on the retry metrics.
+    """
     if not items:
         return
     failures = 0
@@ -84,6 +102,7 @@ async def process_isolating_poison(
             await process(items)
             return
         except Exception as error:  # noqa: BLE001 - every failure is isolated, none may stop the worker
+            _count_retry(label, error, is_transient(error))
             if is_transient(error):
                 transient_failures += 1
                 level = logging.ERROR if transient_failures >= LOUD_AFTER else logging.WARNING
@@ -105,4 +124,4 @@ async def process_isolating_poison(
     middle = len(items) // 2
     for half in (items[:middle], items[middle:]):
         # The error already survived its retries: one try per half finds the poison fastest.
-        await process_isolating_poison(half, process, on_poison, attempts=1, backoff_s=backoff_s)
+        await process_isolating_poison(half, process, on_poison, attempts=1, backoff_s=backoff_s, label=label)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from segue import metrics
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.isolation import process_isolating_poison, retry_forever
@@ -71,8 +73,10 @@ class _Processor:
     """What both processors share: the store, the engine and dead-lettering."""
 
     origin: Origin
+    topic_setting: str  # the setting that names the topic it reads (a label on its metrics)
 
     def __init__(self, settings: Settings, store: Store, engine: EmbeddingEngine, dead_letters: DeadLetterSink):
+        self.topic = getattr(settings, self.topic_setting)
         self.settings = settings
         self.store = store
         self.engine = engine
@@ -96,7 +100,15 @@ class _Processor:
             on_poison,
             attempts=self.settings.retry_attempts,
             backoff_s=self.settings.retry_backoff_s,
+            label=self.topic,
         )
+
+    def _committed(self, outcomes: Sequence[tuple[Envelope, Action]], vectors: Mapping[str, int]) -> None:
+        """Count what a committed transaction did: each record's outcome, and the vectors written per model."""
+        for envelope, action in outcomes:
+            metrics.count_outcome(self.origin.value, envelope.source.topic, action.value, envelope.latency_ms())
+        for model, count in vectors.items():
+            metrics.VECTORS_WRITTEN.labels(model).inc(count)
 
     async def _dead_letter(self, letters: Sequence[DeadLetter], extra_rows: Sequence[ChangelogRow] = ()) -> None:
         """Publish to the dead-letter topic, then record ``dead_lettered`` rows (and ``extra_rows``).
@@ -117,7 +129,7 @@ class _Processor:
                 letter.error[:500],
             )
         await retry_forever(lambda: self.dead_letters.send(letters), what=f"publishing {len(letters)} dead letters",
-                            backoff_s=max(self.settings.retry_backoff_s, 0.1))
+                            backoff_s=max(self.settings.retry_backoff_s, 0.1), label=self.topic)
         rows = list(extra_rows) + [
             ChangelogRow(
                 doc_id=letter.envelope.key_text(),
@@ -140,12 +152,19 @@ class _Processor:
                       row.action, row.doc_id, error)
 
         await self._isolate(rows, record, unrecordable)
+        for letter in letters:
+            topic = letter.envelope.source.topic
+            failed = letter.reason is DeadLetterReason.PROCESSING_FAILED
+            metrics.DEAD_LETTERS.labels(topic, letter.reason.value).inc()
+            metrics.count_outcome(self.origin.value, topic, "failed" if failed else "dead_lettered",
+                                  letter.envelope.latency_ms(), letter.reason.value)
 
 
 class ChangeProcessor(_Processor):
     """Dual-writes document changes: every live model, one transaction per batch."""
 
     origin = Origin.CHANGE
+    topic_setting = "topic_document_changes"
 
     async def process(self, envelopes: Sequence[Envelope]) -> None:
         """Apply a batch of document-changes records; returns once every outcome is durable."""
@@ -222,21 +241,29 @@ class ChangeProcessor(_Processor):
                 [DeleteRow(e.change.doc_id, e.change.version, seen.get(e.change.doc_id), e.envelope.source)
                  for e in deletes])
             changelog: list[ChangelogRow] = []
+            outcomes: list[tuple[Envelope, Action]] = []
+            written: Counter[str] = Counter()
             for event, _, needed in upserts:
                 if event.change.doc_id not in applied:
                     changelog += [self._row(event, v, Action.SUPERSEDED) for v in slots]
+                    outcomes.append((event.envelope, Action.SUPERSEDED))
                     continue
                 needed_versions = {m.version for m in needed}
                 changelog += [
                     self._row(event, v, Action.EMBEDDED if v in needed_versions else Action.UNCHANGED) for v in slots
                 ]
+                outcomes.append((event.envelope, Action.EMBEDDED if needed else Action.UNCHANGED))
+                written.update(m.name for m in needed)
             for event in deletes:
                 absent_already = stored[event.change.doc_id].version is None
                 action = Action.DELETED if event.change.doc_id in deleted or absent_already else Action.SUPERSEDED
                 changelog += [self._row(event, v, action) for v in slots]
+                outcomes.append((event.envelope, action))
             for event in superseded:
                 changelog += [self._row(event, v, Action.SUPERSEDED) for v in slots]
+                outcomes.append((event.envelope, Action.SUPERSEDED))
             await tx.log(changelog)
+        self._committed(outcomes, written)
 
     async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
         models = await self.store.live_models()
@@ -257,6 +284,7 @@ class ReadMissProcessor(_Processor):
     """Re-embeds the stored body of documents a reader found without a current vector."""
 
     origin = Origin.READ_MISS
+    topic_setting = "topic_read_misses"
     priority = PRIORITY_READ_MISS
 
     async def process(self, envelopes: Sequence[Envelope]) -> None:
@@ -320,6 +348,7 @@ class ReadMissProcessor(_Processor):
                 model, [VectorRow(d.doc_id, d.content_sha256, v) for d, v in zip(docs, embedded)]
             )
             changelog = []
+            outcomes: list[tuple[Envelope, Action]] = []
             first_seen: set[str] = set()
             for event in known:
                 doc = stored[event.miss.doc_id]
@@ -331,7 +360,9 @@ class ReadMissProcessor(_Processor):
                     action = Action.UNCHANGED
                 first_seen.add(event.miss.doc_id)
                 changelog.append(self._row(event, action, doc.version))
+                outcomes.append((event.envelope, action))
             await tx.log(changelog)
+        self._committed(outcomes, {model.name: len(written)})
 
     async def _unknown_documents(self, events: Sequence[ReadMissEvent]) -> None:
         """A reader asked for a document that does not exist: dead-letter it."""
@@ -353,6 +384,7 @@ class BackfillProcessor(ReadMissProcessor):
     """Re-embeds documents the backfill or the sweeper enqueued, behind read misses and changes."""
 
     origin = Origin.BACKFILL
+    topic_setting = "topic_backfill"
     priority = PRIORITY_BACKFILL
 
     async def _unknown_documents(self, events: Sequence[ReadMissEvent]) -> None:
@@ -360,3 +392,4 @@ class BackfillProcessor(ReadMissProcessor):
         if events:
             async with self.store.transaction() as tx:
                 await tx.log([self._row(e, Action.SUPERSEDED) for e in events])
+            self._committed([(e.envelope, Action.SUPERSEDED) for e in events], {})

@@ -73,3 +73,37 @@ def origin_table(conn: psycopg.Connection) -> Table:
     ):
         table.add_row(*(format_cell(value) for value in row))
     return table
+
+
+def workers_table(rows: list[dict[str, Any]], *, lost_after_s: float) -> Table:
+    """Workers from their heartbeats: live ones (beat within ``lost_after_s``) and lost ones."""
+    table = Table(title=f"workers (lost after {lost_after_s:g} s of silence)")
+    for header in ("worker", "status", "state", "silent s", "partitions", "lag", "models", "device", "events/s",
+                   "metrics"):
+        table.add_column(header, justify="right" if header in ("silent s", "lag", "events/s") else "left")
+    for row in rows:
+        table.add_row(row["worker_id"], "live" if row["live"] else "[bold red]lost[/]", row["state"],
+                      f"{row['silent_s']:.0f}", ", ".join(row["partitions"]) or "–", str(sum(row["lag"].values())),
+                      ", ".join(row["models"]) or "–", row["device"] or "–", f"{row['events_per_s']:g}",
+                      row["metrics_url"] or "–")
+    return table
+
+
+def freshness_table(conn: psycopg.Connection) -> Table:
+    """Publish → commit latency by origin over the last 5 minutes, from the changelog."""
+    table = Table(title="freshness, last 5 min (publish → commit)")
+    for header in ("origin", "outcomes", "p50 s", "p95 s", "dead letters"):
+        table.add_column(header, justify="left" if header == "origin" else "right")
+    for origin, outcomes, p50, p95, dead in conn.execute(
+        "SELECT origin, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) / 1000,"
+        " percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) / 1000,"
+        " count(*) FILTER (WHERE action = 'dead_lettered')"
+        " FROM migration_changelog WHERE at > now() - interval '5 minutes' AND origin <> 'control'"
+        " GROUP BY origin ORDER BY origin"
+    ):
+        table.add_row(origin, str(outcomes), _seconds(p50), _seconds(p95), str(dead))
+    return table
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     hnsw_ef_construction: int = Field(64, ge=4)
     gpu_hour_usd: float = Field(2.5, ge=0, description="price used by migrate plan's cost estimate")
 
+    metrics_host: str = Field("127.0.0.1", description="address the worker's /metrics, /healthz and /readyz bind to")
+    metrics_port: int = Field(9464, ge=1, le=65535, description="their port; a second worker takes the next free one")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="how often a worker reports itself in SQL")
+    worker_lost_after_s: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
+
     embedded_kafka_port: int = Field(19092, ge=1, le=65535)
     log_level: str = "info"
 

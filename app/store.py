@@ -9,6 +9,7 @@ crash are harmless. Callers group the writes of one batch in :meth:`Store.transa
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from segue import db
+from segue import db, metrics
 from segue.spec import ModelSpec
 from segue.settings import Settings
 from segue.schemas.changelog import Action, Origin
@@ -284,10 +285,12 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTransaction]:
-        """A transaction whose writes commit together or not at all."""
+        """A transaction whose writes commit together or not at all (timed to its commit)."""
         conn = await self.connection()
+        started = time.perf_counter()
         async with conn.transaction():
             yield StoreTransaction(conn)
+        metrics.DB_TRANSACTION_SECONDS.observe(time.perf_counter() - started)
 
     async def live_models(self) -> list[ModelSpec]:
         """The models every change is embedded with, oldest first."""

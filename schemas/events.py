@@ -26,6 +26,7 @@ MAX_VERSION = 2**63 - 1  # documents.version is a bigint
 DEAD_LETTER_MAX_BYTES = 900_000  # a dead letter (key + value) stays under Kafka's default 1 MB message limit
 DEAD_LETTER_KEY_MAX_BYTES = 4096
 DEAD_LETTER_ERROR_MAX_CHARS = 2000
+REPLAY_HEADER = "segue-replay-of"  # on a replayed record: the dead letter it replays, "topic/partition/offset"
 
 
 class DeadLetterReason(str, Enum):
@@ -236,11 +237,12 @@ def dead_letter_key(key: bytes | None) -> bytes | None:
 
 
 def encode_dead_letter(
-    *, reason: DeadLetterReason, error: str, source: SourcePosition, key: bytes | None, payload: bytes | None
+    *, reason: DeadLetterReason, error: str, source: SourcePosition, key: bytes | None, payload: bytes | None,
+    replay_of: str | None = None,
 ) -> bytes:
     """Build a dead-letter record value (dead_letter.schema.json) keeping the original payload.
 
-    The record always fits a Kafka message: with its key it stays under
+    ``replay_of`` names the dead letter a failed replay came from. The record always fits a Kafka message: with its key it stays under
     ``DEAD_LETTER_MAX_BYTES``. A payload that would not fit is kept as a base64 prefix
     with ``payload_truncated`` set; ``payload_bytes`` and ``payload_sha256`` describe
     the whole original either way.
@@ -252,6 +254,7 @@ def encode_dead_letter(
         **_bytes_field("key", key, DEAD_LETTER_KEY_MAX_BYTES),
         **_bytes_field("payload", payload, len(payload or b"")),
         "failed_at": datetime.now(timezone.utc).isoformat(),
+        **({"replay_of": replay_of} if replay_of else {}),
     }
     budget = DEAD_LETTER_MAX_BYTES - len(dead_letter_key(key) or b"")
     encoded = orjson.dumps(letter)

@@ -66,3 +66,15 @@ def test_settings_refuse_an_hnsw_graph_pgvector_cannot_build(monkeypatch):
 def test_compose_postgres_has_room_for_parallel_index_builds():
     postgres = load("docker-compose.yml")["services"]["postgres"]
     assert postgres["shm_size"] == "1g"  # parallel HNSW builds use /dev/shm; Docker's default is 64 MB
+
+
+def test_compose_scrapes_workers_and_checks_their_readiness():
+    services = load("docker-compose.yml")["services"]
+    port = Settings.model_fields["metrics_port"].default
+    worker = services["worker"]
+    assert worker["environment"]["SEGUE_METRICS_HOST"] == "0.0.0.0"
+    assert f"127.0.0.1:{port}/readyz" in " ".join(worker["healthcheck"]["test"])
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["dns_sd_configs"][0] == {"names": ["worker"], "type": "A", "port": port}
+    mounted = " ".join(services["prometheus"]["volumes"] + services["grafana"]["volumes"])
+    assert "deploy/prometheus/prometheus.yml" in mounted and "deploy/grafana/dashboards" in mounted

@@ -91,7 +91,7 @@ def run_isolated(items, process, attempts=3):
     async def on_poison(item, error):
         poisoned.append((item, str(error)))
 
-    asyncio.run(process_isolating_poison(items, process, on_poison, attempts=attempts, backoff_s=0))
+    asyncio.run(process_isolating_poison(items, process, on_poison, attempts=attempts, backoff_s=0, label="t"))
     return poisoned
 
 

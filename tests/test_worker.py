@@ -10,8 +10,6 @@ import base64
 import hashlib
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,7 +24,7 @@ from segue import db, registry
 from segue.engine import EmbeddingEngine
 from tests import modelfactory
 from tests.conftest import NEW, OLD
-from tests.harness import ROOT, change, wait_for
+from tests.harness import change, wait_for
 
 
 def sha(text: str) -> bytes:
@@ -463,28 +461,3 @@ def retire(harness, version: int) -> None:
                       (version,))
         conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (version,))
         db.install_vector_counters(conn)
-
-
-WATCHDOG_SCRIPT = """
-import threading, time, faust
-from segue.agents.worker import create_app
-from segue.engine import EmbeddingEngine, _Job
-from segue.settings import load_settings
-from segue import services
-settings = load_settings()
-engine = EmbeddingEngine(device="cpu")
-app = create_app(settings, database_url=services.database_url(settings), engine=engine)
-def stop_the_engine_thread():
-    time.sleep(8)
-    engine._jobs.put(_Job(-1, -1, None, None))  # the thread ends as if something had killed it
-threading.Thread(target=stop_the_engine_thread, daemon=True).start()
-faust.Worker(app, loglevel="info", override_logging=False).execute_from_commandline()
-"""
-
-
-def test_a_worker_whose_engine_thread_is_gone_exits_for_its_supervisor(harness):
-    env = {**harness.env, "SEGUE_GROUP_ID": "segue-watchdog"}  # its own group: it takes no partitions from others
-    done = subprocess.run([sys.executable, "-c", WATCHDOG_SCRIPT, "worker"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "the embedding engine's thread is gone; stopping the worker" in done.stdout + done.stderr
