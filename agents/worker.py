@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 import faust
 
-from segue import db, heartbeat, indexes, metrics, migration, sweeper
+from segue import db, heartbeat, indexes, metrics, migration, shadow, sweeper
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.errors import EngineStopped
@@ -189,13 +189,15 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             log.exception("sweeper failed; retrying at the next tick")
 
     def advance_the_migration() -> list[str]:
-        """Mark the migration ready once its gate passes; build its HNSW index once coverage allows."""
+        """Mark the migration ready once its gate passes; build its HNSW index once coverage allows; drop logged
+        queries past their retention."""
         with db.connect(settings, database_url) as conn:
             before = migration.active_migration(conn)
             after = migration.refresh(conn)
             done = [f"migration {after.id} is ready for cutover"] if before and after.state != before.state else []
             built = indexes.build_when_covered(conn, index_policy)
-            return done + ([built] if built else [])
+            purged = shadow.purge(conn, retention_days=settings.query_log_retention_days)
+            return done + ([built] if built else []) + ([f"purged {purged} logged queries"] if purged else [])
 
     @app.timer(settings.sweeper_interval_s)
     async def migration_steward() -> None:

@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -180,15 +181,19 @@ def status(settings: Settings, watch: bool, every: float) -> None:
     from rich.live import Live
 
     from segue.heartbeat import list_workers
+    from segue.shadow import drifting
     from segue.progress import (dead_letter_count, fetch_progress, freshness_table, origin_table, progress_table,
                                 workers_table)
 
     def view(conn) -> Group:
+        drift = [f"[bold red]query drift[/]: {model}'s logged queries on {day:%Y-%m-%d} moved {shift:.3f} from the "
+                 f"baseline (cosine distance of centroids, over SEGUE_DRIFT_MAX_SHIFT {settings.drift_max_shift:g})"
+                 for model, day, shift in drifting(conn, max_shift=settings.drift_max_shift)]
         return Group(
             progress_table(fetch_progress(conn)), origin_table(conn), freshness_table(conn),
             workers_table(list_workers(conn, lost_after_s=settings.worker_lost_after_s),
                           lost_after_s=settings.worker_lost_after_s),
-            f"dead letters in the last 24 h: {dead_letter_count(conn)}",
+            f"dead letters in the last 24 h: {dead_letter_count(conn)}", *drift,
         )
 
     with db.connect(settings, _database(settings, read_only=True), read_only=True) as conn:
@@ -280,6 +285,7 @@ def migrate_start(settings: Settings, to_name: str, from_name: str | None, sourc
 @click.pass_obj
 def migrate_status(settings: Settings) -> None:
     """Show the migration, what a cutover would do now, the index and the progress (reads only)."""
+    from segue import evaluation
     from segue.progress import fetch_progress, progress_table
 
     with db.connect(settings, _database(settings, read_only=True), read_only=True) as conn:
@@ -291,6 +297,7 @@ def migrate_status(settings: Settings) -> None:
             console.print(f"migration {current.id}: {current.from_name} → {current.to_name}, [bold]{current.state}[/] "
                           f"since {current.updated_at:%Y-%m-%d %H:%M:%S}")
             console.print("cutover gate: " + ("open" if check.passed else "closed: " + "; ".join(check.reasons())))
+            console.print("latest verdict: " + evaluation.latest_line(conn, current))
             console.print("HNSW index: " + indexes.describe(conn, current.to_version,
                                                            indexes.IndexPolicy.from_settings(settings)))
         console.print(progress_table(fetch_progress(conn)))
@@ -399,6 +406,112 @@ def services_command(settings: Settings, action: str) -> None:
         raise click.ClickException(str(error)) from None
     for s in result:
         console.print(f"{s.name:<11} {'running' if s.running else 'stopped':<8} {redact(s.address or '')}  {s.detail}")
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``1h`` or ``2d`` in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise click.BadParameter(f"{text!r} is not a duration like 30m or 1h", param_hint="--every") from None
+
+
+@main.command("eval")
+@click.option("--models", help="OLD,NEW to compare (default: the active migration's two models)")
+@click.option("--beir", type=click.Path(exists=True, file_okay=False), help="a BEIR folder: queries.jsonl, qrels/")
+@click.option("--split", default="test", show_default=True, help="the BEIR qrels split")
+@click.option("--trec-topics", type=click.Path(exists=True, dir_okay=False), help="TREC topics (with --trec-qrels)")
+@click.option("--trec-qrels", type=click.Path(exists=True, dir_okay=False), help="TREC qrels (with --trec-topics)")
+@click.option("--scifact", is_flag=True, help="the bundled SciFact test set (documents stored as scifact-<id>)")
+@click.option("--doc-id-prefix", default="", help="put before the judged document ids to make Segue doc_ids")
+@click.option("--slice-by", help="a query metadata field to report results by (Holm-corrected)")
+@click.option("--allow-partial", is_flag=True, help="evaluate even though a column is not fully current")
+@click.option("--margin", type=float, help="non-inferiority margin on nDCG@10 [default: SEGUE_EVAL_MARGIN]")
+@click.option("--required-gain", type=float, help="nDCG@10 gain a pass needs [default: SEGUE_EVAL_REQUIRED_GAIN]")
+@click.option("--shadow", is_flag=True, help="also replay logged reader queries on both models (evidence)")
+@click.option("--shadow-queries", default=1000, show_default=True, help="how many logged queries to replay")
+@click.option("--report", type=click.Path(dir_okay=False), help="write a self-contained HTML report here")
+@click.option("--every", help="run again every interval (e.g. 1h) until interrupted: a time series in SQL")
+@click.pass_obj
+def eval_command(settings: Settings, models: str | None, beir: str | None, split: str, trec_topics: str | None,
+                 trec_qrels: str | None, scifact: bool, doc_id_prefix: str, slice_by: str | None, allow_partial: bool,
+                 margin: float | None, required_gain: float | None, shadow: bool, shadow_queries: int,
+                 report: str | None, every: str | None) -> None:
+    """Is the new model better on your data? A verdict with statistics, stored for the cutover gate.
+
+    Embeds a labelled set's queries with both models, searches the database as readers do
+    (exactly, and through the HNSW index when there is one, to report its recall), scores
+    nDCG@10, Recall@100, MRR@10 and P@10 per query, and compares them with a paired bootstrap
+    interval and randomization test against a non-inferiority margin (or a required gain).
+    """
+    from segue import evalreport, evaluation
+    from segue import shadow as shadows
+    from segue.engine import EmbeddingEngine
+    from segue.evalsets import bundled_scifact, read_beir, read_trec
+
+    sources = [beir is not None, trec_topics is not None or trec_qrels is not None, scifact]
+    if sum(sources) > 1 or (sources[1] and not (trec_topics and trec_qrels)):
+        raise click.UsageError("give one labelled set: --beir DIR, --trec-topics with --trec-qrels, or --scifact")
+    if not any(sources) and not shadow:
+        raise click.UsageError("give a labelled set (--beir, --trec-topics/--trec-qrels, --scifact) or --shadow")
+    labelled = (read_beir(Path(beir), split=split, doc_id_prefix=doc_id_prefix) if beir
+                else read_trec(Path(trec_topics), Path(trec_qrels), doc_id_prefix=doc_id_prefix) if trec_topics
+                else bundled_scifact() if scifact else None)
+    options = evaluation.Options(
+        margin=settings.eval_margin if margin is None else margin,
+        required_gain=settings.eval_required_gain if required_gain is None else required_gain,
+        allow_partial=allow_partial, slice_by=slice_by)
+
+    def run_once(conn, engine) -> None:
+        if models:
+            old_name, _, new_name = models.partition(",")
+            old, new = registry.get_model(conn, old_name).spec, registry.get_model(conn, new_name).spec
+        else:
+            active = migration.require_active(conn)
+            old, new = registry.get_model(conn, active.from_name).spec, registry.get_model(conn, active.to_name).spec
+        result = shadow_result = None
+        if labelled is not None:
+            result = evaluation.evaluate(conn, engine, old, new, labelled, options)
+            stored = evaluation.store(conn, result)
+            console.print(f"[bold]{result.verdict}[/]: {result.why} (model_evaluations id {stored})")
+            for name, c in result.comparisons.items():
+                console.print(f"  {name:<10} {old.name} {c.old_mean:.4f}  {new.name} {c.new_mean:.4f}  "
+                              f"Δ {c.mean_difference:+.4f} CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}] p {c.p_value:.4f}")
+            for side, run in (("old", result.old), ("new", result.new)):
+                if run.index_recall_at_10 is not None:
+                    console.print(f"  HNSW recall@10 against exact search, {run.spec.name}: {run.index_recall_at_10:.3f}")
+            for name, part in result.slices.items():
+                console.print(f"  slice {name}: {part['queries']} queries, Δ {part['mean_difference']:+.4f}, "
+                              f"p (Holm) {part['p_holm']:.4f}, {part['verdict']}")
+        if shadow:
+            shadow_result = shadows.compare(conn, engine, old, new, limit=shadow_queries)
+            active = migration.active_migration(conn)
+            shadows.store(conn, shadow_result, old, new, active.id if active else None)
+            if shadow_result["queries"]:
+                console.print(f"shadow: {shadow_result['queries']} logged queries, overlap@10 "
+                              f"{shadow_result['overlap_at_10']:.3f}, rank-biased overlap {shadow_result['rbo']:.3f}")
+            console.print(f"shadow: {shadow_result['without_text']} logged queries kept no text and were not replayed")
+        if report and result is not None:
+            console.print(f"report written to {evalreport.write(Path(report), result, shadow_result)}")
+
+    def run() -> None:
+        engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+        try:
+            with db.connect(settings, _database(settings)) as conn:
+                run_once(conn, engine)
+        finally:
+            engine.close()
+
+    try:
+        run()
+        while every:
+            time.sleep(_duration(every))
+            run()
+    except (*REFUSALS, evaluation.EvaluationError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 @main.group()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from segue import db
+from segue.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -27,36 +34,26 @@ def scifact_documents(limit: int | None = None) -> Iterator[CorpusDocument]:
             yield CorpusDocument(f"scifact-{record['_id']}", f"{record['title']}\n\n{record['text']}".strip())
 
 
-def scifact_queries() -> dict[str, str]:
-    """SciFact test claims by query id."""
-    path = resources.files("segue").joinpath("data/scifact/queries.jsonl")
-    return {q["_id"]: q["text"] for q in map(json.loads, path.read_text().splitlines())}
-
-
 def scifact_queries_list(limit: int) -> list[str]:
     """The first ``limit`` SciFact claims."""
-    return list(scifact_queries().values())[:limit]
+    from segue.evalsets import bundled_scifact
+
+    return list(bundled_scifact().queries.values())[:limit]
 
 
-def scifact_qrels() -> dict[str, set[str]]:
-    """Relevant document ids (as stored by Segue) per query id."""
-    lines = resources.files("segue").joinpath("data/scifact/qrels.tsv").read_text().splitlines()[1:]
-    relevant: dict[str, set[str]] = {}
-    for line in lines:
-        query_id, corpus_id, score = line.split("\t")
-        if int(score) > 0:
-            relevant.setdefault(query_id, set()).add(f"scifact-{corpus_id}")
-    return relevant
-
-
-def ndcg_at_10(rankings: dict[str, list[str]], relevant: dict[str, set[str]]) -> float:
-    """Mean nDCG@10 with binary relevance over the queries in ``rankings``."""
-    if not rankings:
-        return 0.0
-    total = 0.0
-    for query_id, ranked in rankings.items():
-        gains = relevant[query_id]
-        dcg = sum(1 / math.log2(rank + 2) for rank, doc_id in enumerate(ranked[:10]) if doc_id in gains)
-        ideal = sum(1 / math.log2(rank + 2) for rank in range(min(len(gains), 10)))
-        total += dcg / ideal
-    return total / len(rankings)
+def store_embedded(conn: psycopg.Connection, documents: Sequence[CorpusDocument],
+                   vectors: Mapping[ModelSpec, np.ndarray]) -> None:
+    """Write ``documents`` at version 1 with a current vector for each model in ``vectors`` (row n for
+    document n), in one transaction: a corpus embedded ahead of time, for benchmarks and tests."""
+    columns = [sql.Identifier("doc_id"), sql.Identifier("body"), sql.Identifier("version"),
+               sql.Identifier("content_sha256")]
+    for spec in vectors:
+        columns += [db.vector_column(spec.version), db.sha_column(spec.version)]
+    statement = sql.SQL("INSERT INTO documents ({}) VALUES ({})").format(
+        sql.SQL(", ").join(columns), sql.SQL(", ").join(sql.Placeholder() * len(columns)))
+    rows = []
+    for n, document in enumerate(documents):
+        sha = hashlib.sha256(document.text.encode()).digest()
+        rows.append([document.doc_id, document.text, 1, sha, *[v for matrix in vectors.values() for v in (matrix[n], sha)]])
+    with conn.cursor() as cur, conn.transaction():
+        cur.executemany(statement, rows)

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from segue import db, evaluation, indexes, migration, providers, registry, services
 from segue.backfill import BackfillLimits, run_backfill
-from segue.corpus import ndcg_at_10, scifact_documents, scifact_qrels, scifact_queries, scifact_queries_list
+from segue.corpus import scifact_documents, scifact_queries_list
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.modelkit import distill_static, minilm_path
@@ -167,21 +167,6 @@ def run_demo(settings: Settings, *, docs: int, console: Console) -> None:
     asyncio.run(_run(settings, docs=docs, console=console))
 
 
-def _evaluate(demo: Settings, database_url: str, engine, corpus_ids: set[str]) -> dict[str, float]:
-    """nDCG@10 of each live model on the SciFact queries whose relevant abstracts are in the demo corpus."""
-    queries, qrels = scifact_queries(), scifact_qrels()
-    judged = {q: rel for q, rel in qrels.items() if rel & corpus_ids}
-    scores = {}
-    with db.connect(demo, database_url) as conn:
-        models = registry.live_models(conn)
-    for model in models:
-        with SegueReader(demo, database_url=database_url, engine=engine, mode="routing",
-                         routing_policy=lambda _q, _c, chosen=model: chosen, read_miss_rate=0) as reader:
-            scores[model.name] = ndcg_at_10(
-                {q: [h.doc_id for h in reader.search(queries[q], k=10).hits] for q in judged}, judged)
-    return scores
-
-
 async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     demo = _sandbox(settings)
     console.rule("[bold]Segue demo: migrating a pgvector corpus from a static model to MiniLM")
@@ -253,17 +238,17 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                                     await pub.markers("migrate", first[-1].doc_id), covered_model=NEW_MODEL)
 
         console.rule("4. quality gate, index, cutover, rollback, cutover, finish")
-        corpus_ids = {d.doc_id for d in corpus}
-        scores = _evaluate(demo, database_url, engine, corpus_ids)
+        report = demo.data_dir / "eval.html"
+        command = ["segue", "eval", "--scifact", "--report", str(report)]
+        console.print("$ " + " ".join(command))
+        judged = subprocess.run([sys.executable, "-m", "segue.cli", *command[1:]], env=_worker_env(demo),
+                                capture_output=True, text=True, check=False)
+        console.print(judged.stdout.rstrip() or judged.stderr.rstrip())
         with db.connect(demo, database_url) as conn:
-            verdict = evaluation.record_evaluation(conn, started_migration.id, "ndcg@10 (SciFact)",
-                                                  scores[OLD_MODEL], scores[NEW_MODEL])
-            console.print(f"nDCG@10 on SciFact queries with judged abstracts in this corpus: {OLD_MODEL} "
-                          f"{scores[OLD_MODEL]:.3f}, {NEW_MODEL} {scores[NEW_MODEL]:.3f} → verdict {verdict}")
             console.print(progress_table(fetch_progress(conn), title="migration_progress before the cutover"))
             ready = migration.refresh(conn)
-            console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}% and verdict "
-                          f"{verdict} → migration {ready.state}")
+            console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}%, "
+                          f"{evaluation.latest_line(conn, started_migration)} → migration {ready.state}")
             built, message = indexes.build(conn, new.version, indexes.IndexPolicy.from_settings(demo))
             if not built:
                 (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'index_built'"

@@ -60,6 +60,7 @@ class Gate:
     min_coverage_pct: float
     verdict: str | None
     verdict_metric: str | None
+    verdict_coverage_pct: float | None  # the new model's coverage when the verdict was reached
 
     @property
     def coverage_ok(self) -> bool:
@@ -67,7 +68,7 @@ class Gate:
 
     @property
     def quality_ok(self) -> bool:
-        return self.verdict == "pass"
+        return self.verdict == "pass" and (self.verdict_coverage_pct or 0.0) >= self.min_coverage_pct
 
     @property
     def passed(self) -> bool:
@@ -79,9 +80,12 @@ class Gate:
         if not self.coverage_ok:
             why.append(f"coverage {self.coverage_pct:.2f}% is below {self.min_coverage_pct:.2f}%")
         if self.verdict is None:
-            why.append("no quality verdict is recorded for this migration (model_evaluations)")
-        elif not self.quality_ok:
+            why.append("no quality verdict is recorded for this migration (run segue eval)")
+        elif self.verdict != "pass":
             why.append(f"the latest quality verdict ({self.verdict_metric}) is {self.verdict}")
+        elif not self.quality_ok:
+            why.append(f"the latest verdict was reached at {self.verdict_coverage_pct or 0:.2f}% coverage, below "
+                       f"{self.min_coverage_pct:.2f}%: run segue eval again")
         return why
 
 
@@ -229,18 +233,21 @@ def coverage_pct(conn: psycopg.Connection, version: int) -> float:
 
 
 def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
-    """Evaluate the cutover gate, reading only: coverage of the new model against the threshold recorded
-    at start, and the latest quality verdict."""
+    """Evaluate the cutover gate, reading only: coverage of the new model against the threshold recorded at
+    start, and the latest verdict ``segue eval`` recorded for this migration's two models. A verdict reached
+    on a column covered less than that threshold does not count."""
     verdict = conn.execute(
-        "SELECT verdict, metric FROM model_evaluations WHERE migration_id = %s ORDER BY evaluated_at DESC, id DESC"
-        " LIMIT 1",
-        (migration.id,),
+        "SELECT verdict, metric, (detail->'coverage'->>'new')::float FROM model_evaluations"
+        " WHERE migration_id = %s AND kind = 'labelled' AND old_version = %s AND new_version = %s"
+        " ORDER BY evaluated_at DESC, id DESC LIMIT 1",
+        (migration.id, migration.from_version, migration.to_version),
     ).fetchone()
     return Gate(
         coverage_pct=coverage_pct(conn, migration.to_version),
         min_coverage_pct=migration.cutover_min_coverage_pct,
         verdict=verdict[0] if verdict else None,
         verdict_metric=verdict[1] if verdict else None,
+        verdict_coverage_pct=verdict[2] if verdict else None,
     )
 
 

@@ -37,43 +37,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import psycopg
-from psycopg import errors, sql
-from psycopg.types.json import Jsonb
+from psycopg import errors
 from psycopg_pool import ConnectionPool
 
 from segue import db, migration, registry, services
 from segue.engine import EmbeddingEngine
 from segue.readmisses import ReadMissPublisher
+from segue.search import IncompatibleQuery, SearchHit, check_query, nearest, reciprocal_rank_fusion
+from segue.shadow import TOP_K, QueryLog
 from segue.settings import Settings, load_settings
 from segue.spec import ModelSpec
 
 log = logging.getLogger("segue.reader")
 
 MODES = ("incremental", "parallel", "routing")
-RRF_K = 60  # the reciprocal rank fusion constant: score = sum of 1 / (RRF_K + rank)
 
 RoutingPolicy = Callable[[str, list[ModelSpec]], ModelSpec]
-
-
-class IncompatibleQuery(ValueError):
-    """A query vector that must not be compared with a model's column (wrong width or wrong model)."""
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """One ranked document; ``model`` names the column(s) that ranked it, e.g. ``"new-tiny+old-static"``."""
-
-    doc_id: str
-    score: float
-    body: str
-    metadata: dict
-    model: str
 
 
 @dataclass(frozen=True)
@@ -95,41 +79,6 @@ def route_by_query_shape(query_text: str, candidates: list[ModelSpec]) -> ModelS
     words = len(query_text.split())
     short = words <= 6 or (query_text.rstrip().endswith("?") and words <= 12)
     return min(candidates, key=lambda spec: spec.dim) if short else candidates[0]
-
-
-def check_query(spec: ModelSpec, vector: Any, fingerprint: str) -> np.ndarray:
-    """``vector`` as float32 if it may be compared with ``spec``'s column; else raise :class:`IncompatibleQuery`.
-
-    ``fingerprint`` is that of the model that embedded ``vector``; it must be the registry's.
-    """
-    query = np.asarray(vector.to_numpy() if hasattr(vector, "to_numpy") else vector, dtype=np.float32)
-    if query.ndim != 1 or query.shape[0] != spec.dim:
-        raise IncompatibleQuery(
-            f"model {spec.name!r} (v{spec.version}) expects {spec.dim}-d query vectors, "
-            f"got shape {'x'.join(map(str, query.shape)) or 'scalar'}"
-        )
-    if fingerprint != spec.fingerprint:
-        raise IncompatibleQuery(
-            f"model {spec.name!r} (v{spec.version}) has fingerprint {spec.fingerprint!r}, but the query vector "
-            f"was embedded by a model with fingerprint {fingerprint!r}"
-        )
-    if not np.isfinite(query).all():
-        raise IncompatibleQuery(f"the query vector for model {spec.name!r} contains NaN or infinite values")
-    return query
-
-
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[SearchHit]], limit: int) -> list[SearchHit]:
-    """Merge ranked lists: score = sum of 1 / (RRF_K + rank); ties broken by doc_id; top ``limit``."""
-    scores: dict[str, float] = {}
-    models: dict[str, set[str]] = {}
-    first: dict[str, SearchHit] = {}
-    for hits in rankings:
-        for rank, hit in enumerate(hits, start=1):
-            scores[hit.doc_id] = scores.get(hit.doc_id, 0.0) + 1.0 / (RRF_K + rank)
-            models.setdefault(hit.doc_id, set()).add(hit.model)
-            first.setdefault(hit.doc_id, hit)
-    order = sorted(scores, key=lambda doc_id: (-scores[doc_id], doc_id))[:limit]
-    return [replace(first[d], score=scores[d], model="+".join(sorted(models[d]))) for d in order]
 
 
 @dataclass(frozen=True)
@@ -183,6 +132,8 @@ class SegueReader:
         self._serving_ttl_s = serving_ttl_s
         self._read_model = read_model
         self._misses = ReadMissPublisher(self._settings, read_miss_rate, read_miss_dedup_s)
+        self._query_log = QueryLog(rate=self._settings.query_log_rate, keep_text=self._settings.query_log_text == "keep",
+                                   low_score=self._settings.drift_low_score)
         self._lock = threading.Lock()  # guards the view and _closed
         self._pool = ConnectionPool(self._url, min_size=1, max_size=pool_size, name="segue-reader",
                                     kwargs={"autocommit": True, "application_name": "segue-reader"},
@@ -213,7 +164,10 @@ class SegueReader:
         _check_mode(mode)
         _check_request(k, filters)
         run = {"incremental": self._incremental, "parallel": self._parallel, "routing": self._routing}[mode]
-        return self._with_view(lambda view: run(view, query_text, k, filters))
+        result = self._with_view(lambda view: run(view, query_text, k, filters))
+        if self._query_log.sampled():
+            self._log_query(query_text)
+        return result
 
     def search_vector(
         self, vector: Any, model: str, *, fingerprint: str, k: int = 10, filters: dict | None = None
@@ -279,25 +233,17 @@ class SegueReader:
 
     def _rank(self, spec: ModelSpec, vector: Any, fingerprint: str, k: int, filters: dict | None,
               lacking: ModelSpec | None = None) -> list[SearchHit]:
-        """The ``k`` nearest current vectors of ``spec``, optionally only of documents lacking a current
-        vector for ``lacking``."""
+        """The ``k`` nearest current vectors of ``spec`` (see :func:`segue.search.nearest`)."""
         query = check_query(spec, vector, fingerprint)
-        where = [sql.SQL("{} = content_sha256").format(db.sha_column(spec.version))]
-        params: dict[str, Any] = {"query": query, "k": k}
-        if lacking is not None:
-            where.append(sql.SQL("{} IS DISTINCT FROM content_sha256").format(db.sha_column(lacking.version)))
-        if filters:
-            where.append(sql.SQL("metadata @> %(filters)s::jsonb"))
-            params["filters"] = Jsonb(filters)
-        statement = sql.SQL(
-            "SELECT doc_id, body, metadata, {column} <=> %(query)s AS distance FROM documents"
-            " WHERE {where} ORDER BY distance LIMIT %(k)s"
-        ).format(column=db.vector_column(spec.version), where=sql.SQL(" AND ").join(where))
         with self._connection() as conn:
-            rows = conn.execute(statement, params).fetchall()
-        rows.sort(key=lambda row: (row[3], row[0]))  # deterministic among equal distances
-        return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name)
-                for doc_id, body, metadata, distance in rows]
+            return nearest(conn, spec, query, k, filters=filters, lacking=lacking)
+
+    def _log_query(self, text: str) -> None:
+        """Log the query with the read model's vector and best hits, for shadow evaluation and drift."""
+        read = self._current_view().read
+        vector = self._engine.embed_sync(read, [text])[0]
+        with self._connection() as conn:
+            self._query_log.record(conn, read, text, vector, nearest(conn, read, vector, TOP_K))
 
     def _read_model_incomplete(self, read: ModelSpec) -> bool:
         """Whether some document lacks a current vector for ``read`` (from the exact counters)."""

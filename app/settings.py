@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field, field_validator, model_validator
@@ -58,6 +59,14 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=2)
     hnsw_ef_construction: int = Field(64, ge=4)
     gpu_hour_usd: float = Field(2.5, ge=0, description="price used by migrate plan's cost estimate")
+
+    eval_margin: float = Field(-0.01, le=0, description="non-inferiority margin of segue eval on nDCG@10")
+    eval_required_gain: float | None = Field(None, description="when set, the nDCG@10 gain a pass needs instead")
+    query_log_rate: float = Field(0.01, ge=0, le=1, description="share of reader queries logged for shadow evaluation")
+    query_log_text: Literal["keep", "hash"] = Field("hash", description="keep logged query texts, or only their hash")
+    query_log_retention_days: float = Field(30.0, gt=0, description="logged queries older than this are deleted")
+    drift_low_score: float = Field(0.3, description="a top-1 cosine similarity below this counts as a poor match")
+    drift_max_shift: float = Field(0.05, ge=0, description="status flags a query centroid moved more than this")
 
     metrics_host: str = Field("127.0.0.1", description="address the worker's /metrics, /healthz and /readyz bind to")
     metrics_port: int = Field(9464, ge=1, le=65535, description="their port; a second worker takes the next free one")

@@ -65,7 +65,7 @@ def main() -> None:
             timings = []
             for _ in range(50):
                 t = time.perf_counter()
-                rows = conn.execute("SELECT * FROM migration_progress").fetchall()
+                conn.execute("SELECT * FROM migration_progress").fetchall()
                 timings.append((time.perf_counter() - t) * 1000)
             print(f"migration_progress over {args.docs:,} documents: median {statistics.median(timings):.2f} ms, "
                   f"max {max(timings):.2f} ms (50 runs)")

@@ -15,8 +15,9 @@ from datetime import timedelta
 
 import pytest
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
-from segue import db, evaluation, indexes, migration, registry
+from segue import db, indexes, migration, registry
 from segue.backfill import BackfillLimits, run_backfill
 from segue.engine import EmbeddingEngine
 from segue.plan import plan
@@ -227,16 +228,26 @@ def test_read_miss_is_embedded_before_a_queued_backfill(mh, model_cache):
             db.install_vector_counters(conn)
 
 
+def record_verdict(conn, current: migration.Migration, verdict: str) -> None:
+    """A verdict row as ``segue eval`` records it, the gate's input (tests/test_eval.py runs the real thing;
+    the tiny random models here have no quality to measure)."""
+    conn.execute(
+        "INSERT INTO model_evaluations (migration_id, kind, old_version, new_version, metric, old_value, new_value,"
+        " verdict, detail) VALUES (%s, 'labelled', %s, %s, 'ndcg@10', 0.41, %s, %s, %s)",
+        (current.id, current.from_version, current.to_version, 0.52 if verdict == "pass" else 0.38, verdict,
+         Jsonb({"coverage": {"old": 100.0, "new": 100.0}})))
+
+
 def test_cutover_rollback_cutover_finish(mh):
     spec = beta(mh)
     with conn_of(mh) as conn:
         current = migration.active_migration(conn)
         with pytest.raises(migration.MigrationError, match="no quality verdict"):
             migration.cutover(conn)
-        assert evaluation.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.38) == "fail"
+        record_verdict(conn, current, "fail")
         with pytest.raises(migration.MigrationError, match="verdict .* is fail"):
             migration.cutover(conn)
-        assert evaluation.record_evaluation(conn, current.id, "ndcg@10", 0.41, 0.52) == "pass"
+        record_verdict(conn, current, "pass")
         assert migration.refresh(conn).state == "ready"
 
         assert migration.cutover(conn).state == "cut_over"

@@ -244,3 +244,14 @@ def test_a_dead_engine_thread_fails_healthz_and_stops_the_worker(oh, tmp_path):
     assert process.returncode != 0
     assert "the embedding engine's thread is gone; stopping the worker" in output
     assert os.environ.get("SEGUE_TEST_KILL_ENGINE") is None  # the hook exists only in this test's script
+
+
+def test_status_watch_refreshes_until_interrupted(oh, first):
+    watching = subprocess.Popen([sys.executable, "-m", "segue.cli", "status", "--watch", "--every", "0.5"],
+                                env=oh.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # start-up, then several refreshes
+    watching.send_signal(signal.SIGINT)
+    output, errors = watching.communicate(timeout=30)
+    assert watching.returncode == 0, errors
+    for title in ("migration_progress", "freshness, last 5 min", "workers (lost after 5 s of silence)"):
+        assert title in output

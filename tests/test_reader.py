@@ -20,15 +20,8 @@ from psycopg import sql
 from segue import db, registry
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
-from segue.reader import (
-    RRF_K,
-    IncompatibleQuery,
-    SearchHit,
-    SegueReader,
-    check_query,
-    reciprocal_rank_fusion,
-    route_by_query_shape,
-)
+from segue.reader import SegueReader, route_by_query_shape
+from segue.search import RRF_K, IncompatibleQuery, SearchHit, check_query, reciprocal_rank_fusion
 from tests.conftest import NEW, OLD
 from tests.harness import change, wait_for
 

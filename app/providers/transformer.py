@@ -71,7 +71,7 @@ class TransformerEmbedder:
         self._prefix = prefix
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self._tokenizer([self._prefix + text for text in texts], truncation=False)
+        encoded = self._tokenizer([self._prefix + text for text in texts], truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
