@@ -21,7 +21,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from segue import db, migration
+from segue import db, migration, registry
 from segue.spec import ModelSpec
 from segue.settings import Settings
 from segue.ratelimit import per_second
@@ -114,8 +114,10 @@ async def run_backfill(
     """Publish the documents ``model`` lacks a current vector for, within ``limits``.
 
     Raises the broker's error if a record of a page is not acknowledged; the watermark
-    then stays before that page, so the next run publishes it again.
+    then stays before that page, so the next run publishes it again. A model Segue cannot
+    embed with (adopted vectors) is refused with a RegistryError.
     """
+    registry.require_embedded(model)
     budget = limits.doc_budget()
     after = _watermark(conn, model)
     current, total = migration.vector_counts(conn, model.version)

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
+import psycopg
 from rich.console import Console
 from rich.table import Table
 
@@ -154,6 +155,30 @@ def models_add(settings: Settings, name: str, source: str, provider: str | None,
         f"{json.dumps(spec.config)}, fingerprint {spec.fingerprint[:16]}…; "
         f"columns embedding_v{spec.version}, embedding_v{spec.version}_sha256"
     )
+
+
+@models.command("bind")
+@click.argument("name")
+@click.option("--source", required=True, help="the model that made the adopted vectors: a folder or a cached hub id")
+@PROVIDER_OPTION
+@OPTION_OPTION
+@click.pass_obj
+def models_bind(settings: Settings, name: str, source: str, provider: str | None, option_pairs: tuple[str, ...]) -> None:
+    """Bind adopted model NAME to a provider that reproduces its stored vectors, so changes are embedded with it.
+
+    A sample of documents is embedded and compared with the stored vectors (cosine ≥ 0.999
+    each); if the provider does not reproduce them, nothing changes.
+    """
+    from segue.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+    try:
+        spec, cosine = _control(settings, registry.bind_model, engine=engine, name=name, source=source,
+                                provider=provider, options=_options(option_pairs))
+    finally:
+        engine.close()
+    console.print(f"bound [bold]{spec.name}[/] to {spec.provider} ({spec.source}): its vectors are reproduced "
+                  f"(lowest cosine {cosine:.5f}); workers now embed changes with it")
 
 
 @models.command("list")
@@ -377,6 +402,7 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
     with db.connect(settings, database_url) as conn:
         try:
             spec = registry.get_model(conn, name or migration.require_active(conn).to_name).spec
+            registry.require_embedded(spec)
         except REFUSALS as error:
             raise click.ClickException(str(error)) from None
         if max_gpu_seconds is not None and throughput is None:
@@ -512,6 +538,104 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass
+
+
+@main.command("import")
+@click.option("--source-url", help="the database holding the table [default: Segue's own]")
+@click.option("--table", required=True, help="the table (schema.table or table)")
+@click.option("--id-column", required=True, help="its unique, ordered id: the documents' doc_id")
+@click.option("--text-column", "text_columns", multiple=True, help="its text (several are joined by a blank line)")
+@click.option("--text-expression", help="or a SQL expression over its columns giving the text")
+@click.option("--version-column", help="an integer or timestamp column whose increase means a newer document")
+@click.option("--metadata-column", "metadata_columns", multiple=True, help="a column kept in metadata (repeatable)")
+@click.option("--vector-column", help="a vector column to adopt as --model's vectors, without embedding")
+@click.option("--model", help="the name the adopted vectors are registered under")
+@click.option("--page-size", default=5000, show_default=True, help="rows per keyset page (the watermark's step)")
+@click.option("--rate", type=float, help="at most this many rows a second (spares the source database)")
+@click.option("--follow", is_flag=True, help="then publish the table's changes and deletes until interrupted")
+@click.option("--poll-s", default=5.0, show_default=True, help="with --follow: seconds between looks for changes")
+@click.option("--deletes-every-s", default=60.0, show_default=True, help="with --follow: seconds between anti-joins")
+@click.pass_obj
+def import_command(settings: Settings, source_url: str | None, table: str, id_column: str,
+                   text_columns: tuple[str, ...], text_expression: str | None, version_column: str | None,
+                   metadata_columns: tuple[str, ...], vector_column: str | None, model: str | None, page_size: int,
+                   rate: float | None, follow: bool, poll_s: float, deletes_every_s: float) -> None:
+    """Adopt a corpus that already lives in a table: documents, and optionally their vectors as a model.
+
+    Resumable (a killed import continues after its last page), idempotent (a document
+    already stored at a newer version is left alone); reports rows read, written and
+    skipped, and why.
+    """
+    from segue.importer import ImportRefused, Source, run_import
+
+    if follow and not version_column:
+        raise click.UsageError("--follow needs --version-column: it publishes the rows whose version moved")
+    url = _database(settings)
+    source = Source(url=source_url or url, table=table, id_column=id_column, text_columns=text_columns,
+                    text_expression=text_expression, version_column=version_column,
+                    metadata_columns=metadata_columns, vector_column=vector_column)
+    with db.connect(settings, url) as conn:
+        try:
+            report = run_import(conn, source, model=model, page_size=page_size, rate=rate, console=console)
+        except (*REFUSALS, ImportRefused, psycopg.Error) as error:
+            raise click.ClickException(f"{type(error).__name__}: {error}" if isinstance(error, psycopg.Error)
+                                       else str(error)) from None
+        for line in report.lines():
+            console.print(line)
+        if follow:
+            console.print(f"following {table}: publishing its changes to {settings.topic_document_changes} "
+                          "(Ctrl-C stops)")
+            try:
+                asyncio.run(_follow(settings, conn, source, poll_s=poll_s, deletes_every_s=deletes_every_s,
+                                    page_size=page_size))
+            except ImportRefused as error:
+                raise click.ClickException(str(error)) from None
+            except KeyboardInterrupt:
+                pass
+
+
+async def _follow(settings: Settings, conn, source, **pacing: float) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from segue.importer import follow
+
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap(settings), acks="all", linger_ms=20)
+    await producer.start()
+    try:
+        await follow(conn, source, producer, settings.topic_document_changes, **pacing)
+    finally:
+        await producer.stop()
+
+
+@main.command("publish")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--id-field", required=True, help="the field holding the document id")
+@click.option("--text-field", "text_fields", multiple=True, required=True,
+              help="the field holding the text (several are joined by a blank line)")
+@click.option("--version-field", help="an integer field; without one, the time of publication is the version")
+@click.option("--metadata-field", "metadata_fields", multiple=True, help="a field kept in metadata (repeatable)")
+@click.pass_obj
+def publish_command(settings: Settings, path: Path, id_field: str, text_fields: tuple[str, ...],
+                    version_field: str | None, metadata_fields: tuple[str, ...]) -> None:
+    """Publish a JSONL, CSV or Parquet file of documents as document changes (each checked first)."""
+    from segue.publish import Fields, PublishRefused, publish
+    from segue.topics import ensure_topics
+
+    bootstrap = services.kafka_bootstrap(settings)
+    asyncio.run(ensure_topics(settings, bootstrap))
+    try:
+        report = asyncio.run(publish(path, Fields(id_field, text_fields, version_field, metadata_fields),
+                                     bootstrap=bootstrap, topic=settings.topic_document_changes,
+                                     max_text_bytes=settings.max_text_bytes, console=console))
+    except PublishRefused as error:
+        raise click.ClickException(str(error)) from None
+    console.print(f"sent {report.sent} document change(s) to {settings.topic_document_changes} in "
+                  f"{report.seconds:.1f}s; {len(report.bad)} bad record(s) not sent")
+    unit = "row" if path.name.lower().endswith(".parquet") else "line"
+    for number, why in report.bad:
+        console.print(f"  {unit} {number}: {why}", markup=False)
+    if report.bad:
+        sys.exit(1)
 
 
 @main.group()

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from segue import metrics
+from segue import metrics, providers
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.isolation import process_isolating_poison, retry_forever
@@ -83,12 +83,13 @@ class _Processor:
         self.dead_letters = dead_letters
 
     async def _live_models(self) -> list[ModelSpec]:
-        """The live models, loaded and warm; retired ones are freed from the engine.
+        """The live models Segue computes vectors for (adopted ones are read-only), loaded and warm; retired
+        ones are freed from the engine.
 
         A model that cannot load raises :class:`~segue.errors.ModelUnavailable`, which the
         isolation retries (an outage of that model), never dead-letters.
         """
-        models = await self.store.live_models()
+        models = await self.store.computed_models()
         await self.engine.unload(keep=[m.version for m in models])
         await self.engine.ensure_loaded(models)
         return models
@@ -266,7 +267,7 @@ class ChangeProcessor(_Processor):
         self._committed(outcomes, written)
 
     async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
-        models = await self.store.live_models()
+        models = await self.store.computed_models()
         failed = [self._row(event, v, Action.FAILED, _error_text(error)) for v in _model_slots(models)]
         letter = DeadLetter(event.envelope, DeadLetterReason.PROCESSING_FAILED, _error_text(error), self.origin,
                             event_id=event.change.event_id)
@@ -289,7 +290,9 @@ class ReadMissProcessor(_Processor):
 
     async def process(self, envelopes: Sequence[Envelope]) -> None:
         """Apply a batch of read-misses records; returns once every outcome is durable."""
-        models = {m.name: m for m in await self.store.live_models()}
+        live = await self.store.live_models()
+        models = {m.name: m for m in live if providers.embeds(m)}
+        adopted = {m.name for m in live if not providers.embeds(m)}
         events: list[ReadMissEvent] = []
         invalid: list[DeadLetter] = []
         for envelope in envelopes:
@@ -300,15 +303,11 @@ class ReadMissProcessor(_Processor):
                 continue
             model = models.get(miss.model)
             if model is None:
-                invalid.append(
-                    DeadLetter(
-                        envelope,
-                        DeadLetterReason.UNKNOWN_MODEL,
-                        f"no live model named {miss.model!r} (live: {', '.join(sorted(models)) or 'none'})",
-                        self.origin,
-                        event_id=miss.event_id,
-                    )
-                )
+                why = (f"model {miss.model!r} holds adopted vectors and cannot re-embed: bind it to a provider "
+                       "(segue models bind)" if miss.model in adopted else
+                       f"no live model named {miss.model!r} (live: {', '.join(sorted(models)) or 'none'})")
+                invalid.append(DeadLetter(envelope, DeadLetterReason.UNKNOWN_MODEL, why, self.origin,
+                                          event_id=miss.event_id))
                 continue
             events.append(ReadMissEvent(envelope, miss, model))
         await self._dead_letter(invalid)

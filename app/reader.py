@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +45,10 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool
 
-from segue import db, migration, registry, services
+from segue import db, migration, providers, registry, services
 from segue.engine import EmbeddingEngine
 from segue.readmisses import ReadMissPublisher
-from segue.search import IncompatibleQuery, SearchHit, check_query, nearest, reciprocal_rank_fusion
+from segue.search import IncompatibleQuery, QueryVector, SearchHit, check_query, nearest, reciprocal_rank_fusion
 from segue.shadow import TOP_K, QueryLog
 from segue.settings import Settings, load_settings
 from segue.spec import ModelSpec
@@ -79,6 +79,14 @@ def route_by_query_shape(query_text: str, candidates: list[ModelSpec]) -> ModelS
     words = len(query_text.split())
     short = words <= 6 or (query_text.rstrip().endswith("?") and words <= 12)
     return min(candidates, key=lambda spec: spec.dim) if short else candidates[0]
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One search's query: its text, and the vectors the caller gave for some models."""
+
+    text: str
+    vectors: dict[str, QueryVector]
 
 
 @dataclass(frozen=True)
@@ -157,16 +165,23 @@ class SegueReader:
         return self._misses.stats()
 
     def search(
-        self, query_text: str, k: int = 10, filters: dict | None = None, *, mode: str | None = None
+        self, query_text: str, k: int = 10, filters: dict | None = None, *, mode: str | None = None,
+        vectors: Mapping[str, QueryVector] | None = None,
     ) -> SearchResult:
-        """The top ``k`` documents for ``query_text`` whose metadata contains ``filters``."""
+        """The top ``k`` documents for ``query_text`` whose metadata contains ``filters``.
+
+        ``vectors`` gives the query already embedded by some models, by name: those are used
+        instead of embedding the text here (a host service that embeds its own queries), and
+        a model with adopted vectors, which Segue cannot run, needs one.
+        """
         mode = mode or self._mode
         _check_mode(mode)
         _check_request(k, filters)
+        query = _Query(query_text, dict(vectors or {}))
         run = {"incremental": self._incremental, "parallel": self._parallel, "routing": self._routing}[mode]
-        result = self._with_view(lambda view: run(view, query_text, k, filters))
+        result = self._with_view(lambda view: run(view, query, k, filters))
         if self._query_log.sampled():
-            self._log_query(query_text)
+            self._log_query(query)
         return result
 
     def search_vector(
@@ -196,39 +211,47 @@ class SegueReader:
 
     # -- modes --------------------------------------------------------------------------------
 
-    def _incremental(self, view: _View, text: str, k: int, filters: dict | None) -> SearchResult:
+    def _incremental(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
         read, other = view.read, view.other
-        primary = self._rank_text(read, text, k, filters)
+        primary = self._rank_text(read, query, k, filters)
         if other is None or not self._read_model_incomplete(read):
             return SearchResult("incremental", (read.name,), primary, [])
-        fallback = self._rank_text(other, text, k, filters, lacking=read)
+        fallback = self._rank_text(other, query, k, filters, lacking=read)
         hits = reciprocal_rank_fusion([primary, fallback], k)
-        missed = [hit.doc_id for hit in hits if hit.model == other.name]
+        # Adopted vectors cannot be recomputed: no read miss would help.
+        missed = [hit.doc_id for hit in hits if hit.model == other.name] if providers.embeds(read) else []
         return SearchResult("incremental", (read.name, other.name), hits, self._misses.offer(missed, read.name))
 
-    def _parallel(self, view: _View, text: str, k: int, filters: dict | None) -> SearchResult:
+    def _parallel(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
         specs = view.candidates
-        rankings = [self._rank_text(spec, text, k, filters) for spec in specs]
+        rankings = [self._rank_text(spec, query, k, filters) for spec in specs]
         hits = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings, k)
         return SearchResult("parallel", tuple(spec.name for spec in specs), hits, [])
 
-    def _routing(self, view: _View, text: str, k: int, filters: dict | None) -> SearchResult:
+    def _routing(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
         candidates = view.candidates
-        chosen = self._policy(text, list(candidates))
+        chosen = self._policy(query.text, list(candidates))
         spec = next((c for c in candidates if c.version == getattr(chosen, "version", None)), None)
         if spec is None:
             raise ValueError(
                 f"the routing policy chose {getattr(chosen, 'name', chosen)!r}, "
                 f"not one of {[c.name for c in candidates]}"
             )
-        return SearchResult("routing", (spec.name,), self._rank_text(spec, text, k, filters), [])
+        return SearchResult("routing", (spec.name,), self._rank_text(spec, query, k, filters), [])
 
     # -- columns ------------------------------------------------------------------------------
 
-    def _rank_text(self, spec: ModelSpec, text: str, k: int, filters: dict | None,
+    def _rank_text(self, spec: ModelSpec, query: _Query, k: int, filters: dict | None,
                    lacking: ModelSpec | None = None) -> list[SearchHit]:
-        """Embed ``text`` with ``spec`` and rank its column (the engine loaded the registry's model)."""
-        vector = self._engine.embed_sync(spec, [text])[0]
+        """Rank ``spec``'s column with the query as ``spec`` embeds it (given by the caller, or embedded here)."""
+        given = query.vectors.get(spec.name)
+        if given is not None:
+            return self._rank(spec, given.vector, given.fingerprint, k, filters, lacking)
+        if not providers.embeds(spec):
+            raise IncompatibleQuery(f"model {spec.name!r} holds adopted vectors and Segue cannot embed queries for it:"
+                                    f" pass the query embedded by that model (vectors={{{spec.name!r}: QueryVector(…)}})"
+                                    " or bind the model to a provider (segue models bind)")
+        vector = self._engine.embed_sync(spec, [query.text])[0]
         return self._rank(spec, vector, spec.fingerprint, k, filters, lacking)
 
     def _rank(self, spec: ModelSpec, vector: Any, fingerprint: str, k: int, filters: dict | None,
@@ -238,12 +261,18 @@ class SegueReader:
         with self._connection() as conn:
             return nearest(conn, spec, query, k, filters=filters, lacking=lacking)
 
-    def _log_query(self, text: str) -> None:
+    def _log_query(self, query: _Query) -> None:
         """Log the query with the read model's vector and best hits, for shadow evaluation and drift."""
         read = self._current_view().read
-        vector = self._engine.embed_sync(read, [text])[0]
+        given = query.vectors.get(read.name)
+        if given is None and not providers.embeds(read):
+            return
+        if given is not None:
+            vector = check_query(read, given.vector, given.fingerprint)
+        else:
+            vector = self._engine.embed_sync(read, [query.text])[0]
         with self._connection() as conn:
-            self._query_log.record(conn, read, text, vector, nearest(conn, read, vector, TOP_K))
+            self._query_log.record(conn, read, query.text, vector, nearest(conn, read, vector, TOP_K))
 
     def _read_model_incomplete(self, read: ModelSpec) -> bool:
         """Whether some document lacks a current vector for ``read`` (from the exact counters)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from datetime import datetime
 
+import numpy as np
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -101,3 +102,48 @@ def register_model(conn: psycopg.Connection, name: str, source: str, *, provider
         return spec
 
     return db.run_ddl(conn, register, what=f"registering model {name!r}")
+
+
+BIND_SAMPLE = 64
+BIND_MIN_COSINE = 0.999
+
+
+def require_embedded(spec: ModelSpec) -> None:
+    """Refuse (RegistryError, naming the way out) a model Segue cannot embed with: adopted vectors."""
+    if not providers.embeds(spec):
+        raise RegistryError(f"model {spec.name!r} holds adopted vectors and Segue cannot embed with it: "
+                            f"bind it first (segue models bind {spec.name} --source …)")
+
+
+def bind_model(conn: psycopg.Connection, engine, name: str, source: str, *, provider: str | None = None,
+               options: dict | None = None) -> tuple[ModelSpec, float]:
+    """Bind adopted model ``name`` to a provider that reproduces its stored vectors; (the new spec, min cosine).
+
+    The provider embeds a sample of documents whose adopted vector is current; every one
+    must reach a cosine of ``BIND_MIN_COSINE`` with the stored vector, or nothing changes.
+    From then on workers embed changes with it, in the same column.
+    """
+    adopted = get_model(conn, name).spec
+    if providers.embeds(adopted):
+        raise RegistryError(f"model {name!r} is run by provider {adopted.provider!r}; only adopted models are bound")
+    profile = providers.inspect(source, provider=provider, options=options)
+    if profile.dim != adopted.dim:
+        raise RegistryError(f"{source} makes {profile.dim}-d vectors; model {name!r} holds {adopted.dim}-d ones")
+    rows = conn.execute(
+        sql.SQL("SELECT body, {v} FROM documents WHERE {h} = content_sha256 ORDER BY doc_id LIMIT %s").format(
+            v=db.vector_column(adopted.version), h=db.sha_column(adopted.version)), (BIND_SAMPLE,)).fetchall()
+    if not rows:
+        raise RegistryError(f"model {name!r} has no current vector to check the provider against")
+    bound = ModelSpec.from_profile(adopted.version, name, source, profile)
+    computed = engine.embed_sync(bound, [body for body, _ in rows])
+    stored = np.stack([vector.to_numpy() for _, vector in rows])
+    stored = stored / np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
+    cosine = float((computed * stored).sum(axis=1).min())
+    if cosine < BIND_MIN_COSINE:
+        raise RegistryError(f"{source} does not reproduce model {name!r}'s stored vectors: the lowest cosine over "
+                            f"{len(rows)} documents is {cosine:.4f} < {BIND_MIN_COSINE}")
+    config = {**profile.config, "adopted_from": adopted.config.get("source")}
+    conn.execute("UPDATE embedding_models SET provider = %s, source = %s, max_tokens = %s, config = %s,"
+                 " fingerprint = %s WHERE version = %s",
+                 (profile.provider, source, profile.max_tokens, Jsonb(config), profile.fingerprint, adopted.version))
+    return get_model(conn, name).spec, cosine

@@ -23,6 +23,14 @@ from segue.spec import ModelSpec
 RRF_K = 60  # the reciprocal rank fusion constant: score = sum of 1 / (RRF_K + rank)
 
 
+@dataclass(frozen=True)
+class QueryVector:
+    """A query the caller embedded: the vector, and the fingerprint of the model that embedded it."""
+
+    vector: Any
+    fingerprint: str
+
+
 class IncompatibleQuery(ValueError):
     """A query vector that must not be compared with a model's column (wrong width or wrong model)."""
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from segue import db, metrics
+from segue import db, metrics, providers
 from segue.spec import ModelSpec
 from segue.settings import Settings
 from segue.schemas.changelog import Action, Origin
@@ -301,6 +301,10 @@ class Store:
                 " FROM embedding_models WHERE state = 'live' ORDER BY version"
             )
             return [ModelSpec(**row) for row in await cur.fetchall()]
+
+    async def computed_models(self) -> list[ModelSpec]:
+        """The live models whose vectors Segue computes: all but those holding adopted vectors."""
+        return [m for m in await self.live_models() if providers.embeds(m)]
 
     async def fetch(
         self, doc_ids: Sequence[str], models: Sequence[ModelSpec], *, with_body: bool = False

@@ -38,7 +38,8 @@ async def sweep(
     written while the model was live, or it is behind the model's backfill watermark.
     Documents whose re-embed failed within ``retry_failed_after_s`` are skipped. The
     cursor moves only after ``publish`` returned, in one transaction with one sweeper
-    at a time (advisory lock). Returns {model name: documents published}.
+    at a time (advisory lock). Models with adopted vectors are skipped: nothing here can
+    compute them. Returns {model name: documents published}.
     """
     conn = await store.connection()
     published: dict[str, int] = {}
@@ -46,7 +47,7 @@ async def sweep(
         async with conn.cursor() as cur:
             if not await take_for_transaction(cur, Lock.SWEEPER):
                 return published
-            for model in await store.live_models():
+            for model in await store.computed_models():
                 doc_ids = await _sweep_model(cur, model, max_age_s, scan_rows, retry_failed_after_s)
                 if doc_ids:
                     await publish(model, doc_ids)

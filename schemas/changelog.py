@@ -27,6 +27,7 @@ class Action(str, Enum):
     MIGRATION_FINISHED = "migration_finished"
     INDEX_BUILT = "index_built"
     INDEX_FAILED = "index_failed"
+    IMPORTED = "imported"
 
 
 class Origin(str, Enum):

@@ -17,8 +17,14 @@ from segue.providers.base import Embedder, OptionsError, resolve_source
 from segue.spec import ModelProfile, ModelSpec
 
 PROVIDERS = ("transformer", "static")
+ADOPTED = "adopted"  # vectors adopted from an existing table (segue import): stored, never computed here
 
-__all__ = ["PROVIDERS", "Embedder", "OptionsError", "detect", "inspect", "load"]
+__all__ = ["ADOPTED", "PROVIDERS", "Embedder", "OptionsError", "detect", "embeds", "inspect", "load"]
+
+
+def embeds(spec: ModelSpec) -> bool:
+    """Whether Segue can compute ``spec``'s vectors (an adopted model cannot until it is bound to a provider)."""
+    return spec.provider != ADOPTED
 
 
 def _module(name: str) -> ModuleType:
@@ -41,4 +47,7 @@ def inspect(source: str, *, provider: str | None = None, options: Mapping[str, A
 
 def load(spec: ModelSpec, device: str | None) -> Embedder:
     """The registered model ``spec``, loaded by its provider on ``device`` (None: the provider's choice)."""
+    if not embeds(spec):
+        raise OptionsError(f"model {spec.name!r} holds adopted vectors and cannot embed: bind it to a provider "
+                           "first (segue models bind)")
     return _module(spec.provider).load(spec, device)
