@@ -160,8 +160,8 @@ def _page_queries(source: Source, types: dict[str, tuple[str, int]]) -> tuple[sq
     """
     key_type = sql.SQL(types[source.id_column][0])
     after = sql.SQL("(%s::text IS NULL OR {key} > %s::{key_type})")
-    last = sql.SQL("SELECT max(k)::text FROM (SELECT {id} AS k FROM {table} WHERE {after} ORDER BY {id} LIMIT %s) p"
-                   ).format(id=sql.Identifier(source.id_column), table=_split(source.table), key_type=key_type,
+    last = sql.SQL("SELECT k::text FROM (SELECT {id} AS k FROM {table} WHERE {after} ORDER BY {id} LIMIT %s) p"
+                   " ORDER BY k DESC LIMIT 1").format(id=sql.Identifier(source.id_column), table=_split(source.table), key_type=key_type,
                             after=after.format(key=sql.Identifier(source.id_column), key_type=key_type))
     rows = sql.SQL("COPY (SELECT doc_id, body, version, metadata, vec, row_number() OVER (ORDER BY key) FROM ({rows}) r"
                    " WHERE {after} AND key <= %s::{key_type} ORDER BY key) TO STDOUT (FORMAT BINARY)"
@@ -181,9 +181,10 @@ class _SourcePage:
 def _read_page(source_conn: psycopg.Connection, queries: tuple[sql.Composed, sql.Composed], watermark: str | None,
                page_size: int) -> _SourcePage:
     last_query, rows_query = queries
-    (last,) = source_conn.execute(last_query, (watermark, watermark, page_size)).fetchone()
-    if last is None:
+    row = source_conn.execute(last_query, (watermark, watermark, page_size)).fetchone()
+    if row is None:
         return _SourcePage(b"", None)
+    last = row[0]
     with source_conn.cursor() as cursor, cursor.copy(rows_query, (watermark, watermark, last)) as out:
         return _SourcePage(b"".join(out), last)
 
