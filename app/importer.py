@@ -159,14 +159,16 @@ def _page_queries(source: Source, types: dict[str, tuple[str, int]]) -> tuple[sq
     watermark means from the start.
     """
     key_type = sql.SQL(types[source.id_column][0])
-    after = sql.SQL("(%s::text IS NULL OR {key} > %s::{key_type})")
+    id_ = sql.Identifier(source.id_column)
+
+    def after(key: sql.Composable) -> sql.Composed:
+        return sql.SQL("(%s::text IS NULL OR {key} > %s::{key_type})").format(key=key, key_type=key_type)
+
     last = sql.SQL("SELECT k::text FROM (SELECT {id} AS k FROM {table} WHERE {after} ORDER BY {id} LIMIT %s) p"
-                   " ORDER BY k DESC LIMIT 1").format(id=sql.Identifier(source.id_column), table=_split(source.table), key_type=key_type,
-                            after=after.format(key=sql.Identifier(source.id_column), key_type=key_type))
+                   " ORDER BY k DESC LIMIT 1").format(id=id_, table=_split(source.table), after=after(id_))
     rows = sql.SQL("COPY (SELECT doc_id, body, version, metadata, vec, row_number() OVER (ORDER BY key) FROM ({rows}) r"
                    " WHERE {after} AND key <= %s::{key_type} ORDER BY key) TO STDOUT (FORMAT BINARY)"
-                   ).format(rows=_rows(source, types), key_type=key_type,
-                            after=after.format(key=sql.Identifier("key"), key_type=key_type))
+                   ).format(rows=_rows(source, types), key_type=key_type, after=after(sql.Identifier("key")))
     return last, rows
 
 
@@ -238,8 +240,8 @@ def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, p
                                         ).fetchone()
         watermark = _watermark(conn, source.identity, newest)
         _stage_in_memory(conn)
-        (estimate,) = source_conn.execute("SELECT greatest(reltuples::bigint, 0) FROM pg_class WHERE oid = to_regclass(%s)",
-                                          (source.table,)).fetchone()
+        (estimate,) = source_conn.execute("SELECT greatest(reltuples::bigint, 0) FROM pg_class"
+                                          " WHERE oid = to_regclass(%s)", (source.table,)).fetchone()
         queries = _page_queries(source, types)
         pace = per_second(rate, burst=page_size) if rate else None
         progress = Progress(TextColumn(f"import {source.table}"), BarColumn(), MofNCompleteColumn(),

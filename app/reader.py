@@ -248,9 +248,10 @@ class SegueReader:
         if given is not None:
             return self._rank(spec, given.vector, given.fingerprint, k, filters, lacking)
         if not providers.embeds(spec):
-            raise IncompatibleQuery(f"model {spec.name!r} holds adopted vectors and Segue cannot embed queries for it:"
-                                    f" pass the query embedded by that model (vectors={{{spec.name!r}: QueryVector(…)}})"
-                                    " or bind the model to a provider (segue models bind)")
+            raise IncompatibleQuery(
+                f"model {spec.name!r} holds adopted vectors and Segue cannot embed queries for it: pass the query"
+                f" embedded by that model (vectors={{{spec.name!r}: QueryVector(…)}}) or bind the model to a provider"
+                " (segue models bind)")
         vector = self._engine.embed_sync(spec, [query.text])[0]
         return self._rank(spec, vector, spec.fingerprint, k, filters, lacking)
 

@@ -194,10 +194,11 @@ def test_follow_publishes_the_tables_changes_and_deletes(ih, tmp_path):
             wait_for(lambda: "following items" in output.read_text() or follower.poll() is not None,
                      timeout=120, what="the follower to start")
             assert follower.poll() is None, output.read_text()
-            source.execute("UPDATE items SET content = 'item 5, edited at the source', updated_at = now() WHERE id = 5")
+            edited = "item 5, edited at the source"
+            source.execute("UPDATE items SET content = %s, updated_at = now() WHERE id = 5", (edited,))
             source.execute("INSERT INTO items VALUES (30000, 'a row added later', 'en', now(), NULL)")
             source.execute("DELETE FROM items WHERE id = 7")
-            wait_for(lambda: ih.scalar("SELECT body FROM documents WHERE doc_id = '5'") == "item 5, edited at the source"
+            wait_for(lambda: ih.scalar("SELECT body FROM documents WHERE doc_id = '5'") == edited
                      and ih.scalar("SELECT count(*) FROM documents WHERE doc_id = '30000'") == 1
                      and ih.scalar("SELECT count(*) FROM documents WHERE doc_id = '7'") == 0,
                      timeout=120, what="the edit, the new row and the delete to reach the documents")
@@ -214,7 +215,8 @@ def test_a_uuid_keyed_table_is_imported_page_by_page_without_vectors(ih):
     """Keyset pages work for any id type: 20 rows of a uuid-keyed table in pages of 7, documents only."""
     with psycopg.connect(ih.legacy_url, autocommit=True) as source:
         source.execute("CREATE TABLE notes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), title text, body text)")
-        source.execute("INSERT INTO notes (title, body) SELECT 'note ' || g, 'body ' || g FROM generate_series(1, 20) g")
+        source.execute("INSERT INTO notes (title, body) SELECT 'note ' || g, 'body ' || g"
+                       " FROM generate_series(1, 20) g")
         ids = {str(i) for (i,) in source.execute("SELECT id FROM notes").fetchall()}
     printed = " ".join(ih.segue("import", "--source-url", ih.legacy_url, "--table", "notes", "--id-column", "id",
                                 "--text-column", "title", "--text-column", "body", "--page-size", "7").stdout.split())

@@ -59,7 +59,8 @@ def publish(harness, path, *options: str, topic: str | None = None) -> tuple[int
     done = harness.segue("publish", str(path), *options, env=env, check=False)
     output = done.stdout + done.stderr
     assert "Traceback" not in output, output
-    named = {int(number): why.strip() for number, why in re.findall(r"^\s*(?:line|row) (\d+): (.*)$", done.stdout, re.M)}
+    bad_lines = re.findall(r"^\s*(?:line|row) (\d+): (.*)$", done.stdout, re.M)
+    named = {int(number): why.strip() for number, why in bad_lines}
     return done.returncode, output, named
 
 
