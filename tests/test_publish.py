@@ -298,3 +298,12 @@ def test_a_clean_gzipped_csv_exits_0_and_the_worker_stores_its_versions_and_meta
     assert harness.sql("SELECT doc_id, body, version, metadata FROM documents WHERE doc_id = ANY(%s) ORDER BY version",
                        (ids,)) == [(f"{p}-{n}", f"Abstract {n}\n\nCells divide, proteins fold ({n}).", 100 + n,
                                     {"lang": "en" if n % 2 else "fr"}) for n in range(20)]
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_its_first_column(harness, tmp_path):
+    """Spreadsheets save "UTF-8 CSV" with a BOM before the header; the first column is still ``id``."""
+    p = uid("csv-bom")
+    path = tmp_path / "documents.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,title,body,v,lang\n"
+                     + f"{p}-1,Lipids,Form membranes.,3,en\n,No id,here,1,en\n".encode())
+    publishes_only_the_good(harness, path, bad={3: "no id"}, good=[sent(f"{p}-1", 3, "Lipids\n\nForm membranes.", "en")])
