@@ -23,6 +23,8 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -84,8 +86,8 @@ class ImportReport:
     read: int = 0
     written: int = 0
     superseded: int = 0  # a newer version was already stored
-    skipped: dict[str, int] = field(default_factory=dict)  # rows not imported, by reason
-    vectors_not_adopted: dict[str, int] = field(default_factory=dict)  # documents imported without their vector
+    skipped: Counter[str] = field(default_factory=Counter)  # rows not imported, by reason
+    vectors_not_adopted: Counter[str] = field(default_factory=Counter)  # documents imported without their vector
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -236,9 +238,8 @@ def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, p
         if bool(model) != bool(source.vector_column):
             raise ImportRefused("--vector-column and --model go together: the model whose vectors the column holds")
         spec = adopt_model(conn, source_conn, source, model, types) if model else None
-        (newest,) = source_conn.execute(sql.SQL("SELECT max(version) FROM ({}) r").format(_rows(source, types))
-                                        ).fetchone()
-        watermark = _watermark(conn, source.identity, newest)
+        newest = sql.SQL("SELECT max(version) FROM ({}) r").format(_rows(source, types))
+        watermark = _watermark(conn, source.identity, lambda: source_conn.execute(newest).fetchone()[0])
         _stage_in_memory(conn)
         (estimate,) = source_conn.execute("SELECT greatest(reltuples::bigint, 0) FROM pg_class"
                                           " WHERE oid = to_regclass(%s)", (source.table,)).fetchone()
@@ -271,11 +272,12 @@ def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, p
     return report
 
 
-def _watermark(conn: psycopg.Connection, identity: str, newest_version: int | None) -> str | None:
+def _watermark(conn: psycopg.Connection, identity: str, newest_version: Callable[[], int | None]) -> str | None:
     """Where the import of ``identity`` stopped (None: from the start; a finished import starts over).
 
     An import from the start also marks where ``--follow`` begins, unless it has begun: at the
-    newest version the table held before the import read it, so no change made since is missed.
+    newest version the table held before the import read it, so no change made since is missed
+    (``newest_version`` scans the source, so it is called only then).
     """
     with conn.transaction():
         row = conn.execute("SELECT watermark, finished_at FROM import_progress WHERE source = %s FOR UPDATE",
@@ -285,7 +287,7 @@ def _watermark(conn: psycopg.Connection, identity: str, newest_version: int | No
                          " ON CONFLICT (source) DO UPDATE SET watermark = NULL, rows_read = 0, started_at = now(),"
                          " updated_at = now(), finished_at = NULL,"
                          " follow_version = coalesce(p.follow_version, excluded.follow_version)",
-                         (identity, newest_version))
+                         (identity, newest_version()))
             return None
         return row[0]
 
@@ -319,12 +321,10 @@ def _page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page
         report.read += rows
         report.written += written
         report.superseded += eligible - written
-        for why, count in (("no text", no_text), ("doc_id not 1 to 512 characters", long_id)):
-            report.skipped[why] = report.skipped.get(why, 0) + count
+        report.skipped.update({"no text": no_text, "doc_id not 1 to 512 characters": long_id})
         if spec is not None:
-            for why, count in (("no vector", no_vector), (f"dimension mismatch (not {dim})", wrong_dim),
-                               ("all-zero vector", zero)):
-                report.vectors_not_adopted[why] = report.vectors_not_adopted.get(why, 0) + count
+            report.vectors_not_adopted.update({"no vector": no_vector, f"dimension mismatch (not {dim})": wrong_dim,
+                                               "all-zero vector": zero})
         conn.execute("UPDATE import_progress SET watermark = %s, rows_read = rows_read + %s, updated_at = now()"
                      " WHERE source = %s", (page.last, rows, source.identity))
 
