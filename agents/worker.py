@@ -229,7 +229,7 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             await heartbeat.beat(await heartbeat_store.connection(), heartbeat.Beat(
                 worker_id=me, started_at=started_at, state=state.state(), partitions=state.assigned or [],
                 lag=lag, models=sorted(devices), device=", ".join(sorted(set(devices.values()))) or None,
-                events_per_s=round(state.events_per_second(), 2), metrics_url=metrics_url))
+                events_per_s=round(state.events_per_second(), 2), metrics_url=metrics_url, halted=engine.halted()))
             await asyncio.to_thread(migration_gauges)
         except Exception:  # noqa: BLE001 - the next beat tries again
             log.exception("reporting the worker's state failed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -30,12 +31,16 @@ from segue.schemas.events import encode_read_miss
 
 @dataclass(frozen=True)
 class BackfillLimits:
-    """How much one run may publish: docs/s, documents, GPU-seconds at ``throughput`` docs/s."""
+    """How much one run may publish: docs/s, documents, GPU-seconds at ``throughput`` docs/s, or dollars of
+    an API model's tokens at ``price_per_million_tokens``, counted by ``count_tokens`` (tokens after truncation)."""
 
     rate: float | None = None
     max_docs: int | None = None
     max_gpu_seconds: float | None = None
     throughput: float | None = None
+    max_usd: float | None = None
+    price_per_million_tokens: float | None = None
+    count_tokens: Callable[[list[str]], list[int]] | None = None
 
     def doc_budget(self) -> int | None:
         """The document budget of this run (the tighter of the two budgets)."""
@@ -53,6 +58,8 @@ class BackfillOutcome:
     stopped: str  # "complete", "budget" or "paused"
     watermark: str | None
     seconds: float
+    tokens: int = 0  # counted for a dollar budget: the tokens of the documents published
+    usd: float = 0.0
 
     def describe(self, limits: BackfillLimits) -> str:
         rate = self.published / self.seconds if self.seconds else 0.0
@@ -65,6 +72,10 @@ class BackfillOutcome:
         if limits.max_gpu_seconds is not None:
             gpu = f"{limits.max_gpu_seconds:g} GPU-seconds ≈ {limits.doc_budget()} documents at {limits.throughput:.1f} docs/s"
             budget = f"{budget} / {gpu}" if budget else gpu
+        if limits.max_usd is not None:
+            usd = (f"${limits.max_usd:g}: {self.tokens:,} tokens spent ≈ ${self.usd:.4f} at "
+                   f"${limits.price_per_million_tokens:g} per 1M tokens")
+            budget = f"{budget} / {usd}" if budget else usd
         return f"{head}; stopped at the budget ({budget}); run again to continue after {self.watermark!r}"
 
 
@@ -85,15 +96,29 @@ def _watermark(conn: psycopg.Connection, model: ModelSpec) -> str | None:
         return row[0]
 
 
-def _page(conn: psycopg.Connection, model: ModelSpec, after: str | None, size: int) -> list[str]:
-    rows = conn.execute(
+def _page(conn: psycopg.Connection, model: ModelSpec, after: str | None, size: int,
+          with_body: bool) -> list[tuple[str, str | None]]:
+    """The next (doc_id, body) pairs lacking a current vector after ``after`` (bodies only ``with_body``)."""
+    return conn.execute(
         sql.SQL(
-            "SELECT doc_id FROM documents WHERE doc_id > %s AND {} IS DISTINCT FROM content_sha256"
+            "SELECT doc_id, {} FROM documents WHERE doc_id > %s AND {} IS DISTINCT FROM content_sha256"
             " ORDER BY doc_id LIMIT %s"
-        ).format(db.sha_column(model.version)),
+        ).format(sql.SQL("body" if with_body else "NULL"), db.sha_column(model.version)),
         (after or "", size),
     ).fetchall()
-    return [doc_id for (doc_id,) in rows]
+
+
+def _affordable(page: list[tuple[str, str]], limits: BackfillLimits, spent_tokens: int) -> list[int]:
+    """The token counts of the page's longest prefix the dollar budget still pays for."""
+    counts = limits.count_tokens([body for _, body in page])
+    budget_tokens = int(limits.max_usd / limits.price_per_million_tokens * 1e6) - spent_tokens
+    kept: list[int] = []
+    for count in counts:
+        if count > budget_tokens:
+            break
+        kept.append(count)
+        budget_tokens -= count
+    return kept
 
 
 def _paused(conn: psycopg.Connection) -> bool:
@@ -118,6 +143,9 @@ async def run_backfill(
     embed with (adopted vectors) is refused with a RegistryError.
     """
     registry.require_embedded(model)
+    if limits.max_usd is not None and not (limits.price_per_million_tokens and limits.count_tokens):
+        raise registry.RegistryError(f"model {model.name!r} has no registered price per 1M tokens: a dollar budget "
+                                     "needs one (--option price_per_million_tokens=…)")
     budget = limits.doc_budget()
     after = _watermark(conn, model)
     current, total = migration.vector_counts(conn, model.version)
@@ -126,7 +154,7 @@ async def run_backfill(
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
     await producer.start()
     pace = per_second(limits.rate) if limits.rate else None
-    published = 0
+    published = tokens = 0
     started = time.perf_counter()
     stopped = "complete"
     progress = Progress(
@@ -145,13 +173,21 @@ async def run_backfill(
                 if size <= 0:
                     stopped = "budget"
                     break
-                page = _page(conn, model, after, size)
+                page = _page(conn, model, after, size, with_body=limits.max_usd is not None)
                 if not page:
                     conn.execute("UPDATE backfill_progress SET finished_at = now(), updated_at = now()"
                                  " WHERE model_version = %s", (model.version,))
                     break
+                if limits.max_usd is not None:
+                    counts = _affordable(page, limits, tokens)
+                    tokens += sum(counts)
+                    if len(counts) < len(page):
+                        stopped = "budget"
+                        page = page[: len(counts)]
+                        if not page:
+                            break
                 deliveries = []
-                for doc_id in page:
+                for doc_id, _ in page:
                     if pace is not None:
                         await pace.try_acquire_async("backfill")
                     deliveries.append(await producer.send(
@@ -161,14 +197,17 @@ async def run_backfill(
                 await asyncio.gather(*deliveries)
                 published += len(page)
                 progress.update(task, completed=published, rate=published / max(time.perf_counter() - started, 1e-9))
-                after = page[-1]
+                after = page[-1][0]
                 conn.execute(
                     "UPDATE backfill_progress SET watermark = %s, published = published + %s, updated_at = now()"
                     " WHERE model_version = %s",
                     (after, len(page), model.version),
                 )
+                if stopped == "budget":
+                    break
     finally:
         await producer.stop()
         if pace is not None:
             pace.close()
-    return BackfillOutcome(published, stopped, after, time.perf_counter() - started)
+    usd = tokens / 1e6 * limits.price_per_million_tokens if limits.max_usd is not None else 0.0
+    return BackfillOutcome(published, stopped, after, time.perf_counter() - started, tokens, usd)

@@ -25,7 +25,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from segue import db, indexes, migration, providers, registry, services
+from segue import db, errors, indexes, migration, providers, registry, services
 from segue.settings import Settings, load_settings, redact
 from segue.spec import ModelSpec
 
@@ -34,7 +34,8 @@ if not console.is_terminal:
     console = Console(width=180)  # tables stay readable in logs and pipes
 log = logging.getLogger("segue.cli")
 
-REFUSALS = (migration.MigrationError, registry.RegistryError, db.SchemaError, providers.OptionsError)
+REFUSALS = (migration.MigrationError, registry.RegistryError, db.SchemaError, providers.OptionsError,
+            errors.ProviderError)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -139,20 +140,38 @@ def models() -> None:
 
 @models.command("add")
 @click.argument("name")
-@click.option("--source", required=True, help="local model folder or a cached hub id")
+@click.option("--source", help="local model folder or a cached hub id")
+@click.option("--base-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (provider openai)")
+@click.option("--model", "api_model", help="the endpoint's model name, e.g. text-embedding-3-small")
+@click.option("--dimensions", type=int, help="vector width the endpoint is asked for (text-embedding-3 models)")
+@click.option("--api-key-env", help="the environment variable holding the API key [default: OPENAI_API_KEY]")
 @PROVIDER_OPTION
 @OPTION_OPTION
 @click.pass_obj
-def models_add(settings: Settings, name: str, source: str, provider: str | None, option_pairs: tuple[str, ...]) -> None:
+def models_add(settings: Settings, name: str, source: str | None, base_url: str | None, api_model: str | None,
+               dimensions: int | None, api_key_env: str | None, provider: str | None,
+               option_pairs: tuple[str, ...]) -> None:
     """Register model NAME: compute its dim and fingerprint and add its columns.
 
+    A local model comes from --source; a model behind an API from --base-url and --model
+    (its key is read from the environment variable --api-key-env names, never stored).
     From then on every change is embedded with it too; running workers pick it up.
     """
+    options = _options(option_pairs)
+    if base_url is not None:
+        if source is not None:
+            raise click.UsageError("give --source (a local model) or --base-url (an API), not both")
+        source, provider = base_url, provider or "openai"
+        api = {"model": api_model, "dimensions": dimensions, "api_key_env": api_key_env}
+        options |= {key: value for key, value in api.items() if value is not None}
+    elif source is None or api_model or dimensions or api_key_env:
+        raise click.UsageError("give --source (a local model folder or hub id), or --base-url with --model, "
+                               "--dimensions and --api-key-env (a model behind an API)")
     spec = _control(settings, registry.register_model, name=name, source=source, provider=provider,
-                    options=_options(option_pairs))
+                    options=options)
     console.print(
         f"registered [bold]{spec.name}[/] as v{spec.version}: {spec.provider}, {spec.dim}-d, "
-        f"{json.dumps(spec.config)}, fingerprint {spec.fingerprint[:16]}…; "
+        f"{json.dumps(providers.shown_config(spec.config))}, fingerprint {spec.fingerprint[:16]}…; "
         f"columns embedding_v{spec.version}, embedding_v{spec.version}_sha256"
     )
 
@@ -191,7 +210,8 @@ def models_list(settings: Settings) -> None:
         table.add_column(header)
     for m in rows:
         s = m.spec
-        table.add_row(str(s.version), s.name, s.provider, str(s.dim), str(s.max_tokens), json.dumps(s.config),
+        table.add_row(str(s.version), s.name, s.provider, str(s.dim), str(s.max_tokens),
+                      json.dumps(providers.shown_config(s.config)),
                       m.state, "✓" if m.serving_reads else "", s.fingerprint[:16], s.source)
     console.print(table)
 
@@ -207,18 +227,18 @@ def status(settings: Settings, watch: bool, every: float) -> None:
 
     from segue.heartbeat import list_workers
     from segue.shadow import drifting
-    from segue.progress import (dead_letter_count, fetch_progress, freshness_table, origin_table, progress_table,
-                                workers_table)
+    from segue.progress import (dead_letter_count, fetch_progress, freshness_table, halted_lines, origin_table,
+                                progress_table, workers_table)
 
     def view(conn) -> Group:
         drift = [f"[bold red]query drift[/]: {model}'s logged queries on {day:%Y-%m-%d} moved {shift:.3f} from the "
                  f"baseline (cosine distance of centroids, over SEGUE_DRIFT_MAX_SHIFT {settings.drift_max_shift:g})"
                  for model, day, shift in drifting(conn, max_shift=settings.drift_max_shift)]
+        workers = list_workers(conn, lost_after_s=settings.worker_lost_after_s)
         return Group(
             progress_table(fetch_progress(conn)), origin_table(conn), freshness_table(conn),
-            workers_table(list_workers(conn, lost_after_s=settings.worker_lost_after_s),
-                          lost_after_s=settings.worker_lost_after_s),
-            f"dead letters in the last 24 h: {dead_letter_count(conn)}", *drift,
+            workers_table(workers, lost_after_s=settings.worker_lost_after_s),
+            f"dead letters in the last 24 h: {dead_letter_count(conn)}", *drift, *halted_lines(workers),
         )
 
     with db.connect(settings, _database(settings, read_only=True), read_only=True) as conn:
@@ -264,10 +284,13 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, provider:
         if spec.version:
             current, total = migration.vector_counts(conn, spec.version)
             todo = total - current
+        serving = [m.spec for m in registry.list_models(conn) if m.serving_reads and m.spec.name != to_name]
+        baseline = serving[0] if serving and providers.embeds(serving[0]) else None
         engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
         try:
             return plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,
-                        documents_to_embed=todo, index_policy=indexes.IndexPolicy.from_settings(settings))
+                        documents_to_embed=todo, index_policy=indexes.IndexPolicy.from_settings(settings),
+                        baseline=baseline)
         finally:
             engine.close()
 
@@ -390,11 +413,16 @@ def migrate_index(settings: Settings, name: str | None) -> None:
 @click.option("--max-docs", type=int, help="stop after this many documents")
 @click.option("--max-gpu-seconds", type=float, help="stop after this much estimated embedding time")
 @click.option("--throughput", type=float, help="docs/s for the GPU-seconds budget (default: measured here)")
+@click.option("--max-usd", type=float, help="stop before an API model's tokens cost more (at its registered price)")
 @click.option("--page-size", default=500, show_default=True, help="documents per keyset page (watermark step)")
 @click.pass_obj
 def backfill(settings: Settings, name: str | None, rate: float | None, max_docs: int | None,
-             max_gpu_seconds: float | None, throughput: float | None, page_size: int) -> None:
-    """Enqueue every document lacking a current vector, at low priority; resumable."""
+             max_gpu_seconds: float | None, throughput: float | None, max_usd: float | None, page_size: int) -> None:
+    """Enqueue every document lacking a current vector, at low priority; resumable.
+
+    With --max-usd the documents' tokens are counted with the model's tokenizer (after
+    truncation) as they are enqueued, and the run stops before their price exceeds it.
+    """
     from segue.backfill import BackfillLimits, run_backfill
 
     database_url = _database(settings)
@@ -415,9 +443,24 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
                 console.print(f"measured {throughput:.1f} docs/s for {spec.name} on {engine.device_of(spec)}")
             finally:
                 engine.close()
-        limits = BackfillLimits(rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput)
-        outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, page_size=page_size,
-                                           console=console))
+        engine = None
+        if max_usd is not None:
+            from segue.engine import EmbeddingEngine
+
+            engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+        limits = BackfillLimits(
+            rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput, max_usd=max_usd,
+            price_per_million_tokens=spec.config.get("price_per_million_tokens"),
+            count_tokens=engine and (lambda texts: [min(count, spec.max_tokens or count)
+                                                    for count in engine.count_tokens(spec, texts)]))
+        try:
+            outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, page_size=page_size,
+                                               console=console))
+        except REFUSALS as error:
+            raise click.ClickException(str(error)) from None
+        finally:
+            if engine is not None:
+                engine.close()
     console.print(outcome.describe(limits))
 
 

@@ -15,6 +15,10 @@ from running a model at the same time as the worker.
 
 Texts are sorted by length before chunking, so each chunk is one forward pass padded
 only to its own longest text, and the original order is restored afterwards.
+
+A model behind an API (an embedder with ``remote = True``) does no work on that thread:
+its requests go to the embedder's own event loop, with their own budgets and priorities,
+and are awaited, so an API's latency never holds up a local model.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from segue import metrics, providers
-from segue.errors import EngineStopped, ModelUnavailable
+from segue.errors import EngineStopped, ModelHalted, ModelUnavailable
 from segue.providers import Embedder
 from segue.spec import ModelSpec
 
@@ -55,6 +59,18 @@ class DimensionMismatch(ModelUnavailable):
 
 class FingerprintMismatch(ModelUnavailable):
     """The model at a registered source is no longer the model that was registered."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Vectors of texts, and the tokens each text has before truncation to the model's input limit."""
+
+    vectors: np.ndarray  # float32 (texts, dim), unit rows
+    tokens: list[int]
+
+    def tokens_used(self, spec: ModelSpec) -> list[int]:
+        """The tokens each text was embedded with (after truncation): what an API bills."""
+        return [min(count, spec.max_tokens) for count in self.tokens] if spec.max_tokens else list(self.tokens)
 
 
 @dataclass(order=True)
@@ -142,6 +158,18 @@ class EmbeddingEngine:
         Lower ``priority`` numbers are served first. The model is loaded on first use if
         :meth:`ensure_loaded` has not loaded it.
         """
+        return (await self.embed_counted(spec, texts, priority=priority)).vectors
+
+    async def embed_counted(self, spec: ModelSpec, texts: Sequence[str], *, priority: int) -> Embedded:
+        """Like :meth:`embed`, with each text's token count (for the truncation ledger and API spend)."""
+        if not texts:
+            return Embedded(np.zeros((0, spec.dim), dtype=np.float32), [])
+        await self.ensure_loaded([spec])
+        embedder = self._models[spec.version]
+        if getattr(embedder, "remote", False):
+            self._refuse_halted(embedder)
+            raw, tokens = await asyncio.wrap_future(embedder.submit(list(texts), priority))
+            return self._remote(spec, embedder, raw, tokens)
         order, chunks = self._plan(texts)
         futures = [self._submit(priority, functools.partial(self._encode, spec, chunk)) for chunk in chunks]
         return self._assemble(spec, order, await self._gather(futures))
@@ -150,8 +178,19 @@ class EmbeddingEngine:
         """Like :meth:`embed`, but blocking and in the caller's thread."""
         if self._closed:
             raise EngineStopped("the embedding engine is closed")
+        with self._model_lock:
+            embedder = self._loaded_locked(spec)
+        if getattr(embedder, "remote", False):
+            self._refuse_halted(embedder)
+            return self._remote(spec, embedder, *embedder.submit(list(texts), 0).result()).vectors
         order, chunks = self._plan(texts)
-        return self._assemble(spec, order, [self._encode(spec, chunk) for chunk in chunks])
+        return self._assemble(spec, order, [self._encode(spec, chunk) for chunk in chunks]).vectors
+
+    def halted(self) -> dict[str, str]:
+        """Why each loaded model Segue stopped writing was stopped, by name (an API key refused, canary drift)."""
+        models, names = dict(self._models), dict(self._names)
+        return {names[version]: embedder.halted for version, embedder in models.items()
+                if getattr(embedder, "halted", None) and version in names}
 
     def close(self) -> None:
         """Stop the worker after its current chunk, fail queued requests and free the models."""
@@ -210,13 +249,25 @@ class EmbeddingEngine:
         return order, [[texts[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
 
     @staticmethod
-    def _assemble(spec: ModelSpec, order: list[int], parts: list[np.ndarray]) -> np.ndarray:
-        """Stack the chunks' vectors and put them back in the texts' original order."""
-        if not parts:
-            return np.zeros((0, spec.dim), dtype=np.float32)
+    def _assemble(spec: ModelSpec, order: list[int], parts: list[tuple[np.ndarray, list[int]]]) -> Embedded:
+        """Stack the chunks' vectors and token counts and put them back in the texts' original order."""
         vectors = np.empty((len(order), spec.dim), dtype=np.float32)
-        vectors[order] = np.concatenate(parts)
-        return vectors
+        tokens = np.zeros(len(order), dtype=np.int64)
+        if parts:
+            vectors[order] = np.concatenate([chunk for chunk, _ in parts])
+            tokens[order] = np.concatenate([counts for _, counts in parts])
+        return Embedded(vectors, tokens.tolist())
+
+    @staticmethod
+    def _refuse_halted(embedder: Embedder) -> None:
+        if embedder.halted:
+            raise ModelHalted(embedder.halted)
+
+    def _remote(self, spec: ModelSpec, embedder: Embedder, raw: np.ndarray, tokens: list[int]) -> Embedded:
+        """An API's answer, checked and normalised like a local model's, counted in the same metrics."""
+        embedded = Embedded(self._normalised(spec, raw), list(tokens))
+        self._count(spec, embedded.tokens)
+        return embedded
 
     # -- model work (worker thread, or the caller's thread for embed_sync) ----------------------
 
@@ -255,19 +306,23 @@ class EmbeddingEngine:
                     metrics.MODEL_READY.labels(self._names.pop(version)).set(0)
             self._versions = frozenset(self._models)
 
-    def _encode(self, spec: ModelSpec, texts: list[str]) -> np.ndarray:
-        """Vectors for one chunk (one forward pass), loading the model first if needed."""
+    def _encode(self, spec: ModelSpec, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Vectors and token counts for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
             embedder = self._loaded_locked(spec)
             started = time.perf_counter()
             vectors = self._vectors(spec, embedder, texts)
             metrics.EMBED_SECONDS.labels(spec.name).observe(time.perf_counter() - started)
             tokens = embedder.count_tokens(texts)
+        self._count(spec, tokens)
+        return vectors, tokens
+
+    @staticmethod
+    def _count(spec: ModelSpec, tokens: list[int]) -> None:
         limit = spec.max_tokens or max(tokens, default=0)
-        metrics.TEXTS_EMBEDDED.labels(spec.name).inc(len(texts))
+        metrics.TEXTS_EMBEDDED.labels(spec.name).inc(len(tokens))
         metrics.TOKENS_EMBEDDED.labels(spec.name).inc(sum(min(count, limit) for count in tokens))
         metrics.TRUNCATED_TEXTS.labels(spec.name).inc(sum(count > limit for count in tokens))
-        return vectors
 
     def _loaded_locked(self, spec: ModelSpec) -> Embedder:
         """The loaded model of ``spec`` (the caller holds ``_model_lock``), loading it if needed."""
@@ -294,7 +349,8 @@ class EmbeddingEngine:
                 f"the model at {spec.source} changed since registration of model {spec.name!r} (v{spec.version}): "
                 f"fingerprint {embedder.profile.fingerprint[:12]}…, registered {spec.fingerprint[:12]}…"
             )
-        self._vectors(spec, embedder, [_WARM_UP_TEXT])
+        if not getattr(embedder, "remote", False):  # an API model needs no warm-up and is checked on first use
+            self._vectors(spec, embedder, [_WARM_UP_TEXT])
         self._models[spec.version] = embedder
         self._names[spec.version] = spec.name
         self._versions = frozenset(self._models)
@@ -306,7 +362,11 @@ class EmbeddingEngine:
 
     def _vectors(self, spec: ModelSpec, embedder: Embedder, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``."""
-        raw = np.asarray(embedder.embed(texts), dtype=np.float32)
+        return self._normalised(spec, embedder.embed(texts))
+
+    @staticmethod
+    def _normalised(spec: ModelSpec, raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim != 2 or raw.shape[1] != spec.dim:
             raise DimensionMismatch(spec, raw.shape[-1])
         return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)

@@ -28,6 +28,7 @@ class Beat:
     device: str | None
     events_per_s: float
     metrics_url: str | None
+    halted: dict[str, str]  # model name: why this worker stopped writing it
 
 
 def worker_id(started_at: datetime) -> str:
@@ -40,12 +41,13 @@ async def beat(conn: psycopg.AsyncConnection, b: Beat) -> None:
     async with conn.transaction():
         await conn.execute(
             "INSERT INTO workers (worker_id, host, pid, started_at, last_beat, state, partitions, lag, models, device,"
-            " events_per_s, metrics_url) VALUES (%s, %s, %s, %s, now(), %s, %s, %s, %s, %s, %s, %s)"
+            " events_per_s, metrics_url, halted) VALUES (%s, %s, %s, %s, now(), %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (worker_id) DO UPDATE SET last_beat = now(), state = excluded.state,"
             " partitions = excluded.partitions, lag = excluded.lag, models = excluded.models,"
-            " device = excluded.device, events_per_s = excluded.events_per_s, metrics_url = excluded.metrics_url",
+            " device = excluded.device, events_per_s = excluded.events_per_s, metrics_url = excluded.metrics_url,"
+            " halted = excluded.halted",
             (b.worker_id, socket.gethostname(), os.getpid(), b.started_at, b.state, Jsonb(b.partitions),
-             Jsonb(b.lag), Jsonb(b.models), b.device, b.events_per_s, b.metrics_url),
+             Jsonb(b.lag), Jsonb(b.models), b.device, b.events_per_s, b.metrics_url, Jsonb(b.halted)),
         )
         await conn.execute("DELETE FROM workers WHERE last_beat < now() - interval '1 day'")
 

@@ -53,6 +53,16 @@ ENGINE_QUEUE = Gauge(
     "(read_miss, change, backfill).", ["priority"], registry=REGISTRY)
 MODEL_READY = Gauge(
     "segue_model_ready", "1 when a live model is loaded and warm in this worker.", ["model"], registry=REGISTRY)
+MODEL_HALTED = Gauge(
+    "segue_model_halted", "1 while this worker has stopped writing a model until an operator acts, by reason "
+    "(auth: the API key was refused; canary_drift: the provider changed the model behind the name).",
+    ["model", "reason"], registry=REGISTRY)
+PROVIDER_REQUESTS = Counter(
+    "segue_provider_requests", "Requests to an embedding API, by model and outcome (ok, or the error class).",
+    ["model", "outcome"], registry=REGISTRY)
+PROVIDER_SECONDS = Histogram(
+    "segue_provider_request_seconds", "Time of one embedding API request, to its response; "
+    "OpenTelemetry: gen_ai.client.operation.duration.", ["model"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 
 LAG_RECORDS = Gauge(
     "segue_consumer_lag_records", "Records on a partition not processed yet (broker high watermark - next offset); "

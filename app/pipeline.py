@@ -8,6 +8,7 @@ dead-letter topic.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections import Counter
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from segue import metrics, providers
-from segue.engine import EmbeddingEngine
+from segue.engine import Embedded, EmbeddingEngine
+from segue.errors import ModelHalted, ProviderError
 from segue.spec import ModelSpec
 from segue.isolation import process_isolating_poison, retry_forever
 from segue.settings import Settings
@@ -182,7 +184,8 @@ class ChangeProcessor(_Processor):
         for round_ in split_rounds(events):
             await self._isolate(round_, self._apply, self._poison)
 
-    def _row(self, event: ChangeEvent, model_version: int | None, action: Action, error: str | None = None):
+    def _row(self, event: ChangeEvent, model_version: int | None, action: Action, error: str | None = None,
+             tokens: tuple[int, int] | None = None):
         return ChangelogRow(
             doc_id=event.change.doc_id,
             model_version=model_version,
@@ -192,7 +195,23 @@ class ChangeProcessor(_Processor):
             event_id=event.change.event_id,
             latency_ms=event.envelope.latency_ms(),
             error=error,
+            tokens_used=tokens[0] if tokens else None,
+            tokens_total=tokens[1] if tokens else None,
         )
+
+    async def _embed_available(self, model: ModelSpec, texts: list[str]) -> Embedded | BaseException:
+        """``texts`` embedded with ``model``, or the outage that keeps its API from answering now.
+
+        An API outage or a halted model must not hold up the other models' writes: the
+        documents are written without this model's vector (a ``failed`` changelog row says
+        why) and the sweeper re-enqueues them once ``sweeper_retry_failed_after_s`` passed.
+        """
+        try:
+            return await self.engine.embed_counted(model, texts, priority=PRIORITY_CHANGE)
+        except (ProviderError, ModelHalted) as error:
+            log.warning("model %s is unavailable; writing this batch's changes without its vectors: %s",
+                        model.name, error)
+            return error
 
     async def _apply(self, events: Sequence[ChangeEvent]) -> None:
         models = await self._live_models()
@@ -213,15 +232,22 @@ class ChangeProcessor(_Processor):
                 held = stored[event.change.doc_id].model_sha256
                 upserts.append((event, sha, [m for m in models if held.get(m.version) != sha]))
 
+        todo = {m.version: [event for event, _, needed in upserts if m in needed] for m in models}
+        results = await asyncio.gather(*(self._embed_available(m, [e.change.text for e in todo[m.version]])
+                                         for m in models if todo[m.version]))
         vectors: dict[tuple[str, int], object] = {}
-        for model in models:
-            todo = [(event, sha) for event, sha, needed in upserts if model in needed]
-            if todo:
-                embedded = await self.engine.embed(
-                    model, [event.change.text for event, _ in todo], priority=PRIORITY_CHANGE
-                )
-                for (event, _), vector in zip(todo, embedded):
-                    vectors[(event.change.doc_id, model.version)] = vector
+        tokens: dict[tuple[str, int], tuple[int, int]] = {}
+        unavailable: dict[int, str] = {}
+        for model, result in zip([m for m in models if todo[m.version]], results):
+            if isinstance(result, BaseException):
+                unavailable[model.version] = f"provider_unavailable: {_error_text(result)}"
+                continue
+            for event, vector, used, total in zip(todo[model.version], result.vectors, result.tokens_used(model),
+                                                  result.tokens):
+                vectors[(event.change.doc_id, model.version)] = vector
+                tokens[(event.change.doc_id, model.version)] = (used, total)
+        failed = {(event.change.doc_id, version) for version in unavailable for event in todo[version]}
+        upserts = [(event, sha, [m for m in needed if m.version not in unavailable]) for event, sha, needed in upserts]
 
         rows = [
             DocumentRow(
@@ -250,9 +276,14 @@ class ChangeProcessor(_Processor):
                     outcomes.append((event.envelope, Action.SUPERSEDED))
                     continue
                 needed_versions = {m.version for m in needed}
-                changelog += [
-                    self._row(event, v, Action.EMBEDDED if v in needed_versions else Action.UNCHANGED) for v in slots
-                ]
+                doc_id = event.change.doc_id
+                for v in slots:
+                    if v in needed_versions:
+                        changelog.append(self._row(event, v, Action.EMBEDDED, tokens=tokens[(doc_id, v)]))
+                    elif (doc_id, v) in failed:
+                        changelog.append(self._row(event, v, Action.FAILED, unavailable[v]))
+                    else:
+                        changelog.append(self._row(event, v, Action.UNCHANGED))
                 outcomes.append((event.envelope, Action.EMBEDDED if needed else Action.UNCHANGED))
                 written.update(m.name for m in needed)
             for event in deletes:
@@ -316,7 +347,8 @@ class ReadMissProcessor(_Processor):
             if mine:
                 await self._isolate(mine, self._apply, self._poison)
 
-    def _row(self, event: ReadMissEvent, action: Action, doc_version: int | None = None, error: str | None = None):
+    def _row(self, event: ReadMissEvent, action: Action, doc_version: int | None = None, error: str | None = None,
+             tokens: tuple[int, int] | None = None):
         return ChangelogRow(
             doc_id=event.miss.doc_id,
             model_version=event.model.version,
@@ -326,6 +358,8 @@ class ReadMissProcessor(_Processor):
             event_id=event.miss.event_id,
             latency_ms=event.envelope.latency_ms(),
             error=error,
+            tokens_used=tokens[0] if tokens else None,
+            tokens_total=tokens[1] if tokens else None,
         )
 
     async def _apply(self, events: Sequence[ReadMissEvent]) -> None:
@@ -341,10 +375,15 @@ class ReadMissProcessor(_Processor):
             if stored[e.miss.doc_id].model_sha256[model.version] != stored[e.miss.doc_id].content_sha256
         }
         docs = list(todo.values())
-        embedded = await self.engine.embed(model, [d.body for d in docs], priority=self.priority)
+        try:
+            embedded = await self.engine.embed_counted(model, [d.body for d in docs], priority=self.priority)
+        except ModelHalted as error:  # until an operator acts: recorded, not retried; the sweeper comes back later
+            await self._record_halted(known, stored, error)
+            return
+        tokens = dict(zip(todo, zip(embedded.tokens_used(model), embedded.tokens)))
         async with self.store.transaction() as tx:
             written = await tx.write_vectors(
-                model, [VectorRow(d.doc_id, d.content_sha256, v) for d, v in zip(docs, embedded)]
+                model, [VectorRow(d.doc_id, d.content_sha256, v) for d, v in zip(docs, embedded.vectors)]
             )
             changelog = []
             outcomes: list[tuple[Envelope, Action]] = []
@@ -358,10 +397,18 @@ class ReadMissProcessor(_Processor):
                 else:
                     action = Action.UNCHANGED
                 first_seen.add(event.miss.doc_id)
-                changelog.append(self._row(event, action, doc.version))
+                counted = tokens[event.miss.doc_id] if action is Action.EMBEDDED else None
+                changelog.append(self._row(event, action, doc.version, tokens=counted))
                 outcomes.append((event.envelope, action))
             await tx.log(changelog)
         self._committed(outcomes, {model.name: len(written)})
+
+    async def _record_halted(self, events: Sequence[ReadMissEvent], stored: Mapping[str, StoredDocument],
+                             error: ModelHalted) -> None:
+        async with self.store.transaction() as tx:
+            await tx.log([self._row(e, Action.FAILED, stored[e.miss.doc_id].version, _error_text(error))
+                          for e in events])
+        self._committed([(e.envelope, Action.FAILED) for e in events], {})
 
     async def _unknown_documents(self, events: Sequence[ReadMissEvent]) -> None:
         """A reader asked for a document that does not exist: dead-letter it."""

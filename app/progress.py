@@ -22,6 +22,7 @@ PROGRESS_COLUMNS = [
     ("rate_per_s", "vec/s"),
     ("eta", "ETA"),
     ("failures_24h", "failures 24h"),
+    ("truncated_documents", "truncated"),
 ]
 
 
@@ -87,6 +88,12 @@ def workers_table(rows: list[dict[str, Any]], *, lost_after_s: float) -> Table:
                       ", ".join(row["models"]) or "–", row["device"] or "–", f"{row['events_per_s']:g}",
                       row["metrics_url"] or "–")
     return table
+
+
+def halted_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model a live worker stopped writing, with the worker's reason and what to do."""
+    return [f"[bold red]halted[/] on {row['worker_id']}: {message}"
+            for row in rows if row["live"] for message in row["halted"].values()]
 
 
 def freshness_table(conn: psycopg.Connection) -> Table:

@@ -97,6 +97,8 @@ class ChangelogRow:
     event_id: str | None = None
     latency_ms: float | None = None
     error: str | None = None
+    tokens_used: int | None = None  # an embedded row: the tokens the model was given (what an API bills)
+    tokens_total: int | None = None  # and the text's tokens before truncation (more: it was truncated)
 
     def storable(self) -> list[Any]:
         """The row's values as ``migration_changelog`` can always hold them.
@@ -106,7 +108,7 @@ class ChangelogRow:
         """
         return [_text(self.doc_id, MAX_DOC_ID_CHARS), self.model_version, self.action.value, self.origin.value,
                 self.doc_version, _text(self.event_id, MAX_DOC_ID_CHARS), self.latency_ms,
-                _text(self.error, MAX_CHANGELOG_TEXT_CHARS)]
+                _text(self.error, MAX_CHANGELOG_TEXT_CHARS), self.tokens_used, self.tokens_total]
 
 
 def _text(value: str | None, limit: int) -> str | None:
@@ -122,6 +124,8 @@ _CHANGELOG_COLUMNS = [
     ("event_id", "text"),
     ("latency_ms", "float8"),
     ("error", "text"),
+    ("tokens_used", "int4"),
+    ("tokens_total", "int4"),
 ]
 
 

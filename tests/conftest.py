@@ -41,3 +41,16 @@ def worker(harness):
     process = harness.start_worker()
     harness.wait_ready(process)
     return process
+
+
+@pytest.fixture(scope="session")
+def infinity(tmp_path_factory):
+    """A real OpenAI-compatible server (infinity-emb, in its own virtualenv) serving the bundled MiniLM as
+    ``minilm``, and a CLS-pooled copy of it (another model of the same width) as ``minilm-cls``."""
+    from segue.modelkit import minilm_path
+    from tests.apiserver import InfinityServer, cls_pooled_copy
+
+    folder = tmp_path_factory.mktemp("served")
+    with InfinityServer({"minilm": minilm_path(), "minilm-cls": cls_pooled_copy(minilm_path(), folder / "minilm-cls")},
+                        log_dir=folder) as server:
+        yield server

@@ -16,15 +16,20 @@ from typing import Any
 from segue.providers.base import Embedder, OptionsError, resolve_source
 from segue.spec import ModelProfile, ModelSpec
 
-PROVIDERS = ("transformer", "static")
+PROVIDERS = ("transformer", "static", "openai")
 ADOPTED = "adopted"  # vectors adopted from an existing table (segue import): stored, never computed here
 
-__all__ = ["ADOPTED", "PROVIDERS", "Embedder", "OptionsError", "detect", "embeds", "inspect", "load"]
+__all__ = ["ADOPTED", "PROVIDERS", "Embedder", "OptionsError", "detect", "embeds", "inspect", "load", "shown_config"]
 
 
 def embeds(spec: ModelSpec) -> bool:
     """Whether Segue can compute ``spec``'s vectors (an adopted model cannot until it is bound to a provider)."""
     return spec.provider != ADOPTED
+
+
+def shown_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A registration's settings for listings: without recorded vectors (an API model's canaries)."""
+    return {key: value for key, value in config.items() if key != "canary_vectors"}
 
 
 def _module(name: str) -> ModuleType:
