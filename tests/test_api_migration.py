@@ -26,6 +26,9 @@ pytestmark = pytest.mark.drill
 PRICE = 1000.0  # USD per 1M tokens: high, so a small corpus shows a dollar budget at work
 FAULTS = {"rate_limited": {"retry_after": 1}, "unavailable": {"retry_after": 1}, "server_error": {},
           "slow": {"delay_s": 8}, "malformed": {}, "wrong_dimension": {}}
+OUTAGES = [("server_error", {}, "server_error"), ("unavailable", {"retry_after": 1}, "server_error"),
+           ("rate_limited", {"retry_after": 1}, "rate_limited"), ("slow", {"delay_s": 8}, "timeout"),
+           ("malformed", {}, "malformed"), ("wrong_dimension", {}, "wrong_dimension")]
 LOGGED_CLASSES = ("rate_limited: HTTP 429", "server_error: HTTP 503", "server_error: HTTP 500",
                   "timeout: no response within 5s", "malformed: a 200 response", "wrong_dimension: 383-d")
 
@@ -57,7 +60,7 @@ def test_a_migration_to_an_api_model_through_faults_an_outage_and_a_swapped_mode
                 "--option", f"tokenizer={minilm_path()}", "--option", "max_tokens_per_input=256",
                 "--option", f"price_per_million_tokens={PRICE}",
                 "--option", f"batch_price_per_million_tokens={PRICE / 2}",
-                "--option", "max_inputs_per_request=8", "--option", "timeout_s=5", "--option", "outage_after_s=12",
+                "--option", "max_inputs_per_request=8", "--option", "timeout_s=5", "--option", "outage_after_s=4",
                 "--option", "canary_every_s=2")
         plan = h.segue("migrate", "plan", "--to", "api", "--sample", "16").stdout
         assert "per 1M tokens (synchronous API)" in plan and "with the provider's batch API" in plan
@@ -92,19 +95,22 @@ def test_a_migration_to_an_api_model_through_faults_an_outage_and_a_swapped_mode
         assert h.scalar("SELECT count(*) FROM migration_changelog WHERE model_version = 2 AND action = 'embedded'"
                         " AND (tokens_used IS NULL OR tokens_total < tokens_used)") == 0
 
-        # An outage: changes keep their old-model vectors; the API model's catch up once the API is back.
-        proxy.inject("server_error", times=100_000)
-        outage = [f"outage-{n}" for n in range(5)]
-        started = time.monotonic()
-        h.publish_changes([(i, change(i, f"written while the API is down, number {i}", 1)) for i in outage])
-        wait_for(lambda: current(h, 1, outage) == len(outage), timeout=60, what="old-model writes in the outage")
-        assert time.monotonic() - started < 30
-        assert current(h, 2, outage) == 0
-        assert h.scalar("SELECT count(*) FROM migration_changelog WHERE doc_id = ANY(%s) AND model_version = 2"
-                        " AND action = 'failed' AND error LIKE 'provider_unavailable: ProviderError: server_error%%'",
-                        (outage,)) >= len(outage)
-        proxy.reset()
-        wait_for(lambda: current(h, 2, outage) == len(outage), timeout=120, what="the API model to catch up")
+        # Outages of each class: changes keep their old-model vectors within the outage deadline, the API
+        # model's failed rows name the class, and its vectors catch up once the API is back.
+        for kind, params, error_class in OUTAGES:
+            proxy.inject(kind, times=100_000, **params)
+            outage = [f"{kind}-{n}" for n in range(3)]
+            started = time.monotonic()
+            h.publish_changes([(i, change(i, f"written while the API fails with {kind}, number {i}", 1))
+                               for i in outage])
+            wait_for(lambda: current(h, 1, outage) == len(outage), timeout=60, what=f"old-model writes ({kind})")
+            assert time.monotonic() - started < 30
+            assert current(h, 2, outage) == 0
+            assert h.scalar("SELECT count(*) FROM migration_changelog WHERE doc_id = ANY(%s) AND model_version = 2"
+                            " AND action = 'failed' AND error LIKE %s",
+                            (outage, f"provider_unavailable: ProviderError: {error_class}:%")) == len(outage)
+            proxy.reset()
+            wait_for(lambda: current(h, 2, outage) == len(outage), timeout=120, what=f"the API back ({kind})")
 
         assert "reads now use api" in h.segue("migrate", "cutover", "--force", "--reason", "test: no labels").stdout
 

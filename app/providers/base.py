@@ -7,7 +7,10 @@ A provider is one module in this package with two functions:
 * ``load(spec, device) -> Embedder`` — in a worker or reader: the registered model, ready.
 
 An :class:`Embedder` only turns texts into vectors; batching, priorities, threads,
-normalisation and the dimension and fingerprint checks are the engine's.
+normalisation and the dimension and fingerprint checks are the engine's. A model behind an
+API (``remote = True``, see ``openai``) also offers ``submit(texts, priority)``, a future of
+(raw vectors, tokens per text) computed on its own event loop, and ``halted`` (why Segue
+stopped writing it, or None); the engine awaits it instead of running ``embed`` on its thread.
 """
 
 from __future__ import annotations
