@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import faust
 
 from segue import db, heartbeat, indexes, metrics, migration, shadow, sweeper
+from segue.agents.transport import SegueApp
 from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.errors import EngineStopped
@@ -126,8 +127,9 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
         datadir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RuntimeError(f"cannot create the worker's state folder {datadir} ({error}); set SEGUE_DATA_DIR") from None
-    app = faust.App(
+    app = SegueApp(
         settings.group_id,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         broker=settings.faust_broker,
         store="memory://",
         datadir=str(datadir),

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, ge=1, description="partitions for topics Segue creates")
     topic_replication: int = Field(1, ge=1)
     group_id: str = Field("segue", description="Kafka consumer group of the workers")
+    kafka_fetch_max_wait_ms: int = Field(100, ge=1, le=30_000, description="longest a worker's fetch waits for "
+                                         "records (a read miss may wait this long to be fetched)")
 
     batch_size: int = Field(64, ge=1, description="events per change batch")
     batch_timeout_s: float = Field(0.5, gt=0, description="longest wait to fill a change batch")
