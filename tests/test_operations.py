@@ -107,13 +107,15 @@ def test_metrics_move_by_exactly_what_was_processed(oh, first):
     oh.publish_read_misses([(docs[3], orjson.dumps({"doc_id": docs[3], "model": "no-such-model"}))])
 
     def settled() -> dict | None:
-        """The scrape once every published record's outcome is counted (11 changes, 1 read miss)."""
+        """The scrape once every published record's outcome is counted (11 changes, 1 read miss) and the
+        coverage gauges, which the worker refreshes each heartbeat, have seen the documents."""
         after = scrape(url)
         counted = [value(after, name, **labels) - value(before, name, **labels) for name, labels in (
             ("segue_freshness_seconds_count", {"origin": "change"}),
             ("segue_freshness_seconds_count", {"origin": "read_miss"}),
             ("segue_batch_records_sum", {"topic": changes}))]
-        return after if counted == [11, 1, 11] else None
+        covered = all(value(after, "segue_coverage_ratio", model=model) > 0 for model in (OLD, NEW))
+        return after if counted == [11, 1, 11] and covered else None
 
     after = wait_for(settled, timeout=60, interval=0.5, what="every published record to be counted")
 
