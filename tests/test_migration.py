@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 from segue import db, indexes, migration, registry
 from segue.backfill import BackfillLimits, run_backfill
 from segue.engine import EmbeddingEngine
-from segue.plan import plan
+from segue.plan import fill_bloat_bytes, fill_wal_bytes, not_hot_share, page_images_per_row, plan, table_shape
 from segue.modelkit import minilm_path
 from segue.schemas.events import encode_read_miss
 from tests import modelfactory
@@ -120,11 +120,38 @@ def test_plan_measures_throughput_and_estimates_cost(mh):
     assert estimate.cost_usd == pytest.approx(estimate.seconds / 3600 * 3.0)
     assert estimate.storage_bytes == docs * (4 * spec.dim + 8 + 36)
     assert estimate.hnsw_memory_bytes == int(docs * (4 * spec.dim + 8) * 1.3)
+    with conn_of(mh) as conn:
+        shape = table_shape(conn)
+    assert shape.rows == docs and 0 < shape.tuple_bytes < 8192 and 0 <= shape.room < 1
+    assert estimate.checkpoint_intervals >= 1 and 0 <= estimate.not_hot_share <= 0.32
+    tuple_bytes = estimate.dead_bytes / 200  # each of the 200 updates leaves its old row version dead
+    assert 0 < tuple_bytes < 8192
+    assert estimate.bloat_bytes == pytest.approx(200 * estimate.not_hot_share * tuple_bytes, abs=1)
+    assert estimate.wal_max_bytes >= estimate.wal_bytes > 200 * (4 * spec.dim + 8 + tuple_bytes)  # vector, page image
     printed = mh.segue("migrate", "plan", "--to", BETA, "--sample", "8")
     missing = round(docs * (1 - coverage(mh, spec.version) / 100))
     assert f"documents to embed: {missing}" in printed.stdout
-    for fragment in ("docs/s on cpu", "estimated time", "estimated cost", "extra storage", "HNSW build memory"):
+    for fragment in ("docs/s on cpu", "estimated time", "estimated cost", "extra storage", "HNSW build memory",
+                     "WAL to fill the column: ≈", "bloat: ≈"):
         assert fragment in printed.stdout
+
+
+def test_fill_wal_and_bloat_grow_with_rows_dimension_and_text():
+    """The plan's WAL and bloat formulas: linear in rows, growing with the vector and the row, shrunk by room."""
+    base = fill_wal_bytes(100_000, 768, 1250.0, not_hot=0.40)
+    # bench_storage measured 5,913 and 5,458 bytes a row (tuples of 1,243 bytes, fillfactor 100 and 70)
+    assert fill_wal_bytes(100_000, 768, 1243.0, not_hot=0.32) / 100_000 == pytest.approx(5_913, rel=0.02)
+    assert fill_wal_bytes(100_000, 768, 1243.0, not_hot=0.005) / 100_000 == pytest.approx(5_458, rel=0.02)
+    assert fill_wal_bytes(200_000, 768, 1250.0, not_hot=0.40) == pytest.approx(2 * base, abs=1)
+    assert fill_wal_bytes(100_000, 1536, 1250.0, not_hot=0.40) - base >= 100_000 * 4 * 768  # the wider vectors
+    assert fill_wal_bytes(100_000, 768, 2000.0, not_hot=0.40) > base  # longer texts: bigger rows to rewrite
+    assert fill_wal_bytes(100_000, 768, 1250.0, not_hot=0.40, images=3.0) > base  # checkpoints during the fill
+    assert page_images_per_row(1, 6) == 1 < page_images_per_row(10, 6) < page_images_per_row(1000, 6) <= 6
+    assert not_hot_share(0.0) == 0.32 and not_hot_share(0.34) == pytest.approx(0.005) and not_hot_share(0.9) == 0
+    assert not_hot_share(0.1) > not_hot_share(0.2) > not_hot_share(0.3)
+    assert fill_bloat_bytes(200_000, 1250.0, 0.40) == 2 * fill_bloat_bytes(100_000, 1250.0, 0.40) > 0
+    assert fill_bloat_bytes(100_000, 2000.0, 0.40) > fill_bloat_bytes(100_000, 1250.0, 0.40)
+    assert fill_bloat_bytes(100_000, 1250.0, 0.0) == 0
 
 
 def test_cutover_and_index_wait_for_coverage(mh):

@@ -120,10 +120,13 @@ def test_upgrading_keeps_every_row_vector_and_counter(legacy):
         providers_ = conn.execute("SELECT provider, config FROM embedding_models ORDER BY version").fetchall()
         columns = {c for (c,) in conn.execute("SELECT column_name FROM information_schema.columns"
                                               " WHERE table_name = 'embedding_models'")}
+        (documents_options,) = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE oid = 'documents'::regclass").fetchone()
     assert [p for p, _ in providers_] == ["static", "transformer"]
     assert providers_[1][1] == {"pooling": "mean", "normalize": True, "dtype": "float32", "attention": "sdpa",
                                 "prefix": ""}
     assert not {"kind", "pooling", "normalize"} & columns
+    assert documents_options == ["fillfactor=70"]  # 0008: room on each page for HOT updates
     listed = run_segue("models", "list", env=env).stdout
     assert "old-static" in listed and "new-tiny" in listed
 
