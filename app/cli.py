@@ -16,9 +16,11 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import psycopg
@@ -28,6 +30,10 @@ from rich.table import Table
 from segue import db, errors, indexes, migration, providers, registry, services
 from segue.settings import Settings, load_settings, redact
 from segue.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from segue.engine import EmbeddingEngine
+    from segue.ops import WorkerState
 
 console = Console()
 if not console.is_terminal:
@@ -116,7 +122,7 @@ def worker(settings: Settings) -> None:
 
     database_url = _database(settings)
     bootstrap = services.kafka_bootstrap(settings)
-    engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+    engine = EmbeddingEngine.from_settings(settings)
     state = WorkerState(engine, database_url, bootstrap)
     metrics_url = ops.serve(state, settings.metrics_host, settings.metrics_port)
     log.info("metrics at %s/metrics, health at %s/healthz and %s/readyz", metrics_url, metrics_url, metrics_url)
@@ -125,12 +131,23 @@ def worker(settings: Settings) -> None:
         models = registry.live_models(conn)
     if not models:
         log.warning("no model is registered yet: documents are stored, vectors come once one is (segue models add)")
-    started = time.perf_counter()
-    asyncio.run(engine.ensure_loaded(models))
-    state.models_warm = True
-    log.info("loaded and warmed %d live model(s) in %.2fs", len(models), time.perf_counter() - started)
+    threading.Thread(target=_warm_up, args=(engine, models, state, settings), name="segue-warm-up", daemon=True).start()
     app = create_app(settings, database_url=database_url, engine=engine, state=state, metrics_url=metrics_url)
     faust.Worker(app, loglevel=settings.log_level, override_logging=False).execute_from_commandline()
+
+
+def _warm_up(engine: EmbeddingEngine, models: list[ModelSpec], state: WorkerState, settings: Settings) -> None:
+    """Load and warm the live models while Faust joins the consumer group (the worker is ready when both are done).
+
+    A model that cannot load is retried, as a batch that needs it would be; the worker stays not ready meanwhile.
+    """
+    from segue.isolation import retry_forever
+
+    started = time.perf_counter()
+    asyncio.run(retry_forever(lambda: engine.ensure_loaded(models), what="loading the live models",
+                              backoff_s=settings.retry_backoff_s, label="models"))
+    state.models_warm = True
+    log.info("loaded and warmed %d live model(s) in %.2fs", len(models), time.perf_counter() - started)
 
 
 @main.group()
@@ -190,7 +207,7 @@ def models_bind(settings: Settings, name: str, source: str, provider: str | None
     """
     from segue.engine import EmbeddingEngine
 
-    engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+    engine = EmbeddingEngine.from_settings(settings)
     try:
         spec, cosine = _control(settings, registry.bind_model, engine=engine, name=name, source=source,
                                 provider=provider, options=_options(option_pairs))
@@ -286,7 +303,7 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, provider:
             todo = total - current
         serving = [m.spec for m in registry.list_models(conn) if m.serving_reads and m.spec.name != to_name]
         baseline = serving[0] if serving and providers.embeds(serving[0]) else None
-        engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+        engine = EmbeddingEngine.from_settings(settings)
         try:
             return plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,
                         documents_to_embed=todo, index_policy=indexes.IndexPolicy.from_settings(settings),
@@ -437,7 +454,7 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
             from segue.engine import EmbeddingEngine
             from segue.plan import measure_throughput, sample_texts
 
-            engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+            engine = EmbeddingEngine.from_settings(settings)
             try:
                 throughput = measure_throughput(engine, spec, sample_texts(conn, 32))
                 console.print(f"measured {throughput:.1f} docs/s for {spec.name} on {engine.device_of(spec)}")
@@ -447,7 +464,7 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
         if max_usd is not None:
             from segue.engine import EmbeddingEngine
 
-            engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+            engine = EmbeddingEngine.from_settings(settings)
         limits = BackfillLimits(
             rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput, max_usd=max_usd,
             price_per_million_tokens=spec.config.get("price_per_million_tokens"),
@@ -565,7 +582,7 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
             console.print(f"report written to {evalreport.write(Path(report), result, shadow_result)}")
 
     def run() -> None:
-        engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+        engine = EmbeddingEngine.from_settings(settings)
         try:
             with db.connect(settings, _database(settings)) as conn:
                 run_once(conn, engine)

@@ -191,7 +191,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     corpus = list(scifact_documents(docs))
     first, rest = corpus[: len(corpus) * 2 // 3], corpus[len(corpus) * 2 // 3:]
     log_path = demo.data_dir / "worker.log"
-    engine = EmbeddingEngine(device=demo.device, batch_size=demo.embed_batch_size)
+    engine = EmbeddingEngine.from_settings(demo)
     with open(log_path, "wb") as worker_log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "segue.cli", "worker"], env=_worker_env(demo), stdout=worker_log,

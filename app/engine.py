@@ -6,15 +6,19 @@ dimension, normalises what it returns, and decides when it runs.
 
 All model work — loading and forward passes — happens in one worker thread owned by
 the engine, so the asyncio event loop (and with it Kafka heartbeats) never stalls on
-a model. :meth:`EmbeddingEngine.embed` splits a request into chunks of ``batch_size``
-texts and queues them by priority (lower number first: 0 read misses, 1 live changes,
-2 backfill; FIFO within a priority), so a later urgent request overtakes the rest of a
-large backfill after at most one chunk. :meth:`EmbeddingEngine.embed_sync` runs the
-same code in the caller's thread for the CLI, benchmarks and tests; a lock keeps it
-from running a model at the same time as the worker.
+a model. :meth:`EmbeddingEngine.embed` splits a request into chunks and queues them by
+priority (lower number first: 0 read misses, 1 live changes, 2 backfill; FIFO within a
+priority), so a later urgent request overtakes the rest of a large backfill after at most
+one chunk. :meth:`EmbeddingEngine.embed_sync` runs the same code in the caller's thread
+for the CLI, benchmarks and tests; a lock keeps it from running a model at the same time
+as the worker.
 
 Texts are sorted by length before chunking, so each chunk is one forward pass padded
-only to its own longest text, and the original order is restored afterwards.
+only to its own longest text, and the original order is restored afterwards. A chunk is
+budgeted by time, not by a fixed count: the engine learns each model's seconds per padded
+character from its own forward passes and cuts chunks expected to take ``chunk_seconds``
+(at most ``batch_size`` texts). That bounds how long a read miss waits behind queued work
+on any device: a few abstracts a chunk on two CPU cores, hundreds on a GPU.
 
 A model behind an API (an embedder with ``remote = True``) does no work on that thread:
 its requests go to the embedder's own event loop, with their own budgets and priorities,
@@ -39,11 +43,14 @@ import numpy as np
 from segue import metrics, providers
 from segue.errors import EngineStopped, ModelHalted, ModelUnavailable
 from segue.providers import Embedder
+from segue.settings import Settings
 from segue.spec import ModelSpec
 
 log = logging.getLogger("segue.engine")
 
 _WARM_UP_TEXT = "Segue warms the model up with this sentence."
+_CHARS_PER_TOKEN = 5  # a text longer than its model's input limit costs at most this many characters a token
+_RATE_SMOOTHING = 0.2  # weight of the newest forward pass in a model's seconds per padded character
 
 
 class DimensionMismatch(ModelUnavailable):
@@ -84,12 +91,20 @@ class _Job:
 class EmbeddingEngine:
     """Loads models and embeds texts with them on one device, in one worker thread."""
 
-    def __init__(self, *, device: str | None = None, batch_size: int = 32):
-        """``device`` is handed to providers (None: each picks, e.g. ``cuda`` when present, else ``cpu``)."""
+    def __init__(self, *, device: str | None = None, batch_size: int = 256, chunk_seconds: float = 0.2):
+        """``device`` is handed to providers (None: each picks, e.g. ``cuda`` when present, else ``cpu``).
+
+        A forward pass takes at most ``batch_size`` texts and, once the model's speed is known,
+        about ``chunk_seconds`` (one text at least).
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if chunk_seconds <= 0:
+            raise ValueError("chunk_seconds must be positive")
         self._device = device
         self._batch_size = batch_size
+        self._chunk_seconds = chunk_seconds
+        self._seconds_per_char: dict[int, float] = {}  # by model version, learnt from forward passes
         self._models: dict[int, Embedder] = {}  # written only under _model_lock
         self._names: dict[int, str] = {}
         self._versions: frozenset[int] = frozenset()
@@ -100,6 +115,12 @@ class EmbeddingEngine:
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="segue-engine", daemon=True)
         self._worker.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbeddingEngine:
+        """An engine on ``SEGUE_DEVICE`` with ``SEGUE_EMBED_BATCH_SIZE`` and ``SEGUE_EMBED_CHUNK_MS``."""
+        return cls(device=settings.device, batch_size=settings.embed_batch_size,
+                   chunk_seconds=settings.embed_chunk_ms / 1000)
 
     def device_of(self, spec: ModelSpec) -> str:
         """Where ``spec`` runs, loading it first if needed (in the caller's thread, like :meth:`embed_sync`)."""
@@ -170,7 +191,7 @@ class EmbeddingEngine:
             self._refuse_halted(embedder)
             raw, tokens = await asyncio.wrap_future(embedder.submit(list(texts), priority))
             return self._remote(spec, embedder, raw, tokens)
-        order, chunks = self._plan(texts)
+        order, chunks = self._plan(spec, texts)
         futures = [self._submit(priority, functools.partial(self._encode, spec, chunk)) for chunk in chunks]
         return self._assemble(spec, order, await self._gather(futures))
 
@@ -183,7 +204,7 @@ class EmbeddingEngine:
         if getattr(embedder, "remote", False):
             self._refuse_halted(embedder)
             return self._remote(spec, embedder, *embedder.submit(list(texts), 0).result()).vectors
-        order, chunks = self._plan(texts)
+        order, chunks = self._plan(spec, texts)
         return self._assemble(spec, order, [self._encode(spec, chunk) for chunk in chunks]).vectors
 
     def halted(self) -> dict[str, str]:
@@ -242,11 +263,20 @@ class EmbeddingEngine:
                 future.cancel()
             raise
 
-    def _plan(self, texts: Sequence[str]) -> tuple[list[int], list[list[str]]]:
-        """Order the texts by length and cut them into chunks of ``batch_size``."""
+    def _plan(self, spec: ModelSpec, texts: Sequence[str]) -> tuple[list[int], list[list[str]]]:
+        """Order the texts by length and cut them into chunks expected to take ``chunk_seconds`` each."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        size = self._batch_size
-        return order, [[texts[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
+        rate = self._seconds_per_char.get(spec.version)
+        budget = self._chunk_seconds / rate if rate else 0.0  # padded characters a chunk may hold
+        chunks: list[list[str]] = [[]]
+        for i in order:
+            chunk = chunks[-1]
+            if chunk and (len(chunk) == self._batch_size
+                          or (len(chunk) + 1) * _cost(spec, texts[i]) > budget):
+                chunk = []
+                chunks.append(chunk)
+            chunk.append(texts[i])
+        return order, [chunk for chunk in chunks if chunk]
 
     @staticmethod
     def _assemble(spec: ModelSpec, order: list[int], parts: list[tuple[np.ndarray, list[int]]]) -> Embedded:
@@ -304,15 +334,14 @@ class EmbeddingEngine:
                     embedder = self._models.pop(version)
                     embedder.close()
                     metrics.MODEL_READY.labels(self._names.pop(version)).set(0)
+                    self._seconds_per_char.pop(version, None)
             self._versions = frozenset(self._models)
 
     def _encode(self, spec: ModelSpec, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """Vectors and token counts for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
             embedder = self._loaded_locked(spec)
-            started = time.perf_counter()
             vectors = self._vectors(spec, embedder, texts)
-            metrics.EMBED_SECONDS.labels(spec.name).observe(time.perf_counter() - started)
             tokens = embedder.count_tokens(texts)
         self._count(spec, tokens)
         return vectors, tokens
@@ -361,8 +390,16 @@ class EmbeddingEngine:
         return took
 
     def _vectors(self, spec: ModelSpec, embedder: Embedder, texts: list[str]) -> np.ndarray:
-        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``."""
-        return self._normalised(spec, embedder.embed(texts))
+        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``; the pass is timed."""
+        started = time.perf_counter()
+        raw = embedder.embed(texts)
+        seconds = time.perf_counter() - started
+        metrics.EMBED_SECONDS.labels(spec.name).observe(seconds)
+        observed = seconds / (len(texts) * max(_cost(spec, text) for text in texts))
+        known = self._seconds_per_char.get(spec.version)
+        self._seconds_per_char[spec.version] = (
+            observed if known is None else known + _RATE_SMOOTHING * (observed - known))
+        return self._normalised(spec, raw)
 
     @staticmethod
     def _normalised(spec: ModelSpec, raw: np.ndarray) -> np.ndarray:
@@ -370,6 +407,11 @@ class EmbeddingEngine:
         if raw.ndim != 2 or raw.shape[1] != spec.dim:
             raise DimensionMismatch(spec, raw.shape[-1])
         return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+
+
+def _cost(spec: ModelSpec, text: str) -> int:
+    """What one text costs a forward pass, in characters (padded to the chunk's longest, so chunks sort by it)."""
+    return max(1, min(len(text), spec.max_tokens * _CHARS_PER_TOKEN) if spec.max_tokens else len(text))
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -149,9 +149,7 @@ class SegueReader:
         self._view: _View | None = None
         self._closed = False
         self._owns_engine = engine is None
-        self._engine = engine or EmbeddingEngine(
-            device=self._settings.device, batch_size=self._settings.embed_batch_size
-        )
+        self._engine = engine or EmbeddingEngine.from_settings(self._settings)
 
     def __enter__(self) -> SegueReader:
         return self

@@ -37,7 +37,7 @@ def main() -> None:
     db.upgrade(settings, url)
     static_dir = distill_static(str(minilm_path()), load_settings().data_dir / "models" / "minilm-static-256", dims=256)
     corpus = list(scifact_documents(args.docs))
-    engine = EmbeddingEngine(device=settings.device, batch_size=settings.embed_batch_size)
+    engine = EmbeddingEngine.from_settings(settings)
     try:
         with db.connect(settings, url) as conn:
             specs = [registry.register_model(conn, "static", str(static_dir)),

@@ -14,6 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from segue import db, services
@@ -22,10 +23,17 @@ from segue.settings import Settings
 from segue.spec import ModelProfile
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=1_000_000)
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class ProgressTiming:
+    """``migration_progress`` latency in milliseconds, and whether it equals a direct count."""
+
+    median_ms: float
+    max_ms: float
+    exact: bool
+
+
+def measure(docs: int) -> ProgressTiming:
+    """Fill a fresh database with ``docs`` documents and changelog rows, then time the progress view."""
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="segue-bench-")))
     url = services.database_url(settings)
     db.upgrade(settings, url)
@@ -37,7 +45,7 @@ def main() -> None:
                     fingerprint=f"fingerprint-{name}"))
             started = time.perf_counter()
             step = 100_000
-            for first in range(0, args.docs, step):
+            for first in range(0, docs, step):
                 conn.execute(
                     "INSERT INTO documents (doc_id, body, version, content_sha256, embedding_v1, embedding_v1_sha256,"
                     " embedding_v2, embedding_v2_sha256)"
@@ -47,9 +55,9 @@ def main() -> None:
                     "  CASE WHEN i %% 3 = 0 THEN NULL WHEN i %% 3 = 1 THEN sha256(('body ' || i)::bytea)"
                     "       ELSE sha256('stale'::bytea) END"
                     " FROM generate_series(%s, %s) AS i",
-                    (first, min(first + step, args.docs) - 1),
+                    (first, min(first + step, docs) - 1),
                 )
-            print(f"inserted {args.docs:,} documents through the counter triggers in {time.perf_counter() - started:.1f}s")
+            print(f"inserted {docs:,} documents through the counter triggers in {time.perf_counter() - started:.1f}s")
             started = time.perf_counter()
             conn.execute(
                 "INSERT INTO migration_changelog (at, doc_id, model_version, action, origin)"
@@ -57,17 +65,17 @@ def main() -> None:
                 "  (ARRAY['embedded', 'unchanged', 'superseded', 'failed'])[1 + i %% 4],"
                 "  (ARRAY['change', 'read_miss', 'backfill'])[1 + i %% 3]"
                 " FROM generate_series(1, %s) AS i",
-                (args.docs,),
+                (docs,),
             )
             (buckets,) = conn.execute("SELECT count(*) FROM activity_counters").fetchone()
-            print(f"inserted {args.docs:,} changelog rows over 24 h ({buckets:,} minute buckets) "
+            print(f"inserted {docs:,} changelog rows over 24 h ({buckets:,} minute buckets) "
                   f"in {time.perf_counter() - started:.1f}s")
             timings = []
             for _ in range(50):
                 t = time.perf_counter()
                 conn.execute("SELECT * FROM migration_progress").fetchall()
                 timings.append((time.perf_counter() - t) * 1000)
-            print(f"migration_progress over {args.docs:,} documents: median {statistics.median(timings):.2f} ms, "
+            print(f"migration_progress over {docs:,} documents: median {statistics.median(timings):.2f} ms, "
                   f"max {max(timings):.2f} ms (50 runs)")
             t = time.perf_counter()
             direct = conn.execute(
@@ -77,8 +85,15 @@ def main() -> None:
             progress = conn.execute("SELECT total_documents, current_vectors, stale_vectors FROM migration_progress"
                                     " WHERE model = 'new'").fetchone()
             print(f"progress {progress} == direct {direct}: {tuple(progress) == tuple(direct)}")
+            return ProgressTiming(statistics.median(timings), max(timings), tuple(progress) == tuple(direct))
     finally:
         services.down(settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    measure(parser.parse_args().docs)
 
 
 if __name__ == "__main__":

@@ -360,3 +360,38 @@ def test_counting_tokens_before_truncation(engine, tiny_a, static_dir, scifact_t
     assert counts[0] == 4  # [CLS] p ##53 [SEP]
     assert counts[1] > spec.max_tokens  # the long abstract is over the 128-token limit, and says so
     assert engine.count_tokens(spec_for(static_dir, "tiny-static"), ["p53"])[0] >= 1
+
+
+def forward_passes(name: str) -> int:
+    from segue import metrics
+
+    return int(metrics.REGISTRY.get_sample_value("segue_embed_seconds_count", {"model": name}) or 0)
+
+
+def test_chunks_are_budgeted_by_time_so_long_texts_take_more_passes(minilm_spec):
+    """Once the engine has timed a model, a chunk holds what it expects to run in ``chunk_seconds``."""
+    spec = dataclasses.replace(minilm_spec, name="minilm-chunks")
+    abstracts = [doc.text for doc in scifact_documents(24)]
+    queries = [f"query {i} about p53" for i in range(24)]
+    engine = EmbeddingEngine(device="cpu", batch_size=256, chunk_seconds=0.1)
+    try:
+        engine.embed_sync(spec, abstracts[:4])  # load, warm up and time a few passes
+        before = forward_passes(spec.name)
+        budgeted = engine.embed_sync(spec, abstracts)
+        passes_for_abstracts = forward_passes(spec.name) - before
+        before = forward_passes(spec.name)
+        engine.embed_sync(spec, queries)
+        passes_for_queries = forward_passes(spec.name) - before
+    finally:
+        engine.close()
+    assert passes_for_abstracts >= 4, "0.1 s holds a few abstracts of MiniLM on a CPU, not 24"
+    assert passes_for_queries < passes_for_abstracts
+    unbudgeted = EmbeddingEngine(device="cpu", batch_size=256, chunk_seconds=1000)
+    try:
+        unbudgeted.embed_sync(spec, abstracts[:4])
+        before = forward_passes(spec.name)
+        whole = unbudgeted.embed_sync(spec, abstracts)
+        assert forward_passes(spec.name) - before == 1
+    finally:
+        unbudgeted.close()
+    assert cosine_rows(budgeted, whole).min() >= 0.9999

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import shutil
 import signal
 import threading
 import time
 import uuid
 
+import httpx
 import numpy as np
 import orjson
 import psycopg
@@ -24,7 +26,7 @@ from segue import db, registry
 from segue.engine import EmbeddingEngine
 from tests import modelfactory
 from tests.conftest import NEW, OLD
-from tests.harness import change, wait_for
+from tests.harness import change, free_port, wait_for
 
 
 def sha(text: str) -> bytes:
@@ -413,6 +415,32 @@ def test_a_model_that_cannot_load_pauses_its_writes_and_dead_letters_nothing(har
                           " AND action IN ('failed', 'dead_lettered')", (doc_id,)) == 0
     assert running.poll() is None
     retire(harness, flaky.version)
+
+
+def test_a_worker_whose_model_cannot_load_at_start_runs_not_ready_and_is_ready_once_it_loads(
+        harness, worker, model_cache, tmp_path):
+    """Models load while the worker joins the group; a model that cannot load is retried, not a crash."""
+    source = tmp_path / "late-model"
+    shutil.copytree(modelfactory.tiny_transformer_b(model_cache), source)
+    with db.connect(harness.settings, harness.database_url) as conn:
+        late = registry.register_model(conn, "late", str(source))
+    hidden = tmp_path / "late-model-away"
+    source.rename(hidden)
+    starting = harness.start_worker(harness.env | {"SEGUE_METRICS_PORT": str(free_port())})
+    try:
+        log_says = lambda text: text in harness.worker_log(starting)  # noqa: E731
+        wait_for(lambda: log_says("loading the live models failed"), timeout=120, what="the load failure logged")
+        url = wait_for(lambda: re.search(r"metrics at (http://\S+)/metrics", harness.worker_log(starting)),
+                       what="the metrics URL")[1]
+        answer = httpx.get(f"{url}/readyz", timeout=5)
+        assert answer.status_code == 503 and answer.json()["models_warm"] is False
+        assert starting.poll() is None
+        hidden.rename(source)  # the folder is back: the next try loads it
+        wait_for(lambda: log_says("loaded and warmed"), timeout=120, what="the models warm")
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=120, what="/readyz 200")
+    finally:
+        harness.stop_worker(starting)
+        retire(harness, late.version)
 
 
 def test_no_ddl_waits_in_line_for_an_index_build(harness, worker, model_cache):

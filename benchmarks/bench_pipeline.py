@@ -1,0 +1,108 @@
+"""Change pipeline throughput: the non-model path, and end to end against raw encode.
+
+    python benchmarks/bench_pipeline.py [--events 20000] [--docs 300]
+
+Embedded services of its own, one worker with Segue's default batch settings, the
+changelog's own clock: from the first record's publication (a row's ``at`` less its
+``latency_ms``) to the last ``embedded`` row of the run:
+
+- non-model path: ``--events`` short upserts embedded with two static models (model2vec,
+  64-d and 128-d), published while the worker is idle; events a second;
+- end to end: ``--docs`` SciFact abstracts embedded with a static model and MiniLM, in docs a
+  second, divided by the raw encode rate of the same two models on the same texts in this
+  process (the engine's ``embed_sync``, one after the other): the share of the model's
+  speed the pipeline keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness runs the services and workers
+
+from benchmarks.common import TEXT_CHARS, production_env, static_model  # noqa: E402
+from segue import registry  # noqa: E402
+from segue.corpus import scifact_documents  # noqa: E402
+from segue.engine import EmbeddingEngine  # noqa: E402
+from segue.modelkit import minilm_path  # noqa: E402
+from tests.harness import Harness, change, wait_for  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Events a second through a worker, and (end to end) the raw encode rate of the same models."""
+
+    events_per_s: float
+    raw_per_s: float | None = None
+
+
+def run_worker(h: Harness, prefix: str, texts: list[str], versions: int) -> float:
+    """Publish one change per text to an idle worker; the changelog's rate for them, in events a second."""
+    worker = h.start_worker(production_env(h))
+    try:
+        h.wait_ready(worker, timeout=300)
+        ids = [f"{prefix}-{n}" for n in range(len(texts))]
+        h.publish_changes([(i, change(i, text, 1)) for i, text in zip(ids, texts)])
+        wait_for(lambda: h.scalar("SELECT count(*) FROM migration_changelog WHERE action = 'embedded'"
+                                  " AND doc_id LIKE %s", (f"{prefix}-%",)) == len(ids) * versions,
+                 timeout=3600, interval=1.0, what="every change embedded")
+        seconds = h.scalar("SELECT extract(epoch FROM max(at) - min(at - latency_ms * interval '1 millisecond'))"
+                           " FROM migration_changelog WHERE action = 'embedded' AND doc_id LIKE %s", (f"{prefix}-%",))
+        return len(ids) / float(seconds)
+    finally:
+        h.stop_worker(worker)
+
+
+def non_model_path(events: int) -> Throughput:
+    """Short upserts through two static models."""
+    h = Harness(Path(tempfile.mkdtemp(prefix="segue-bench-pipeline-")))
+    try:
+        for dims in (64, 128):
+            registry.register_model(h.conn, f"static-{dims}", str(static_model(dims)))
+        texts = [f"short update {n}: p53 regulates the cell cycle" for n in range(events)]
+        return Throughput(run_worker(h, "short", texts, versions=2))
+    finally:
+        h.close()
+
+
+def end_to_end(docs: int) -> Throughput:
+    """SciFact abstracts through a static model and MiniLM, and the raw encode rate of both."""
+    h = Harness(Path(tempfile.mkdtemp(prefix="segue-bench-pipeline-")))
+    try:
+        specs = [registry.register_model(h.conn, "static-256", str(static_model(256))),
+                 registry.register_model(h.conn, "minilm", str(minilm_path()))]
+        texts = [doc.text[:TEXT_CHARS] for doc in scifact_documents(docs)]
+        engine = EmbeddingEngine.from_settings(h.settings)
+        try:
+            for spec in specs:
+                engine.embed_sync(spec, texts[:8])  # load, warm up, time a few passes
+            started = time.perf_counter()
+            for spec in specs:
+                engine.embed_sync(spec, texts)
+            raw = len(texts) / (time.perf_counter() - started)
+        finally:
+            engine.close()
+        return Throughput(run_worker(h, "abstract", texts, versions=2), raw)
+    finally:
+        h.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=20000, help="short upserts for the non-model path")
+    parser.add_argument("--docs", type=int, default=300, help="abstracts end to end")
+    args = parser.parse_args()
+    lean = non_model_path(args.events)
+    print(f"non-model path, {args.events:,} short upserts, two static models: {lean.events_per_s:,.0f} events/s")
+    full = end_to_end(args.docs)
+    print(f"end to end, {args.docs} abstracts, static-256 + MiniLM: {full.events_per_s:.2f} docs/s; raw encode "
+          f"{full.raw_per_s:.2f} docs/s; ratio {full.events_per_s / full.raw_per_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Every performance goal of Segue measured side by side in one run: the README's benchmark table.
+
+    python benchmarks/run.py [--only NAME[,NAME]]
+
+Runs each benchmark of this folder at the size its goal names, one after the other on
+this machine, and prints one Markdown table: the measure, its goal, the figure, and
+whether the goal is met. The GPU rows run where CUDA is present and say so where not.
+Nothing here asserts; a missed goal is a row to read, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks import tests.harness
+
+import torch  # noqa: E402
+
+from benchmarks import bench_cold_start, bench_engine, bench_pipeline, bench_progress, bench_read_miss  # noqa: E402
+from segue.corpus import scifact_documents  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    measure: str
+    goal: str
+    figure: str
+    met: bool | None  # None: not run here
+
+    def markdown(self) -> str:
+        verdict = {True: "met", False: "not met", None: "not run"}[self.met]
+        return f"| {self.measure} | {self.goal} | {self.figure} | {verdict} |"
+
+
+def gpu_encode() -> Iterator[Row]:
+    measure, goal = "GPU raw encode, MiniLM fp16, SciFact abstracts", "≥ 20,000 docs/s"
+    if not torch.cuda.is_available():
+        yield Row(measure, goal, "no CUDA device on this machine", None)
+        return
+    texts = [doc.text for doc in scifact_documents()] * 4
+    versus = bench_engine.engine_vs_reference(texts)
+    yield Row(f"{measure} ({torch.cuda.get_device_name(0)})", goal,
+              f"{versus.engine_per_s:,.0f} docs/s (sentence-transformers {versus.reference_per_s:,.0f})",
+              versus.engine_per_s >= 20_000)
+
+
+def cpu_engine() -> Iterator[Row]:
+    texts = [doc.text for doc in scifact_documents(300)]
+    versus = bench_engine.engine_vs_reference(texts)
+    ratio = versus.engine_per_s / versus.reference_per_s
+    yield Row(f"{versus.device.upper()}, engine ÷ `SentenceTransformer.encode`, 300 abstracts", "≥ 1.3×",
+              f"{ratio:.2f}× ({versus.engine_per_s:.1f} vs {versus.reference_per_s:.1f} docs/s, "
+              f"min cos {versus.min_cosine:.6f})", ratio >= 1.3 and versus.min_cosine >= 0.999)
+
+
+def pipeline() -> Iterator[Row]:
+    full = bench_pipeline.end_to_end(300)
+    ratio = full.events_per_s / full.raw_per_s
+    yield Row("End to end (static + MiniLM) ÷ raw encode of both, 300 abstracts", "≥ 0.9",
+              f"{ratio:.3f} ({full.events_per_s:.2f} vs {full.raw_per_s:.2f} docs/s)", ratio >= 0.9)
+    lean = bench_pipeline.non_model_path(20_000)
+    yield Row("Non-model path: two static models, 20,000 short upserts, one worker", "≥ 5,000 events/s",
+              f"{lean.events_per_s:,.0f} events/s", lean.events_per_s >= 5_000)
+
+
+def read_misses() -> Iterator[Row]:
+    goals = {"idle": 250, "changes": 500, "backfill": 500}
+    names = {"idle": "Read miss → vector committed, MiniLM, idle worker",
+             "changes": "Read miss while 2,000 changes are queued",
+             "backfill": "Read miss while a 2,000-document backfill is queued"}
+    for result in bench_read_miss.measure(misses=200, rate=5, queued=2000, loads=list(goals), fetch_waits=[]):
+        left = f", {result.queued_left:,} queued left" if result.load != "idle" else ""
+        yield Row(f"{names[result.load]} (200 at 5/s)", f"p99 ≤ {goals[result.load]} ms",
+                  f"p50 {result.p50:,.0f} ms, p99 {result.p99:,.0f} ms{left}", result.p99 <= goals[result.load])
+
+
+def cold_start() -> Iterator[Row]:
+    worker, bare = bench_cold_start.measure(3)
+    yield Row("Worker start → ready (static + MiniLM) ÷ bare import + load + warm", "≤ 1.2",
+              f"{worker / bare:.2f} ({worker:.1f} s vs {bare:.1f} s)", worker / bare <= 1.2)
+
+
+def progress() -> Iterator[Row]:
+    timing = bench_progress.measure(1_000_000)
+    yield Row("`migration_progress` at 1M documents", "≤ 100 ms, exact",
+              f"median {timing.median_ms:.2f} ms, max {timing.max_ms:.2f} ms, exact: {timing.exact}",
+              timing.max_ms <= 100 and timing.exact)
+
+
+BENCHMARKS: dict[str, Callable[[], Iterator[Row]]] = {
+    "gpu": gpu_encode, "engine": cpu_engine, "pipeline": pipeline, "read-misses": read_misses,
+    "cold-start": cold_start, "progress": progress,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"some of {', '.join(BENCHMARKS)}")
+    chosen = parser.parse_args().only.split(",")
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    started = time.perf_counter()
+    rows = []
+    for name in chosen:
+        for row in BENCHMARKS[name]():
+            print(row.markdown(), flush=True)  # as it comes: the whole run takes a while
+            rows.append(row)
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s")
+    print("| measure | goal | figure | verdict |\n|---|---|---|---|")
+    print("\n".join(row.markdown() for row in rows))
+
+
+if __name__ == "__main__":
+    main()
