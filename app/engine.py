@@ -6,7 +6,8 @@ dimension, normalises what it returns, and decides when it runs.
 
 All model work — loading and forward passes — happens in one worker thread owned by
 the engine, so the asyncio event loop (and with it Kafka heartbeats) never stalls on
-a model. :meth:`EmbeddingEngine.embed` splits a request into chunks and queues them by
+a model. Tokenization runs one chunk ahead on a second thread: while a forward pass runs,
+the next queued chunk is tokenized, so a GPU is not left waiting on the CPU. :meth:`EmbeddingEngine.embed` splits a request into chunks and queues them by
 priority (lower number first: 0 read misses, 1 live changes, 2 backfill; FIFO within a
 priority), so a later urgent request overtakes the rest of a large backfill after at most
 one chunk. :meth:`EmbeddingEngine.embed_sync` runs the same code in the caller's thread
@@ -28,10 +29,11 @@ and are awaited, so an API's latency never holds up a local model.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
+import heapq
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +45,7 @@ import numpy as np
 from segue import metrics, providers
 from segue.errors import EngineStopped, ModelHalted, ModelUnavailable
 from segue.providers import Embedder
+from segue.providers.base import Prepared
 from segue.settings import Settings
 from segue.spec import ModelSpec
 
@@ -80,12 +83,62 @@ class Embedded:
         return [min(count, spec.max_tokens) for count in self.tokens] if spec.max_tokens else list(self.tokens)
 
 
+class _Chunk:
+    """The texts of one forward pass, and their tokenization once it has been started."""
+
+    def __init__(self, spec: ModelSpec, texts: list[str]):
+        self.spec = spec
+        self.texts = texts
+        self._prepared: concurrent.futures.Future[Prepared] | None = None
+
+    def prepare_ahead(self, embedder: Embedder, pool: concurrent.futures.Executor) -> None:
+        """Start tokenizing on ``pool`` unless already started."""
+        if self._prepared is None:
+            self._prepared = pool.submit(embedder.prepare, self.texts)
+
+    def prepared(self, embedder: Embedder) -> Prepared:
+        """The tokenized texts: those started ahead, or tokenized now in this thread."""
+        return self._prepared.result() if self._prepared is not None else embedder.prepare(self.texts)
+
+
 @dataclass(order=True)
 class _Job:
     priority: int
     seq: int
     run: Callable[[], Any] | None = field(compare=False)  # None tells the worker to stop
     future: asyncio.Future | None = field(compare=False)
+    chunk: _Chunk | None = field(default=None, compare=False)  # a forward pass, which can be tokenized ahead
+
+
+class _Jobs:
+    """Queued jobs, lowest priority number first and FIFO within one, with a look at the next."""
+
+    def __init__(self):
+        self._heap: list[_Job] = []
+        self._ready = threading.Condition()
+
+    def put(self, job: _Job) -> None:
+        with self._ready:
+            heapq.heappush(self._heap, job)
+            self._ready.notify()
+
+    def get(self) -> _Job:
+        """The next job, waiting for one."""
+        with self._ready:
+            while not self._heap:
+                self._ready.wait()
+            return heapq.heappop(self._heap)
+
+    def peek(self) -> _Job | None:
+        """The job :meth:`get` would return now, left queued."""
+        with self._ready:
+            return self._heap[0] if self._heap else None
+
+    def drain(self) -> list[_Job]:
+        """Remove and return every queued job."""
+        with self._ready:
+            jobs, self._heap = sorted(self._heap), []
+            return jobs
 
 
 class EmbeddingEngine:
@@ -109,7 +162,8 @@ class EmbeddingEngine:
         self._names: dict[int, str] = {}
         self._versions: frozenset[int] = frozenset()
         self._model_lock = threading.Lock()  # one forward pass or load at a time
-        self._jobs: queue.PriorityQueue[_Job] = queue.PriorityQueue()
+        self._jobs = _Jobs()
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segue-tokenize")
         self._seq = itertools.count()
         self._submit_lock = threading.Lock()
         self._closed = False
@@ -130,7 +184,7 @@ class EmbeddingEngine:
     def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int]:
         """Tokens each text takes as ``spec``'s input, before truncation (in the caller's thread)."""
         with self._model_lock:
-            return self._loaded_locked(spec).count_tokens(texts)
+            return self._loaded_locked(spec).prepare(texts).tokens
 
     def loaded(self) -> set[int]:
         """Versions of the models loaded so far."""
@@ -192,7 +246,7 @@ class EmbeddingEngine:
             raw, tokens = await asyncio.wrap_future(embedder.submit(list(texts), priority))
             return self._remote(spec, embedder, raw, tokens)
         order, chunks = self._plan(spec, texts)
-        futures = [self._submit(priority, functools.partial(self._encode, spec, chunk)) for chunk in chunks]
+        futures = [self._submit(priority, functools.partial(self._encode, chunk), chunk) for chunk in chunks]
         return self._assemble(spec, order, await self._gather(futures))
 
     def embed_sync(self, spec: ModelSpec, texts: Sequence[str]) -> np.ndarray:
@@ -205,7 +259,12 @@ class EmbeddingEngine:
             self._refuse_halted(embedder)
             return self._remote(spec, embedder, *embedder.submit(list(texts), 0).result()).vectors
         order, chunks = self._plan(spec, texts)
-        return self._assemble(spec, order, [self._encode(spec, chunk) for chunk in chunks]).vectors
+        parts = []
+        for chunk, after in zip(chunks, chunks[1:] + [None]):
+            if after is not None:
+                after.prepare_ahead(embedder, self._tokenizing)
+            parts.append(self._encode(chunk))
+        return self._assemble(spec, order, parts).vectors
 
     def halted(self) -> dict[str, str]:
         """Why each loaded model Segue stopped writing was stopped, by name (an API key refused, canary drift)."""
@@ -221,8 +280,8 @@ class EmbeddingEngine:
             self._closed = True
             self._jobs.put(_Job(-1, -1, None, None))
         self._worker.join()
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
+        self._tokenizing.shutdown(cancel_futures=True)
+        for job in self._jobs.drain():
             with self._submit_lock:
                 self._queued(job.priority, -1)
             if job.future is not None:
@@ -238,14 +297,14 @@ class EmbeddingEngine:
 
     # -- scheduling (event loop side) ----------------------------------------------------------
 
-    def _submit(self, priority: int, run: Callable[[], Any]) -> asyncio.Future:
+    def _submit(self, priority: int, run: Callable[[], Any], chunk: _Chunk | None = None) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         with self._submit_lock:
             if self._closed:
                 raise EngineStopped("the embedding engine is closed")
             if not self._worker.is_alive():
                 raise EngineStopped("the embedding engine's thread is gone")
-            self._jobs.put(_Job(priority, next(self._seq), run, future))
+            self._jobs.put(_Job(priority, next(self._seq), run, future, chunk))
             self._queued(priority, +1)
         return future
 
@@ -263,7 +322,7 @@ class EmbeddingEngine:
                 future.cancel()
             raise
 
-    def _plan(self, spec: ModelSpec, texts: Sequence[str]) -> tuple[list[int], list[list[str]]]:
+    def _plan(self, spec: ModelSpec, texts: Sequence[str]) -> tuple[list[int], list[_Chunk]]:
         """Order the texts by length and cut them into chunks expected to take ``chunk_seconds`` each."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         rate = self._seconds_per_char.get(spec.version)
@@ -276,7 +335,7 @@ class EmbeddingEngine:
                 chunk = []
                 chunks.append(chunk)
             chunk.append(texts[i])
-        return order, [chunk for chunk in chunks if chunk]
+        return order, [_Chunk(spec, chunk) for chunk in chunks if chunk]
 
     @staticmethod
     def _assemble(spec: ModelSpec, order: list[int], parts: list[tuple[np.ndarray, list[int]]]) -> Embedded:
@@ -311,6 +370,7 @@ class EmbeddingEngine:
                 self._queued(job.priority, -1)
             if job.future.cancelled():
                 continue
+            self._prepare_next()
             try:
                 result = job.run()
             except Exception as exc:  # handed to the awaiting caller
@@ -319,6 +379,14 @@ class EmbeddingEngine:
                 _settle(job.future, None, RuntimeError(f"an engine job raised {type(exc).__name__}: {exc}"))
             else:
                 _settle(job.future, result, None)
+
+    def _prepare_next(self) -> None:
+        """Start tokenizing the next queued chunk, so it is ready when this job's forward pass ends."""
+        upcoming = self._jobs.peek()
+        if upcoming is not None and upcoming.chunk is not None:
+            embedder = self._models.get(upcoming.chunk.spec.version)
+            if embedder is not None:
+                upcoming.chunk.prepare_ahead(embedder, self._tokenizing)
 
     def _load(self, spec: ModelSpec) -> float | None:
         """Load ``spec`` unless it already is; return the seconds it took."""
@@ -337,14 +405,14 @@ class EmbeddingEngine:
                     self._seconds_per_char.pop(version, None)
             self._versions = frozenset(self._models)
 
-    def _encode(self, spec: ModelSpec, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def _encode(self, chunk: _Chunk) -> tuple[np.ndarray, list[int]]:
         """Vectors and token counts for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
-            embedder = self._loaded_locked(spec)
-            vectors = self._vectors(spec, embedder, texts)
-            tokens = embedder.count_tokens(texts)
-        self._count(spec, tokens)
-        return vectors, tokens
+            embedder = self._loaded_locked(chunk.spec)
+            prepared = chunk.prepared(embedder)
+            vectors = self._vectors(chunk.spec, embedder, chunk.texts, prepared)
+        self._count(chunk.spec, prepared.tokens)
+        return vectors, prepared.tokens
 
     @staticmethod
     def _count(spec: ModelSpec, tokens: list[int]) -> None:
@@ -379,7 +447,9 @@ class EmbeddingEngine:
                 f"fingerprint {embedder.profile.fingerprint[:12]}…, registered {spec.fingerprint[:12]}…"
             )
         if not getattr(embedder, "remote", False):  # an API model needs no warm-up and is checked on first use
-            self._vectors(spec, embedder, [_WARM_UP_TEXT])
+            warm_up = embedder.prepare([_WARM_UP_TEXT])
+            self._vectors(spec, embedder, [_WARM_UP_TEXT], warm_up, learn=False)  # a cold pass: kernels, caches
+            self._vectors(spec, embedder, [_WARM_UP_TEXT], warm_up)
         self._models[spec.version] = embedder
         self._names[spec.version] = spec.name
         self._versions = frozenset(self._models)
@@ -389,16 +459,19 @@ class EmbeddingEngine:
                  spec.name, spec.version, spec.provider, spec.dim, embedder.device, took)
         return took
 
-    def _vectors(self, spec: ModelSpec, embedder: Embedder, texts: list[str]) -> np.ndarray:
-        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``; the pass is timed."""
+    def _vectors(self, spec: ModelSpec, embedder: Embedder, texts: list[str], prepared: Prepared, *,
+                 learn: bool = True) -> np.ndarray:
+        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``; the forward pass is timed
+        (and, with ``learn``, updates the model's seconds per padded character)."""
         started = time.perf_counter()
-        raw = embedder.embed(texts)
+        raw = embedder.embed(prepared)
         seconds = time.perf_counter() - started
         metrics.EMBED_SECONDS.labels(spec.name).observe(seconds)
-        observed = seconds / (len(texts) * max(_cost(spec, text) for text in texts))
-        known = self._seconds_per_char.get(spec.version)
-        self._seconds_per_char[spec.version] = (
-            observed if known is None else known + _RATE_SMOOTHING * (observed - known))
+        if learn:
+            observed = seconds / (len(texts) * max(_cost(spec, text) for text in texts))
+            known = self._seconds_per_char.get(spec.version)
+            self._seconds_per_char[spec.version] = (
+                observed if known is None else known + _RATE_SMOOTHING * (observed - known))
         return self._normalised(spec, raw)
 
     @staticmethod

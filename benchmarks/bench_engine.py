@@ -50,10 +50,13 @@ class AgainstReference:
     device: str
 
 
-def timed(engine: EmbeddingEngine, spec: ModelSpec, texts: list[str]) -> tuple[np.ndarray, float, str]:
-    """Vectors of ``texts``, their seconds after a warm-up, and the device; closes ``engine``."""
+def timed(engine: EmbeddingEngine, spec: ModelSpec, texts: list[str], warm_up: int = 8) -> tuple[np.ndarray, float, str]:
+    """Vectors of ``texts``, their seconds after a warm-up on the first ``warm_up``, and the device; closes ``engine``.
+
+    The warm-up also teaches the engine the model's speed on this device, which sizes the chunks."""
     try:
-        engine.embed_sync(spec, texts[:8])
+        for _ in range(2):  # the second round is cut in chunks sized by what the first taught
+            engine.embed_sync(spec, texts[:warm_up])
         device = engine.device_of(spec)
         started = time.perf_counter()
         vectors = engine.embed_sync(spec, texts)
@@ -78,6 +81,74 @@ def engine_vs_reference(texts: list[str], source: Path | None = None) -> Against
     reference_seconds = time.perf_counter() - started
     return AgainstReference(len(texts) / engine_seconds, len(texts) / reference_seconds,
                             float((ours * np.asarray(theirs, dtype=np.float32)).sum(axis=1).min()), device)
+
+
+def encoder_flops(config, lengths: list[int]) -> float:
+    """Floating-point operations of a BERT-style encoder over texts of ``lengths`` tokens (no padding counted).
+
+    Per layer and token: the Q, K, V and output projections (4·d² multiply-adds), the feed-forward
+    pair (2·d·ff), and attention's scores and weighted sum (2·n·d for a text of n tokens).
+    """
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return float(sum(2 * layers * n * (4 * d * d + 2 * d * ff + 2 * n * d) for n in lengths))
+
+
+def matmul_peak_tflops(dtype=torch.float16, size: int = 8192) -> float:
+    """The device's measured dense matrix-product rate in ``dtype``: the median of 20 products, after 3 warm-ups."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for run in range(23):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if run >= 3:
+            times.append(start.elapsed_time(end) / 1000)
+    return 2 * size**3 / float(np.median(times)) / 1e12
+
+
+@dataclass(frozen=True)
+class GpuEncode:
+    """The engine's fp16 rate on a GPU against sentence-transformers', with its model FLOP utilisation."""
+
+    engine_per_s: float
+    reference_per_s: float
+    min_cosine: float
+    tflops: float  # useful (unpadded) FLOPs a second the engine sustained
+    peak_tflops: float  # measured dense fp16 matrix-product rate of the same device
+    by_batch_size: dict[int, float]  # engine docs/s for each cap on the texts of one forward pass
+
+    @property
+    def mfu(self) -> float:
+        return self.tflops / self.peak_tflops
+
+
+def gpu_encode(source: Path, texts: list[str], reference_texts: int, batch_sizes: list[int]) -> GpuEncode:
+    """The engine (fp16, default chunking, each batch-size cap) on ``texts`` and ``SentenceTransformer.encode``
+    (fp16, batch 256) on the first ``reference_texts`` of them; cosines on those."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoConfig
+
+    profile = inspect(str(source), options={"dtype": "float16"})
+    spec = ModelSpec.from_profile(1, "bench", str(source), profile)
+    rates = {}
+    for batch_size in batch_sizes:
+        vectors, seconds, _ = timed(EmbeddingEngine(batch_size=batch_size), spec, texts, warm_up=2048)
+        rates[batch_size] = len(texts) / seconds
+    best = max(rates, key=rates.get)
+    engine = EmbeddingEngine(batch_size=best)
+    lengths = [min(count, spec.max_tokens) for count in engine.count_tokens(spec, texts)]
+    vectors, seconds, _ = timed(engine, spec, texts, warm_up=2048)
+    reference = SentenceTransformer(str(source), device="cuda").half()
+    reference.encode(texts[:256], batch_size=256)
+    started = time.perf_counter()
+    theirs = reference.encode(texts[:reference_texts], batch_size=256, normalize_embeddings=True)
+    reference_seconds = time.perf_counter() - started
+    flops = encoder_flops(AutoConfig.from_pretrained(source), lengths)
+    return GpuEncode(len(texts) / seconds, reference_texts / reference_seconds,
+                     float((vectors[:reference_texts] * np.asarray(theirs, dtype=np.float32)).sum(axis=1).min()),
+                     flops / seconds / 1e12, matmul_peak_tflops(), rates)
 
 
 def main() -> None:

@@ -70,13 +70,14 @@ def non_model_path(events: int) -> Throughput:
         h.close()
 
 
-def end_to_end(docs: int) -> Throughput:
-    """SciFact abstracts through a static model and MiniLM, and the raw encode rate of both."""
+def end_to_end(docs: int, models: list[tuple[str, str, dict]] | None = None, repeat: int = 1) -> Throughput:
+    """SciFact abstracts (the first ``docs``, ``repeat`` times over) through ``models`` (name, source, options;
+    default a static model and MiniLM), and the raw encode rate of the same models on the same texts."""
     h = Harness(Path(tempfile.mkdtemp(prefix="segue-bench-pipeline-")))
     try:
-        specs = [registry.register_model(h.conn, "static-256", str(static_model(256))),
-                 registry.register_model(h.conn, "minilm", str(minilm_path()))]
-        texts = [doc.text[:TEXT_CHARS] for doc in scifact_documents(docs)]
+        models = models or [("static-256", str(static_model(256)), {}), ("minilm", str(minilm_path()), {})]
+        specs = [registry.register_model(h.conn, name, source, options=options) for name, source, options in models]
+        texts = [doc.text[:TEXT_CHARS] for doc in scifact_documents(docs)] * repeat
         engine = EmbeddingEngine.from_settings(h.settings)
         try:
             for spec in specs:
@@ -87,7 +88,7 @@ def end_to_end(docs: int) -> Throughput:
             raw = len(texts) / (time.perf_counter() - started)
         finally:
             engine.close()
-        return Throughput(run_worker(h, "abstract", texts, versions=2), raw)
+        return Throughput(run_worker(h, "abstract", texts, versions=len(specs)), raw)
     finally:
         h.close()
 

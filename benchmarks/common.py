@@ -12,12 +12,12 @@ from segue.modelkit import distill_static, minilm_path  # noqa: E402
 from tests.harness import Harness  # noqa: E402
 
 TEXT_CHARS = 3000  # abstracts are cut under the harness's 4,000-byte limit on a text
-_TEST_SIZED = ("SEGUE_BATCH_SIZE", "SEGUE_BATCH_TIMEOUT_S")  # the harness shrinks the batches for tests
+_TEST_SIZED = ("SEGUE_BATCH_SIZE", "SEGUE_BATCH_TIMEOUT_S", "TOKENIZERS_PARALLELISM")  # the harness's test settings
 _MODELS = Path(tempfile.gettempdir()) / "segue-bench-models"
 
 
 def production_env(h: Harness) -> dict[str, str]:
-    """The harness's worker environment with Segue's default change batch size and window."""
+    """The harness's worker environment with Segue's default change batch size and window, tokenizers on every core."""
     return {key: value for key, value in h.env.items() if key not in _TEST_SIZED}
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transformers import AutoTokenizer
+
+from segue import providers
 from segue.corpus import scifact_documents
 from segue.engine import DimensionMismatch, EmbeddingEngine, FingerprintMismatch, ModelSpec
 from segue.modelkit import build_tiny_transformer, distill_static, minilm_path
@@ -360,6 +363,21 @@ def test_counting_tokens_before_truncation(engine, tiny_a, static_dir, scifact_t
     assert counts[0] == 4  # [CLS] p ##53 [SEP]
     assert counts[1] > spec.max_tokens  # the long abstract is over the 128-token limit, and says so
     assert engine.count_tokens(spec_for(static_dir, "tiny-static"), ["p53"])[0] >= 1
+
+
+@pytest.mark.parametrize("prefix", ["", "passage: "])
+def test_one_tokenization_gives_the_count_and_the_tokenizers_own_truncation(tiny_a, scifact_texts, prefix):
+    spec = spec_for(tiny_a, "tiny-a")
+    embedder = providers.load(dataclasses.replace(spec, config={**spec.config, "prefix": prefix}), "cpu")
+    texts = ["p53", *scifact_texts[10:20]]
+    prepared = embedder.prepare(texts)
+    ids, mask = (tensor.numpy() for tensor in prepared.inputs)
+    expected = AutoTokenizer.from_pretrained(tiny_a)([prefix + text for text in texts], padding=True, truncation=True,
+                                                     max_length=spec.max_tokens, return_tensors="np")
+    assert max(prepared.tokens) > spec.max_tokens  # some texts were cut
+    assert (ids == expected["input_ids"]).all() and (mask == expected["attention_mask"]).all()
+    assert prepared.tokens == [len(row) for row in AutoTokenizer.from_pretrained(tiny_a)(
+        [prefix + text for text in texts], verbose=False)["input_ids"]]
 
 
 def forward_passes(name: str) -> int:

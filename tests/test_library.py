@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 
 import psycopg
 import pytest
@@ -39,6 +40,15 @@ def test_only_the_segue_package_is_installed():
     )
     assert found.splitlines() == ["[]", "['segue']"]
     assert SEGUE.endswith("/segue")
+
+
+def test_every_subpackage_is_in_the_distribution():
+    # An editable install finds any folder; a wheel holds only the packages pyproject.toml lists.
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"app": "segue", "agents": "segue.agents", "schemas": "segue.schemas"}
+    found = {".".join([folders[init.relative_to(ROOT).parts[0]], *init.relative_to(ROOT).parts[1:-1]])
+             for folder in folders for init in (ROOT / folder).rglob("__init__.py")}
+    assert found == listed
 
 
 def test_importing_the_core_loads_no_model_code():

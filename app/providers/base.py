@@ -6,8 +6,10 @@ A provider is one module in this package with two functions:
   say what it is (dim, input limit, the settings that shape its vectors, its fingerprint);
 * ``load(spec, device) -> Embedder`` — in a worker or reader: the registered model, ready.
 
-An :class:`Embedder` only turns texts into vectors; batching, priorities, threads,
-normalisation and the dimension and fingerprint checks are the engine's. A model behind an
+An :class:`Embedder` only turns texts into vectors, in two steps: ``prepare`` (tokenization,
+CPU work that the engine overlaps with the previous forward pass) and ``embed`` (the forward
+pass). Batching, priorities, threads, normalisation and the dimension and fingerprint checks
+are the engine's. A model behind an
 API (``remote = True``, see ``openai``) also offers ``submit(texts, priority)``, a future of
 (raw vectors, tokens per text) computed on its own event loop, and ``halted`` (why Segue
 stopped writing it, or None); the engine awaits it instead of running ``embed`` on its thread.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,17 +33,28 @@ class OptionsError(ValueError):
     """Registration options a provider does not accept."""
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Texts made ready for one forward pass of one model."""
+
+    tokens: list[int]  # tokens each text takes as input, before truncation to the model's limit
+    inputs: Any  # what the model's ``embed`` takes: token ids, tensors, or the texts themselves
+
+
 class Embedder(Protocol):
     """A loaded model."""
 
     profile: ModelProfile  # as computed from what was loaded: its fingerprint must match the registry's
     device: str  # where it runs, for logs and plans
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens each text takes as input, before truncation to ``profile.max_tokens``."""
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        """Tokenize ``texts`` once: their token counts, and the inputs of :meth:`embed`.
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """One vector per text, ``(len(texts), profile.dim)``; the engine normalises them."""
+        Called from any thread, possibly while :meth:`embed` runs on another batch.
+        """
+
+    def embed(self, prepared: Prepared) -> np.ndarray:
+        """One vector per prepared text, ``(len(prepared.tokens), profile.dim)``; the engine normalises them."""
 
     def close(self) -> None:
         """Free what the model holds (device memory)."""

@@ -51,7 +51,7 @@ import numpy as np
 from segue import metrics
 from segue.errors import InputRejected, ModelHalted, ProviderError
 from segue.providers.api_client import EmbeddingsClient, Limits
-from segue.providers.base import OptionsError, checked_options, fingerprint, resolve_source
+from segue.providers.base import OptionsError, Prepared, checked_options, fingerprint, resolve_source
 from segue.spec import ModelProfile, ModelSpec
 
 log = logging.getLogger("segue.providers.openai")
@@ -148,11 +148,11 @@ class ApiEmbedder:
                 "concurrency", "timeout_s", "outage_after_s")}))
         self._canary_lock = asyncio.Lock()
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self._tokenizer.count(texts)
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        return Prepared(self._tokenizer.count(texts), list(texts))
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.submit(texts, 0).result()[0]
+    def embed(self, prepared: Prepared) -> np.ndarray:
+        return self.submit(prepared.inputs, 0).result()[0]
 
     def submit(self, texts: Sequence[str], priority: int) -> concurrent.futures.Future:
         """Raw vectors and each text's token count before truncation, as a future (from any thread)."""

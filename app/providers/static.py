@@ -7,13 +7,14 @@ model is inspected or loaded.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segue.providers.base import checked_options, fingerprint, resolve_source
+from segue.providers.base import Prepared, checked_options, fingerprint, resolve_source
 from segue.spec import ModelProfile, ModelSpec
 
 NAME = "static"
@@ -42,20 +43,29 @@ def load(spec: ModelSpec, device: str | None) -> StaticEmbedder:
 
 
 class StaticEmbedder:
-    """The mean of the text's token vectors (model2vec)."""
+    """The mean of the text's token vectors (model2vec).
+
+    model2vec's ``encode`` changes its tokenizer's truncation while it runs, so counting and
+    embedding take turns with the tokenizer.
+    """
 
     device = "cpu"
 
     def __init__(self, profile: ModelProfile, model):
         self.profile = profile
         self._model = model
+        self._tokenizer_lock = threading.Lock()
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(encoding.ids) for encoding in self._model.tokenizer.encode_batch(list(texts))]
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        texts = list(texts)
+        with self._tokenizer_lock:
+            return Prepared([len(encoding.ids) for encoding in self._model.tokenizer.encode_batch(texts)], texts)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self._model.encode(list(texts), max_length=self.profile.max_tokens or None, normalize=False,
-                                  use_multiprocessing=False).astype(np.float32, copy=False)
+    def embed(self, prepared: Prepared) -> np.ndarray:
+        with self._tokenizer_lock:
+            vectors = self._model.encode(prepared.inputs, max_length=self.profile.max_tokens or None,
+                                         normalize=False, use_multiprocessing=False)
+        return vectors.astype(np.float32, copy=False)
 
     def close(self) -> None:
         self._model = None

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue.providers.base import OptionsError, checked_options, fingerprint, resolve_source
+from segue.providers.base import OptionsError, Prepared, checked_options, fingerprint, resolve_source
 from segue.spec import ModelProfile, ModelSpec
 
 NAME = "transformer"
@@ -60,7 +60,13 @@ def load(spec: ModelSpec, device: str | None) -> TransformerEmbedder:
 
 
 class TransformerEmbedder:
-    """Mean, CLS or max pooling over the encoder's last hidden state, as sentence-transformers does."""
+    """Mean, CLS or max pooling over the encoder's last hidden state, as sentence-transformers does.
+
+    Each text is tokenized once, without truncation: the count is what the truncation
+    ledger needs, and the model's input is cut from the same ids exactly as the tokenizer
+    would truncate (the content is cut, the special tokens around it stay). On a GPU the
+    ids are copied from pinned memory without blocking, and the tokenizer uses every core.
+    """
 
     def __init__(self, profile: ModelProfile, model, tokenizer, pooling: str, prefix: str, device: str):
         self.profile = profile
@@ -69,22 +75,45 @@ class TransformerEmbedder:
         self._tokenizer = tokenizer
         self._pooling = pooling
         self._prefix = prefix
+        self._pad_id = tokenizer.pad_token_id or 0
+        self._tail = _special_tokens_after(tokenizer)
+        self._pinned = device.startswith("cuda")
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self._tokenizer([self._prefix + text for text in texts], truncation=False, verbose=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        encoded = self._tokenizer([self._prefix + text for text in texts], truncation=False, verbose=False,
+                                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        tokens = [len(ids) for ids in encoded]
+        limit = self.profile.max_tokens
+        ids = np.full((len(encoded), min(max(tokens), limit)), self._pad_id, dtype=np.int64)
+        mask = np.zeros(ids.shape, dtype=np.int64)
+        for row, sequence in enumerate(encoded):
+            if len(sequence) > limit:
+                sequence = sequence[:limit - self._tail] + sequence[len(sequence) - self._tail:]
+            ids[row, :len(sequence)] = sequence
+            mask[row, :len(sequence)] = 1
+        inputs = (torch.from_numpy(ids), torch.from_numpy(mask))
+        return Prepared(tokens, tuple(tensor.pin_memory() for tensor in inputs) if self._pinned else inputs)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        batch = self._tokenizer([self._prefix + text for text in texts], padding=True, truncation=True,
-                                max_length=self.profile.max_tokens, return_tensors="pt").to(self.device)
+    def embed(self, prepared: Prepared) -> np.ndarray:
+        ids, mask = (tensor.to(self.device, non_blocking=True) for tensor in prepared.inputs)
         with torch.inference_mode():
-            hidden = self._model(**batch).last_hidden_state.float()
-            return _pool(hidden, batch["attention_mask"], self._pooling).cpu().numpy()
+            hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            return _pool(hidden, mask, self._pooling).cpu().numpy()
 
     def close(self) -> None:
         self._model = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _special_tokens_after(tokenizer) -> int:
+    """How many special tokens the tokenizer puts after a text's content ([SEP], </s>): truncation keeps them."""
+    bare = tokenizer("segue", add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer("segue", verbose=False)["input_ids"]
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare]
+    if not starts:
+        raise ValueError("the tokenizer changes a text's tokens when it adds special tokens; Segue cannot truncate it")
+    return len(full) - starts[0] - len(bare)
 
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
