@@ -6,13 +6,14 @@ dimension, normalises what it returns, and decides when it runs.
 
 All model work — loading and forward passes — happens in one worker thread owned by
 the engine, so the asyncio event loop (and with it Kafka heartbeats) never stalls on
-a model. Tokenization runs one chunk ahead on a second thread: while a forward pass runs,
-the next queued chunk is tokenized, so a GPU is not left waiting on the CPU. :meth:`EmbeddingEngine.embed` splits a request into chunks and queues them by
+a model. :meth:`EmbeddingEngine.embed` splits a request into chunks and queues them by
 priority (lower number first: 0 read misses, 1 live changes, 2 backfill; FIFO within a
 priority), so a later urgent request overtakes the rest of a large backfill after at most
-one chunk. :meth:`EmbeddingEngine.embed_sync` runs the same code in the caller's thread
-for the CLI, benchmarks and tests; a lock keeps it from running a model at the same time
-as the worker.
+one chunk. Each chunk is tokenized once (token counts and model inputs together), on a
+second thread and one chunk ahead: while a forward pass runs, the next queued chunk is
+tokenized, so a GPU is not left waiting on the CPU. :meth:`EmbeddingEngine.embed_sync`
+runs the same code in the caller's thread for the CLI, benchmarks and tests; a lock keeps
+it from running a model at the same time as the worker.
 
 Texts are sorted by length before chunking, so each chunk is one forward pass padded
 only to its own longest text, and the original order is restored afterwards. A chunk is
