@@ -35,6 +35,7 @@ import functools
 import heapq
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -92,14 +93,46 @@ class _Chunk:
         self.texts = texts
         self._prepared: concurrent.futures.Future[Prepared] | None = None
 
-    def prepare_ahead(self, embedder: Embedder, pool: concurrent.futures.Executor) -> None:
-        """Start tokenizing on ``pool`` unless already started."""
+    def prepare_ahead(self, embedder: Embedder, tokenizer: _TokenizerThread) -> None:
+        """Start tokenizing on ``tokenizer``'s thread unless already started."""
         if self._prepared is None:
-            self._prepared = pool.submit(embedder.prepare, self.texts)
+            self._prepared = tokenizer.submit(embedder.prepare, self.texts)
 
     def prepared(self, embedder: Embedder) -> Prepared:
         """The tokenized texts: those started ahead, or tokenized now in this thread."""
         return self._prepared.result() if self._prepared is not None else embedder.prepare(self.texts)
+
+
+class _TokenizerThread:
+    """One daemon thread that runs preparations in order, so a stuck tokenizer can never hold up an exit."""
+
+    def __init__(self):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="segue-tokenize", daemon=True)
+        self._thread.start()
+
+    def submit(self, run: Callable[..., Prepared], *args: Any) -> concurrent.futures.Future[Prepared]:
+        future: concurrent.futures.Future[Prepared] = concurrent.futures.Future()
+        self._work.put((future, run, args))
+        return future
+
+    def close(self) -> None:
+        """Stop after the preparation in hand; those still queued are cancelled."""
+        self._work.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, run, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(run(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the chunk
+                future.set_exception(exc)
+        while not self._work.empty():
+            item = self._work.get()
+            if item is not None:
+                item[0].cancel()
 
 
 @dataclass(order=True)
@@ -164,7 +197,7 @@ class EmbeddingEngine:
         self._versions: frozenset[int] = frozenset()
         self._model_lock = threading.Lock()  # one forward pass or load at a time
         self._jobs = _Jobs()
-        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="segue-tokenize")
+        self._tokenizing = _TokenizerThread()
         self._seq = itertools.count()
         self._submit_lock = threading.Lock()
         self._closed = False
@@ -281,7 +314,7 @@ class EmbeddingEngine:
             self._closed = True
             self._jobs.put(_Job(-1, -1, None, None))
         self._worker.join()
-        self._tokenizing.shutdown(cancel_futures=True)
+        self._tokenizing.close()
         for job in self._jobs.drain():
             with self._submit_lock:
                 self._queued(job.priority, -1)
