@@ -23,6 +23,12 @@ PAGE_BYTES = 8192
 TOAST_CHUNK_BYTES = 1996  # TOAST_MAX_CHUNK_SIZE: an out-of-line vector is stored in chunks of this much
 TOAST_CHUNK_WAL_BYTES = 140  # a chunk's record and TOAST index entry, past its data
 TUPLE_OVERHEAD_BYTES = 40  # a heap tuple's header, alignment and line pointer, past its columns
+TOAST_TUPLE_THRESHOLD = 2032  # a wider row has its vectors moved out of line (pgvector stores them EXTERNAL)
+TOAST_CHUNK_TUPLE_BYTES = 36  # a TOAST chunk's tuple header, chunk id, sequence number and length, past its data
+TOAST_INDEX_ENTRY_BYTES = 28  # a chunk's entry in the TOAST table's index, at its fill
+TOAST_POINTER_BYTES = 18  # what the row keeps of a vector stored out of line
+LINE_POINTER_BYTES = 4
+PAGE_HEADER_BYTES = 24
 MOVED_ROW_WAL_BYTES = 200  # an update that is not HOT, past the whole new row: its primary-key entry
 FILL_ROW_WAL_BYTES = 850  # the rest, a row: its two row locks, the changelog row and its index entries, commits
 # The share of updates that are not HOT (the new row version finds no room on its page and moves), by the
@@ -41,7 +47,9 @@ class MigrationPlan:
     seconds: float
     cost_usd: float
     gpu_hour_usd: float
+    documents: int
     storage_bytes: int
+    out_of_line: bool  # the vectors go to TOAST (rows past 2 KB with them)
     wal_bytes: int  # filling the column, each heap page logged whole once (fill_wal_bytes)
     wal_max_bytes: int  # the same, each page logged again in every checkpoint interval its rows are updated in
     checkpoint_intervals: float  # those the fill is expected to span
@@ -87,7 +95,8 @@ class MigrationPlan:
             f"documents to embed: {self.documents_to_embed} (≈ {self.tokens_to_embed:,} tokens)",
             f"estimated time: {self.seconds:,.0f} s ({hours:.2f} h) on one such worker",
             *self._cost_lines(),
-            f"extra storage: {self.storage_bytes / 2**20:,.1f} MiB (4·{self.dim}+8 bytes a vector + {HASH_BYTES} for its hash)",
+            f"extra storage: {self.storage_bytes / 2**20:,.1f} MiB ({self.storage_bytes / max(self.documents, 1):,.0f} "
+            f"bytes a vector with its hash; 4·{self.dim}+8 bytes of data{self._out_of_line_note()})",
             self._wal_line(),
             f"bloat: ≈ {self.bloat_bytes / 2**20:,.1f} MiB the table keeps after VACUUM ({self.not_hot_share:.0%} of "
             f"the updates find no room on their page and move); up to {self.dead_bytes / 2**20:,.1f} MiB of old "
@@ -95,6 +104,9 @@ class MigrationPlan:
             f"HNSW build memory: {self.hnsw_memory_bytes / 2**20:,.1f} MiB (maintenance_work_mem is set to this, "
             f"up to {self.index_memory_cap_mb} MiB)",
         ] + warnings
+
+    def _out_of_line_note(self) -> str:
+        return ", out of line in TOAST chunks" if self.out_of_line else ", inline"
 
     def _wal_line(self) -> str:
         line = (f"WAL to fill the column: ≈ {self.wal_bytes / 2**20:,.1f} MiB "
@@ -171,7 +183,9 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         seconds=seconds,
         cost_usd=(tokens_to_embed / 1e6 * price) if price is not None else seconds / 3600 * gpu_hour_usd,
         gpu_hour_usd=gpu_hour_usd,
-        storage_bytes=documents * (4 * model.dim + 8 + HASH_BYTES),
+        documents=documents,
+        storage_bytes=round(documents * vector_storage_bytes(model.dim, shape.tuple_bytes)),
+        out_of_line=out_of_line(model.dim, shape.tuple_bytes),
         wal_bytes=fill_wal_bytes(todo, model.dim, shape.tuple_bytes, not_hot=not_hot),
         wal_max_bytes=wal_max,
         checkpoint_intervals=intervals,
@@ -188,6 +202,33 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         baseline=baseline.name if baseline else None,
         baseline_truncated_in_sample=_truncated(baseline, engine.count_tokens(baseline, texts)) if baseline else None,
     )
+
+
+def out_of_line(dim: int, tuple_bytes: float) -> bool:
+    """Whether a ``dim``-d vector goes to TOAST: when it would take the row (``tuple_bytes``) past 2 KB."""
+    return tuple_bytes + 4 * dim + 8 > TOAST_TUPLE_THRESHOLD
+
+
+def vector_storage_bytes(dim: int, tuple_bytes: float) -> float:
+    """Bytes a ``dim``-d vector and its hash take in rows of ``tuple_bytes``.
+
+    Inline: its 4·dim+8 bytes. Out of line (:func:`out_of_line`): a pointer in the row, and
+    chunks of up to 1,996 bytes, each a tuple with a header and an index entry, written into
+    8 KB pages one after another (a chunk that does not fit the page's rest starts a new one).
+    ``tests/test_migration.py`` holds it to what PostgreSQL stores at 64, 768 and 1,536 dims.
+    """
+    vector = 4 * dim + 8
+    if not out_of_line(dim, tuple_bytes):
+        return vector + HASH_BYTES
+    full, rest = divmod(vector, TOAST_CHUNK_BYTES)
+    chunks = [TOAST_CHUNK_BYTES] * full + ([rest] if rest else [])
+    rows, pages, room = 100, 1, PAGE_BYTES - PAGE_HEADER_BYTES
+    for chunk in chunks * rows:
+        size = -(-(TOAST_CHUNK_TUPLE_BYTES + chunk) // 8) * 8 + LINE_POINTER_BYTES  # tuples are 8-byte aligned
+        if size > room:
+            pages, room = pages + 1, PAGE_BYTES - PAGE_HEADER_BYTES
+        room -= size
+    return pages * PAGE_BYTES / rows + len(chunks) * TOAST_INDEX_ENTRY_BYTES + TOAST_POINTER_BYTES + HASH_BYTES
 
 
 def api_throughput(config: dict, measured: float, tokens_per_doc: float) -> float:

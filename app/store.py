@@ -1,6 +1,7 @@
 """The document store: batched, idempotent writes of documents, vectors and changelog rows.
 
-Every write path stages its rows with a binary COPY into a temporary table and then
+Every write path stages its rows with a binary COPY into a temporary table (one per
+column set, created once per connection and emptied at each commit) and then
 applies them with one set-based statement guarded by a compare-and-set (on the
 document version for changes, on the content hash for re-embeds), so replays after a
 crash are harmless. Callers group the writes of one batch in :meth:`Store.transaction`.
@@ -151,7 +152,10 @@ class StoreTransaction:
         """
         if not rows:
             return set()
-        await self._conn.execute("CREATE TEMP TABLE segue_stage (LIKE documents INCLUDING DEFAULTS) ON COMMIT DROP")
+        stage = "segue_stage_" + "_".join(f"v{m.version}" for m in models)
+        await self._conn.execute(sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE documents INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        ).format(sql.Identifier(stage)))
         columns = [("doc_id", "text"), ("body", "text"), ("version", "int8"), ("content_sha256", "bytea"),
                    ("metadata", "jsonb"), ("source_topic", "text"), ("source_partition", "int4"),
                    ("source_offset", "int8")]
@@ -166,7 +170,7 @@ class StoreTransaction:
                 values += [row.vectors[m.version] if embedded else None, row.content_sha256 if embedded else None]
             return values
 
-        await self._copy("segue_stage", columns, (staged(r) for r in sorted(rows, key=lambda r: r.doc_id)))
+        await self._copy(stage, columns, (staged(r) for r in sorted(rows, key=lambda r: r.doc_id)))
         names = [sql.Identifier(name) for name, _ in columns]
         keep_unless_embedded = [
             sql.SQL("{v} = CASE WHEN excluded.{h} IS NULL THEN d.{v} ELSE excluded.{v} END,"
@@ -175,7 +179,7 @@ class StoreTransaction:
             for m in models
         ]
         statement = sql.SQL(
-            "INSERT INTO documents AS d ({names}) SELECT {staged} FROM segue_stage s"
+            "INSERT INTO documents AS d ({names}) SELECT {staged} FROM {stage} s"
             " LEFT JOIN document_tombstones t ON t.doc_id = s.doc_id"
             " WHERE t.version IS NULL OR s.version > t.version ORDER BY s.doc_id"
             " ON CONFLICT (doc_id) DO UPDATE SET body = excluded.body, version = excluded.version,"
@@ -187,13 +191,14 @@ class StoreTransaction:
             names=sql.SQL(", ").join(names),
             staged=sql.SQL(", ").join(sql.SQL("s.{}").format(n) for n in names),
             keep=sql.SQL("").join(sql.SQL(", ") + k for k in keep_unless_embedded),
+            stage=sql.Identifier(stage),
         )
         async with self._conn.cursor() as cur:
             await cur.execute(statement)
             applied = {row[0] for row in await cur.fetchall()}
-        await self._conn.execute(
-            "DELETE FROM document_tombstones t USING segue_stage s WHERE t.doc_id = s.doc_id AND t.version < s.version"
-        )
+        await self._conn.execute(sql.SQL(
+            "DELETE FROM document_tombstones t USING {} s WHERE t.doc_id = s.doc_id AND t.version < s.version"
+        ).format(sql.Identifier(stage)))
         return applied
 
     async def delete_documents(self, deletes: Sequence[DeleteRow]) -> dict[str, int]:
@@ -244,26 +249,28 @@ class StoreTransaction:
         """
         if not rows:
             return set()
+        stage = f"segue_vectors_v{model.version}"
         await self._conn.execute(
             sql.SQL(
-                "CREATE TEMP TABLE segue_vectors (doc_id text, content_sha256 bytea, embedding vector({}))"
-                " ON COMMIT DROP"
-            ).format(sql.Literal(model.dim))
+                "CREATE TEMP TABLE IF NOT EXISTS {} (doc_id text, content_sha256 bytea, embedding vector({}))"
+                " ON COMMIT DELETE ROWS"
+            ).format(sql.Identifier(stage), sql.Literal(model.dim))
         )
         await self._copy(
-            "segue_vectors",
+            stage,
             [("doc_id", "text"), ("content_sha256", "bytea"), ("embedding", "vector")],
             ((r.doc_id, r.content_sha256, r.vector) for r in rows),
         )
         async with self._conn.cursor() as cur:
             await cur.execute(
-                "SELECT d.doc_id FROM documents d JOIN segue_vectors s USING (doc_id) ORDER BY d.doc_id FOR UPDATE OF d"
+                sql.SQL("SELECT d.doc_id FROM documents d JOIN {} s USING (doc_id) ORDER BY d.doc_id FOR UPDATE OF d")
+                .format(sql.Identifier(stage))
             )
             await cur.execute(
                 sql.SQL(
-                    "UPDATE documents d SET {v} = s.embedding, {h} = s.content_sha256 FROM segue_vectors s"
+                    "UPDATE documents d SET {v} = s.embedding, {h} = s.content_sha256 FROM {stage} s"
                     " WHERE d.doc_id = s.doc_id AND d.content_sha256 = s.content_sha256 RETURNING d.doc_id"
-                ).format(v=db.vector_column(model.version), h=db.sha_column(model.version))
+                ).format(v=db.vector_column(model.version), h=db.sha_column(model.version), stage=sql.Identifier(stage))
             )
             return {row[0] for row in await cur.fetchall()}
 

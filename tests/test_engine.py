@@ -380,6 +380,22 @@ def test_one_tokenization_gives_the_count_and_the_tokenizers_own_truncation(tiny
         [prefix + text for text in texts], verbose=False)["input_ids"]]
 
 
+def test_a_static_model_counts_every_token_and_averages_the_first_max_tokens(static_dir, scifact_texts):
+    from model2vec import StaticModel
+
+    spec = spec_for(static_dir, "tiny-static")
+    model = StaticModel.from_pretrained(static_dir)
+    model.tokenizer.no_truncation()
+    texts = ["p53", scifact_texts[14], "Cells divide."]
+    every_token = model.tokenize(texts)  # model2vec's own tokenization: no special tokens, no unknown ones
+    prepared = providers.load(spec, "cpu").prepare(texts)
+    assert prepared.tokens == [len(ids) for ids in every_token]
+    assert prepared.tokens[1] > spec.max_tokens  # counted past the limit, embedded up to it
+    vectors = providers.load(spec, "cpu").embed(prepared)
+    expected = np.stack([model.embedding[ids[:spec.max_tokens]].mean(axis=0) for ids in every_token])
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+
+
 def forward_passes(name: str) -> int:
     from segue import metrics
 

@@ -6,8 +6,8 @@ model is inspected or loaded.
 
 from __future__ import annotations
 
+import itertools
 import json
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,32 +43,49 @@ def load(spec: ModelSpec, device: str | None) -> StaticEmbedder:
 
 
 class StaticEmbedder:
-    """The mean of the text's token vectors (model2vec).
+    """The mean of a text's token vectors, as model2vec computes it, from one tokenization per text.
 
-    model2vec's ``encode`` changes its tokenizer's truncation while it runs, so counting and
-    embedding take turns with the tokenizer.
+    ``prepare`` tokenizes without special tokens and without truncation (the count), drops
+    unknown tokens as model2vec does, and keeps the first ``max_tokens`` ids; ``embed``
+    averages their rows for the whole batch at once. model2vec's own ``encode`` would
+    tokenize a second time, after cutting each text to ``max_tokens`` times its median
+    token length in characters, which changes nothing for a text within the limit.
     """
 
     device = "cpu"
 
     def __init__(self, profile: ModelProfile, model):
         self.profile = profile
-        self._model = model
-        self._tokenizer_lock = threading.Lock()
+        self._tokenizer = type(model.tokenizer).from_str(model.tokenizer.to_str())
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self._unknown = model.unk_token_id
+        self._rows = np.asarray(model.embedding, dtype=np.float32)
+        self._mapping = model.token_mapping
+        self._weights = model.weights
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
-        texts = list(texts)
-        with self._tokenizer_lock:
-            return Prepared([len(encoding.ids) for encoding in self._model.tokenizer.encode_batch(texts)], texts)
+        ids = [encoding.ids for encoding in self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)]
+        if self._unknown is not None:
+            ids = [[token for token in text if token != self._unknown] for text in ids]
+        limit = self.profile.max_tokens or None
+        return Prepared([len(text) for text in ids], [text[:limit] for text in ids])
 
     def embed(self, prepared: Prepared) -> np.ndarray:
-        with self._tokenizer_lock:
-            vectors = self._model.encode(prepared.inputs, max_length=self.profile.max_tokens or None,
-                                         normalize=False, use_multiprocessing=False)
-        return vectors.astype(np.float32, copy=False)
+        lengths = np.fromiter(map(len, prepared.inputs), dtype=np.int64, count=len(prepared.inputs))
+        flat = np.fromiter(itertools.chain.from_iterable(prepared.inputs), dtype=np.int64, count=int(lengths.sum()))
+        vectors = np.zeros((len(lengths), self.profile.dim), dtype=np.float32)
+        if flat.size:
+            rows = self._rows[flat if self._mapping is None else self._mapping[flat]]
+            if self._weights is not None:
+                rows = rows * self._weights[flat, None]
+            known = lengths > 0
+            starts = (np.cumsum(lengths) - lengths)[known]
+            vectors[known] = np.add.reduceat(rows, starts, axis=0) / lengths[known, None]
+        return vectors
 
     def close(self) -> None:
-        self._model = None
+        self._rows = None
 
 
 def model2vec():
