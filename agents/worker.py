@@ -40,8 +40,25 @@ from segue.schemas.events import (
 log = logging.getLogger("segue.worker")
 
 RETRY_DELAY_S = 2.0
+GPU_BATCH_SIZE = 512  # a GPU embeds this many abstracts in a fraction of a second: big batches keep it busy
+CPU_BATCH_SIZE = 64  # two CPU cores take seconds for 64 abstracts of a small transformer
 READ_MISS_BATCH_S = 0.05  # read misses are latency-sensitive: batch only what is already there
 WATCHDOG_INTERVAL_S = 5.0
+
+
+def change_batch_size(settings: Settings) -> int:
+    """Events a batch of the worker's agents takes at most: ``SEGUE_BATCH_SIZE``, else by the models' device.
+
+    A bigger batch spreads its fixed cost (a fetch, a transaction, a commit) over more events, and a
+    batch is acknowledged only once it is processed, so its time also holds up a rebalance: on a
+    CPU, where 64 abstracts of a small transformer take seconds, the batches stay small.
+    """
+    if settings.batch_size is not None:
+        return settings.batch_size
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE
 
 
 def _envelope(event: faust.EventT) -> Envelope:
@@ -157,22 +174,24 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     index_policy = indexes.IndexPolicy.from_settings(settings)
     progress = Progress(state)
     metrics.initialize([settings.topic_document_changes, settings.topic_read_misses, settings.topic_backfill])
+    batch_size = change_batch_size(settings)
+    log.info("batches of up to %d events", batch_size)
     started_at = datetime.now(timezone.utc)
     me = heartbeat.worker_id(started_at)
 
     @app.agent(raw_topic(settings.topic_document_changes), name="document-changes")
     async def document_changes(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
+        async for events in stream.take_events(batch_size, within=settings.batch_timeout_s):
             await progress.process_until_done(settings.topic_document_changes, changes, [_envelope(e) for e in events])
 
     @app.agent(raw_topic(settings.topic_read_misses), name="read-misses")
     async def read_miss_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size, within=READ_MISS_BATCH_S):
+        async for events in stream.take_events(batch_size, within=READ_MISS_BATCH_S):
             await progress.process_until_done(settings.topic_read_misses, read_misses, [_envelope(e) for e in events])
 
     @app.agent(backfill_topic, name="backfill")
     async def backfill_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_size, within=settings.batch_timeout_s):
+        async for events in stream.take_events(batch_size, within=settings.batch_timeout_s):
             await progress.process_until_done(settings.topic_backfill, backfill, [_envelope(e) for e in events])
 
     async def enqueue(model: ModelSpec, doc_ids: list[str]) -> None:

@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(100, ge=1, le=30_000, description="longest a worker's fetch waits for "
                                          "records (a read miss may wait this long to be fetched)")
 
-    batch_size: int = Field(64, ge=1, description="events per change batch")
+    batch_size: int | None = Field(None, ge=1, description="events per change batch; unset = 512 where models run "
+                                   "on a GPU, 64 on a CPU (see change_batch_size)")
     batch_timeout_s: float = Field(0.5, gt=0, description="longest wait to fill a change batch")
     max_text_bytes: int = Field(200_000, ge=1, description="larger document texts are dead-lettered")
     embed_batch_size: int = Field(256, ge=1, description="most texts per forward pass")

@@ -224,3 +224,12 @@ def test_a_model_that_cannot_load_is_retried_not_isolated():
 
     assert run_isolated([1, 2, 3], process, attempts=2) == []
     assert calls == [[1, 2, 3]] * 5
+
+
+def test_change_batches_are_big_on_a_gpu_small_on_a_cpu_and_the_setting_wins(tmp_path):
+    from segue.agents.worker import CPU_BATCH_SIZE, GPU_BATCH_SIZE, change_batch_size
+    from segue.settings import Settings
+
+    assert change_batch_size(Settings(data_dir=tmp_path, device="cpu", batch_size=None)) == CPU_BATCH_SIZE == 64
+    assert change_batch_size(Settings(data_dir=tmp_path, device="cuda:0", batch_size=None)) == GPU_BATCH_SIZE == 512
+    assert change_batch_size(Settings(data_dir=tmp_path, device="cuda", batch_size=100)) == 100
