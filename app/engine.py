@@ -20,7 +20,9 @@ only to its own longest text, and the original order is restored afterwards. A c
 budgeted by time, not by a fixed count: the engine learns each model's seconds per padded
 character from its own forward passes and cuts chunks expected to take ``chunk_seconds``
 (at most ``batch_size`` texts). That bounds how long a read miss waits behind queued work
-on any device: a few abstracts a chunk on two CPU cores, hundreds on a GPU.
+on any device: a few abstracts a chunk on two CPU cores, hundreds on a GPU. For
+``URGENT_RECENT_S`` after a read miss, other work is cut into chunks of a quarter of that
+time, so the misses that follow wait less; without misses, chunks stay long, which is faster.
 
 A model behind an API (an embedder with ``remote = True``) does no work on that thread:
 its requests go to the embedder's own event loop, with their own budgets and priorities,
@@ -56,6 +58,9 @@ log = logging.getLogger("segue.engine")
 _WARM_UP_TEXT = "Segue warms the model up with this sentence."
 _CHARS_PER_TOKEN = 5  # a text longer than its model's input limit costs at most this many characters a token
 _RATE_SMOOTHING = 0.2  # weight of the newest forward pass in a model's seconds per padded character
+URGENT = 0  # the priority of requests someone waits for (read misses)
+URGENT_RECENT_S = 10.0  # for this long after an urgent request, other work is cut in shorter chunks
+URGENT_CHUNK_SHARE = 0.25  # of chunk_seconds: how long an urgent request waits behind a running chunk then
 
 
 class DimensionMismatch(ModelUnavailable):
@@ -192,6 +197,7 @@ class EmbeddingEngine:
         self._batch_size = batch_size
         self._chunk_seconds = chunk_seconds
         self._seconds_per_char: dict[int, float] = {}  # by model version, learnt from forward passes
+        self._urgent_until = 0.0  # monotonic time until which chunks of other work are cut short
         self._models: dict[int, Embedder] = {}  # written only under _model_lock
         self._names: dict[int, str] = {}
         self._versions: frozenset[int] = frozenset()
@@ -279,7 +285,11 @@ class EmbeddingEngine:
             self._refuse_halted(embedder)
             raw, tokens = await asyncio.wrap_future(embedder.submit(list(texts), priority))
             return self._remote(spec, embedder, raw, tokens)
-        order, chunks = self._plan(spec, texts)
+        now = time.monotonic()
+        if priority == URGENT:
+            self._urgent_until = now + URGENT_RECENT_S
+        urgent_nearby = priority != URGENT and now < self._urgent_until
+        order, chunks = self._plan(spec, texts, self._chunk_seconds * (URGENT_CHUNK_SHARE if urgent_nearby else 1))
         futures = [self._submit(priority, functools.partial(self._encode, chunk), chunk) for chunk in chunks]
         return self._assemble(spec, order, await self._gather(futures))
 
@@ -292,7 +302,7 @@ class EmbeddingEngine:
         if getattr(embedder, "remote", False):
             self._refuse_halted(embedder)
             return self._remote(spec, embedder, *embedder.submit(list(texts), 0).result()).vectors
-        order, chunks = self._plan(spec, texts)
+        order, chunks = self._plan(spec, texts, self._chunk_seconds)
         parts = []
         for chunk, after in zip(chunks, chunks[1:] + [None]):
             if after is not None:
@@ -356,11 +366,11 @@ class EmbeddingEngine:
                 future.cancel()
             raise
 
-    def _plan(self, spec: ModelSpec, texts: Sequence[str]) -> tuple[list[int], list[_Chunk]]:
-        """Order the texts by length and cut them into chunks expected to take ``chunk_seconds`` each."""
+    def _plan(self, spec: ModelSpec, texts: Sequence[str], seconds: float) -> tuple[list[int], list[_Chunk]]:
+        """Order the texts by length and cut them into chunks expected to take ``seconds`` each."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         rate = self._seconds_per_char.get(spec.version)
-        budget = self._chunk_seconds / rate if rate else 0.0  # padded characters a chunk may hold
+        budget = seconds / rate if rate else 0.0  # padded characters a chunk may hold
         chunks: list[list[str]] = [[]]
         for i in order:
             chunk = chunks[-1]

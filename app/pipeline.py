@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from segue import metrics, providers
-from segue.engine import Embedded, EmbeddingEngine
+from segue.engine import URGENT, Embedded, EmbeddingEngine
 from segue.errors import ModelHalted, ProviderError
 from segue.spec import ModelSpec
 from segue.isolation import process_isolating_poison, retry_forever
@@ -35,7 +35,7 @@ from segue.schemas.events import (
 
 log = logging.getLogger("segue.pipeline")
 
-PRIORITY_READ_MISS = 0
+PRIORITY_READ_MISS = URGENT  # while these come, the engine cuts changes and backfill into shorter chunks
 PRIORITY_CHANGE = 1
 PRIORITY_BACKFILL = 2
 

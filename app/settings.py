@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_text_bytes: int = Field(200_000, ge=1, description="larger document texts are dead-lettered")
     embed_batch_size: int = Field(256, ge=1, description="most texts per forward pass")
     embed_chunk_ms: int = Field(200, ge=1, description="time one forward pass is cut to take: how long a read "
-                                "miss can wait behind queued changes or backfill")
+                                "miss can wait behind queued changes or backfill (a quarter of it for 10 s after "
+                                "a read miss)")
     device: str | None = Field(None, description="torch device; unset = cuda when present, else cpu")
     retry_attempts: int = Field(3, ge=1, description="tries of a failing batch before it is split")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each try")

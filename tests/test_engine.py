@@ -402,6 +402,31 @@ def forward_passes(name: str) -> int:
     return int(metrics.REGISTRY.get_sample_value("segue_embed_seconds_count", {"model": name}) or 0)
 
 
+def test_for_a_while_after_a_read_miss_other_work_is_cut_in_shorter_chunks(minilm_spec):
+    spec = dataclasses.replace(minilm_spec, name="minilm-urgent")
+    abstracts = [doc.text for doc in scifact_documents(24)]
+    engine = EmbeddingEngine(device="cpu", batch_size=256, chunk_seconds=0.8)
+
+    async def passes(priority: int) -> int:
+        before = forward_passes(spec.name)
+        await engine.embed(spec, abstracts, priority=priority)
+        return forward_passes(spec.name) - before
+
+    async def scenario() -> tuple[int, int, int]:
+        for _ in range(2):  # load, warm up and time the model on abstracts
+            await engine.embed(spec, abstracts[:8], priority=1)
+        quiet = await passes(1)
+        await engine.embed(spec, ["a reader's query about p53"], priority=0)
+        return quiet, await passes(1), await passes(0)
+
+    try:
+        quiet, after_a_miss, urgent = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert after_a_miss >= 2 * quiet, f"a quarter of the chunk time holds a quarter of the abstracts ({quiet}, {after_a_miss})"
+    assert urgent < after_a_miss  # urgent work itself keeps whole chunks
+
+
 def test_chunks_are_budgeted_by_time_so_long_texts_take_more_passes(minilm_spec):
     """Once the engine has timed a model, a chunk holds what it expects to run in ``chunk_seconds``."""
     spec = dataclasses.replace(minilm_spec, name="minilm-chunks")
