@@ -174,24 +174,28 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     index_policy = indexes.IndexPolicy.from_settings(settings)
     progress = Progress(state)
     metrics.initialize([settings.topic_document_changes, settings.topic_read_misses, settings.topic_backfill])
-    batch_size = change_batch_size(settings)
-    log.info("batches of up to %d events", batch_size)
+
+    async def batch_size() -> int:
+        """:func:`change_batch_size`, off the event loop: it may wait for the warm-up's import of torch."""
+        return await asyncio.to_thread(change_batch_size, settings)
     started_at = datetime.now(timezone.utc)
     me = heartbeat.worker_id(started_at)
 
     @app.agent(raw_topic(settings.topic_document_changes), name="document-changes")
     async def document_changes(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_size, within=settings.batch_timeout_s):
+        size = await batch_size()
+        log.info("batches of up to %d events", size)
+        async for events in stream.take_events(size, within=settings.batch_timeout_s):
             await progress.process_until_done(settings.topic_document_changes, changes, [_envelope(e) for e in events])
 
     @app.agent(raw_topic(settings.topic_read_misses), name="read-misses")
     async def read_miss_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_size, within=READ_MISS_BATCH_S):
+        async for events in stream.take_events(await batch_size(), within=READ_MISS_BATCH_S):
             await progress.process_until_done(settings.topic_read_misses, read_misses, [_envelope(e) for e in events])
 
     @app.agent(backfill_topic, name="backfill")
     async def backfill_agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_size, within=settings.batch_timeout_s):
+        async for events in stream.take_events(await batch_size(), within=settings.batch_timeout_s):
             await progress.process_until_done(settings.topic_backfill, backfill, [_envelope(e) for e in events])
 
     async def enqueue(model: ModelSpec, doc_ids: list[str]) -> None:
