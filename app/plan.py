@@ -215,7 +215,7 @@ def vector_storage_bytes(dim: int, tuple_bytes: float) -> float:
     Inline: its 4·dim+8 bytes. Out of line (:func:`out_of_line`): a pointer in the row, and
     chunks of up to 1,996 bytes, each a tuple with a header and an index entry, written into
     8 KB pages one after another (a chunk that does not fit the page's rest starts a new one).
-    ``tests/test_migration.py`` holds it to what PostgreSQL stores at 64, 768 and 1,536 dims.
+    ``tests/test_migration.py`` holds it to what PostgreSQL stores at 768 and 1,536 dims.
     """
     vector = 4 * dim + 8
     if not out_of_line(dim, tuple_bytes):
