@@ -147,6 +147,7 @@ class _Job:
     run: Callable[[], Any] | None = field(compare=False)  # None tells the worker to stop
     future: asyncio.Future | None = field(compare=False)
     chunk: _Chunk | None = field(default=None, compare=False)  # a forward pass, which can be tokenized ahead
+    queued_at: float = field(default_factory=time.perf_counter, compare=False)
 
 
 class _Jobs:
@@ -414,6 +415,9 @@ class EmbeddingEngine:
                 self._queued(job.priority, -1)
             if job.future.cancelled():
                 continue
+            if job.chunk is not None and job.priority in metrics.PRIORITY_NAMES:
+                metrics.ENGINE_WAIT_SECONDS.labels(metrics.PRIORITY_NAMES[job.priority]).observe(
+                    time.perf_counter() - job.queued_at)
             self._prepare_next()
             try:
                 result = job.run()

@@ -51,6 +51,9 @@ TRUNCATED_TEXTS = Counter(
 ENGINE_QUEUE = Gauge(
     "segue_engine_queue_chunks", "Chunks waiting in the embedding engine, by priority "
     "(read_miss, change, backfill).", ["priority"], registry=REGISTRY)
+ENGINE_WAIT_SECONDS = Histogram(
+    "segue_engine_wait_seconds", "Time a chunk waited in the embedding engine before its forward pass, by priority "
+    "(read_miss, change, backfill).", ["priority"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 MODEL_READY = Gauge(
     "segue_model_ready", "1 when a live model is loaded and warm in this worker.", ["model"], registry=REGISTRY)
 MODEL_HALTED = Gauge(

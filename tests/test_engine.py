@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -238,10 +239,24 @@ def test_urgent_request_overtakes_queued_backfill(tiny_a):
         await asyncio.gather(low, high)
         return finished
 
+    before = {priority: engine_waits(priority) for priority in ("read_miss", "backfill")}
     try:
         assert asyncio.run(scenario()) == ["read-miss", "backfill"]
     finally:
         engine.close()
+    (miss_chunks, miss_wait), (backfill_chunks, backfill_wait) = (
+        tuple(after - earlier for after, earlier in zip(engine_waits(priority), before[priority]))
+        for priority in ("read_miss", "backfill"))
+    assert (miss_chunks, backfill_chunks) == (1, 100)  # every chunk's wait is observed, under its priority
+    assert miss_wait < backfill_wait / backfill_chunks  # the miss waited less than a backfill chunk on average
+
+
+def engine_waits(priority: str) -> tuple[int, float]:
+    """Chunks observed by ``segue_engine_wait_seconds`` for ``priority``, and their total wait."""
+    from segue import metrics
+
+    sample = functools.partial(metrics.REGISTRY.get_sample_value, labels={"priority": priority})
+    return int(sample("segue_engine_wait_seconds_count") or 0), sample("segue_engine_wait_seconds_sum") or 0.0
 
 
 @pytest.mark.parametrize("model", ["tiny-a", "tiny-static", "minilm"])
