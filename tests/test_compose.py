@@ -54,6 +54,8 @@ def test_settings_reject_bad_values(monkeypatch, bad):
 def test_gpu_override_reserves_one_gpu_per_worker():
     devices = load("docker-compose.gpu.yml")["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    worker_env = load("docker-compose.yml")["services"]["worker"]["environment"]
+    assert "SEGUE_BATCH_SIZE" not in worker_env  # a worker sizes its batches by its device: 512 on a GPU, 64 on a CPU
 
 
 def test_settings_refuse_an_hnsw_graph_pgvector_cannot_build(monkeypatch):
