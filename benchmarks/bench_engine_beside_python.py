@@ -23,6 +23,7 @@ from segue.modelkit import minilm_path
 from segue.providers import inspect
 from segue.spec import ModelSpec
 
+
 def pass_times_ms(engine: EmbeddingEngine, spec: ModelSpec, texts: list[str]) -> list[float]:
     """Milliseconds of each one-text pass."""
     times = []
