@@ -28,7 +28,8 @@ from segue.ops import WorkerState
 from segue.batches import Envelope
 from segue.pipeline import BackfillProcessor, ChangeProcessor, DeadLetter, ReadMissProcessor
 from segue.settings import Settings
-from segue.store import Store
+from segue.schemas.changelog import Action, Origin
+from segue.store import ChangelogRow, Store
 from segue.schemas.events import (
     REPLAY_HEADER,
     SourcePosition,
@@ -248,9 +249,23 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             for row in conn.execute("SELECT model, coverage_pct FROM migration_progress").fetchall():
                 metrics.COVERAGE.labels(row[0]).set(float(row[1] or 0) / 100)
 
+    billed_recorded: dict[int, int] = {}  # tokens per API model already recorded as 'billed' changelog rows
+
+    async def record_billing() -> None:
+        """Record the tokens the API models' endpoints billed since the last beat (model_spend sums them)."""
+        billed = engine.billed_tokens()
+        due = {version: tokens - billed_recorded.get(version, 0) for version, tokens in billed.items()
+               if tokens > billed_recorded.get(version, 0)}
+        if due:
+            async with heartbeat_store.transaction() as tx:
+                await tx.log([ChangelogRow(doc_id=None, model_version=version, action=Action.BILLED,
+                                           origin=Origin.CONTROL, tokens_used=tokens)
+                              for version, tokens in due.items()])
+            billed_recorded.update({version: billed[version] for version in due})
+
     @app.timer(settings.heartbeat_interval_s)
     async def report() -> None:
-        """Heartbeat row, lag and migration gauges: what the worker is doing, seen from outside."""
+        """Heartbeat row, billing, lag and migration gauges: what the worker is doing, seen from outside."""
         try:
             lag = progress.lag(app)
             devices = engine.devices()
@@ -258,6 +273,7 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
                 worker_id=me, started_at=started_at, state=state.state(), partitions=state.assigned or [],
                 lag=lag, models=sorted(devices), device=", ".join(sorted(set(devices.values()))) or None,
                 events_per_s=round(state.events_per_second(), 2), metrics_url=metrics_url, halted=engine.halted()))
+            await record_billing()
             await asyncio.to_thread(migration_gauges)
         except Exception:  # noqa: BLE001 - the next beat tries again
             log.exception("reporting the worker's state failed")

@@ -41,7 +41,7 @@ if not console.is_terminal:
 log = logging.getLogger("segue.cli")
 
 REFUSALS = (migration.MigrationError, registry.RegistryError, db.SchemaError, providers.OptionsError,
-            errors.ProviderError)
+            errors.ProviderError, services.ServiceError)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -534,16 +534,19 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
     from segue import evalreport, evaluation
     from segue import shadow as shadows
     from segue.engine import EmbeddingEngine
-    from segue.evalsets import bundled_scifact, read_beir, read_trec
+    from segue.evalsets import LabelledSetError, bundled_scifact, read_beir, read_trec
 
     sources = [beir is not None, trec_topics is not None or trec_qrels is not None, scifact]
     if sum(sources) > 1 or (sources[1] and not (trec_topics and trec_qrels)):
         raise click.UsageError("give one labelled set: --beir DIR, --trec-topics with --trec-qrels, or --scifact")
     if not any(sources) and not shadow:
         raise click.UsageError("give a labelled set (--beir, --trec-topics/--trec-qrels, --scifact) or --shadow")
-    labelled = (read_beir(Path(beir), split=split, doc_id_prefix=doc_id_prefix) if beir
-                else read_trec(Path(trec_topics), Path(trec_qrels), doc_id_prefix=doc_id_prefix) if trec_topics
-                else bundled_scifact() if scifact else None)
+    try:
+        labelled = (read_beir(Path(beir), split=split, doc_id_prefix=doc_id_prefix) if beir
+                    else read_trec(Path(trec_topics), Path(trec_qrels), doc_id_prefix=doc_id_prefix) if trec_topics
+                    else bundled_scifact() if scifact else None)
+    except LabelledSetError as error:
+        raise click.ClickException(str(error)) from None
     options = evaluation.Options(
         margin=settings.eval_margin if margin is None else margin,
         required_gain=settings.eval_required_gain if required_gain is None else required_gain,
@@ -556,6 +559,7 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
         else:
             active = migration.require_active(conn)
             old, new = registry.get_model(conn, active.from_name).spec, registry.get_model(conn, active.to_name).spec
+        evaluation.require_embedded(old, new)
         result = shadow_result = None
         if labelled is not None:
             result = evaluation.evaluate(conn, engine, old, new, labelled, options)
@@ -568,8 +572,10 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
                 if run.index_recall_at_10 is not None:
                     console.print(f"  HNSW recall@10 against exact search, {run.spec.name}: {run.index_recall_at_10:.3f}")
             for name, part in result.slices.items():
-                console.print(f"  slice {name}: {part['queries']} queries, Δ {part['mean_difference']:+.4f}, "
-                              f"p (Holm) {part['p_holm']:.4f}, {part['verdict']}")
+                console.print(f"  slice {name}: {part['queries']} queries, Δ {part['mean_difference']:+.4f} "
+                              f"CI [{part['ci_low']:+.4f}, {part['ci_high']:+.4f}], "
+                              f"p of Δ < {options.threshold:+.4f} (one-sided, Holm) {part['p_holm']:.4f}, "
+                              f"{part['verdict']}", markup=False)
         if shadow:
             shadow_result = shadows.compare(conn, engine, old, new, limit=shadow_queries)
             active = migration.active_migration(conn)
@@ -602,31 +608,45 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
 
 @main.command("import")
 @click.option("--source-url", help="the database holding the table [default: Segue's own]")
-@click.option("--table", required=True, help="the table (schema.table or table)")
+@click.option("--table", required=True, help="the table: table, schema.table, or a quoted name (\"Items\")")
 @click.option("--id-column", required=True, help="its unique id (integer, text or uuid): the documents' doc_id")
 @click.option("--text-column", "text_columns", multiple=True, help="its text (several are joined by a blank line)")
-@click.option("--text-expression", help="or a SQL expression over its columns giving the text (run read-only)")
+@click.option("--text-expression", help="or the text as one SQL expression over the table's columns, evaluated "
+                                        "read-only, e.g. \"title || ': ' || body\"")
 @click.option("--version-column", help="an integer or timestamp column whose increase means a newer document")
 @click.option("--metadata-column", "metadata_columns", multiple=True, help="a column kept in metadata (repeatable)")
 @click.option("--vector-column", help="a vector column to adopt as --model's vectors, without embedding")
 @click.option("--model", help="the name the adopted vectors are registered under")
-@click.option("--page-size", default=5000, show_default=True, help="rows per keyset page (the watermark's step)")
-@click.option("--rate", type=float, help="at most this many rows a second (spares the source database)")
+@click.option("--page-size", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="rows per keyset page (the watermark's step)")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="at most this many rows a second (spares the source database)")
 @click.option("--follow", is_flag=True, help="then publish the table's changes and deletes until interrupted")
-@click.option("--poll-s", default=5.0, show_default=True, help="with --follow: seconds between looks for changes")
-@click.option("--deletes-every-s", default=60.0, show_default=True, help="with --follow: seconds between anti-joins")
+@click.option("--poll-s", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="with --follow: seconds between looks for rows whose version passed the newest published")
+@click.option("--reconcile-every-s", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="with --follow: seconds between passes comparing every row with what Segue holds "
+                   "(rows the version keyset misses, and the deletes)")
+@click.option("--max-delete-fraction", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="with --follow: a pass that finds more of the table's documents gone publishes none of its deletes")
 @click.pass_obj
 def import_command(settings: Settings, source_url: str | None, table: str, id_column: str,
                    text_columns: tuple[str, ...], text_expression: str | None, version_column: str | None,
                    metadata_columns: tuple[str, ...], vector_column: str | None, model: str | None, page_size: int,
-                   rate: float | None, follow: bool, poll_s: float, deletes_every_s: float) -> None:
+                   rate: float | None, follow: bool, poll_s: float, reconcile_every_s: float,
+                   max_delete_fraction: float) -> None:
     """Adopt a corpus that already lives in a table: documents, and optionally their vectors as a model.
 
     Resumable (a killed import continues after its last page), idempotent (a document
-    already stored at a newer version is left alone); reports rows read, written and
-    skipped, and why.
+    already stored at the same or a newer version is left alone); reports rows read,
+    written and skipped, and why. The table is only read, in read-only transactions.
     """
     from segue.importer import ImportRefused, Source, run_import
+
+    def refusal(error: Exception) -> click.ClickException:
+        if isinstance(error, psycopg.Error):  # its first line: libpq adds the query's text and a caret below
+            return click.ClickException(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+        return click.ClickException(str(error))
 
     if follow and not version_column:
         raise click.UsageError("--follow needs --version-column: it publishes the rows whose version moved")
@@ -638,18 +658,17 @@ def import_command(settings: Settings, source_url: str | None, table: str, id_co
         try:
             report = run_import(conn, source, model=model, page_size=page_size, rate=rate, console=console)
         except (*REFUSALS, ImportRefused, psycopg.Error) as error:
-            raise click.ClickException(f"{type(error).__name__}: {error}" if isinstance(error, psycopg.Error)
-                                       else str(error)) from None
+            raise refusal(error) from None
         for line in report.lines():
-            console.print(line)
+            console.print(line, markup=False)
         if follow:
             console.print(f"following {table}: publishing its changes to {settings.topic_document_changes} "
-                          "(Ctrl-C stops)")
+                          "(Ctrl-C stops)", markup=False)
             try:
-                asyncio.run(_follow(settings, conn, source, poll_s=poll_s, deletes_every_s=deletes_every_s,
-                                    page_size=page_size))
-            except ImportRefused as error:
-                raise click.ClickException(str(error)) from None
+                asyncio.run(_follow(settings, conn, source, poll_s=poll_s, reconcile_every_s=reconcile_every_s,
+                                    max_delete_fraction=max_delete_fraction, page_size=page_size))
+            except (ImportRefused, psycopg.Error) as error:
+                raise refusal(error) from None
             except KeyboardInterrupt:
                 pass
 
@@ -662,7 +681,8 @@ async def _follow(settings: Settings, conn, source, **pacing: float) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap(settings), acks="all", linger_ms=20)
     await producer.start()
     try:
-        await follow(conn, source, producer, settings.topic_document_changes, **pacing)
+        await follow(conn, source, producer, settings.topic_document_changes, max_text_bytes=settings.max_text_bytes,
+                     **pacing)
     finally:
         await producer.stop()
 
@@ -678,15 +698,19 @@ async def _follow(settings: Settings, conn, source, **pacing: float) -> None:
 def publish_command(settings: Settings, path: Path, id_field: str, text_fields: tuple[str, ...],
                     version_field: str | None, metadata_fields: tuple[str, ...]) -> None:
     """Publish a JSONL, CSV or Parquet file of documents as document changes (each checked first)."""
+    from aiokafka.errors import KafkaError
+
     from segue.publish import Fields, PublishRefused, publish
     from segue.topics import ensure_topics
 
     bootstrap = services.kafka_bootstrap(settings)
-    asyncio.run(ensure_topics(settings, bootstrap))
     try:
+        asyncio.run(ensure_topics(settings, bootstrap))
         report = asyncio.run(publish(path, Fields(id_field, text_fields, version_field, metadata_fields),
                                      bootstrap=bootstrap, topic=settings.topic_document_changes,
                                      max_text_bytes=settings.max_text_bytes, console=console))
+    except KafkaError as error:
+        raise click.ClickException(f"cannot reach the broker at {bootstrap}: {error}") from None
     except PublishRefused as error:
         raise click.ClickException(str(error)) from None
     console.print(f"sent {report.sent} document change(s) to {settings.topic_document_changes} in "
@@ -694,6 +718,10 @@ def publish_command(settings: Settings, path: Path, id_field: str, text_fields: 
     unit = "row" if path.name.lower().endswith(".parquet") else "line"
     for number, why in report.bad:
         console.print(f"  {unit} {number}: {why}", markup=False)
+    if report.stopped:
+        number, why = report.stopped
+        raise click.ClickException(f"stopped at {unit} {number}: {why}; that record and later ones were not all "
+                                   "sent: publish the file again once the broker is back")
     if report.bad:
         sys.exit(1)
 
@@ -736,13 +764,15 @@ def _with_filters(command):
 @click.pass_obj
 def dlq_list(settings: Settings, reason: str | None, since: str | None, doc_id: str | None) -> None:
     """List dead letters, oldest first."""
+    from rich.text import Text
+
     letters = _letters(settings, reason, since, doc_id)
     table = Table(title=f"{settings.topic_dead_letters}: {len(letters)} letter(s)")
     for header in ("at", "letter", "reason", "source", "key", "error"):
         table.add_column(header)
-    for letter in letters:
-        table.add_row(f"{letter.failed_at:%Y-%m-%d %H:%M:%S}", letter.coordinates, letter.reason, letter.source,
-                      (letter.doc_id or "–")[:60], letter.error[:100])
+    for letter in letters:  # Text, not markup: keys and errors are the producers' text, "[/x]" included
+        table.add_row(f"{letter.failed_at:%Y-%m-%d %H:%M:%S}", letter.coordinates, Text(letter.reason),
+                      Text(letter.source), Text((letter.doc_id or "–")[:60]), Text(letter.error[:100]))
     console.print(table)
 
 
@@ -760,9 +790,15 @@ def dlq_replay(settings: Settings, reason: str | None, since: str | None, doc_id
     verb = "would replay" if dry_run else "replayed"
     console.print(f"{verb} {len(report.replayed)} letter(s); {len(report.already)} replayed before; "
                   f"{len(report.failed_again)} failed again after a replay (fix the cause first); "
-                  f"{len(report.truncated)} cannot be replayed (payload cut to fit the topic)")
+                  f"{len(report.truncated)} cannot be replayed (payload cut to fit the topic); "
+                  f"{len(report.tombstones)} tombstone(s) not replayed")
     for letter in report.replayed:
-        console.print(f"  {letter.coordinates} {letter.reason} → {letter.source_topic} key {letter.doc_id!r}")
+        console.print(f"  {letter.coordinates} {letter.reason} → {letter.source_topic} key {letter.doc_id!r}",
+                      markup=False)
+    for letter in report.tombstones:
+        console.print(f"  {letter.coordinates} tombstone of key {letter.doc_id!r}: it has no version, and replayed "
+                      "it could delete a later write; publish {\"doc_id\": …, \"op\": \"delete\", \"version\": …} "
+                      "instead", markup=False)
 
 
 @main.group("db")

@@ -27,6 +27,12 @@ time, so the misses that follow wait less; without misses, chunks stay long, whi
 A model behind an API (an embedder with ``remote = True``) does no work on that thread:
 its requests go to the embedder's own event loop, with their own budgets and priorities,
 and are awaited, so an API's latency never holds up a local model.
+
+Every vector is checked before it is normalised: one with NaN or infinite values, or all
+zeros (a static model given a text it has no token for), is no vector at all. Such a text
+is *rejected* for that model (:attr:`Embedded.rejected`, with the endpoint's own
+rejections of an API model), counted, and left to the caller: the other texts and the
+other models go on.
 """
 
 from __future__ import annotations
@@ -45,9 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from segue import metrics, providers
-from segue.errors import EngineStopped, ModelHalted, ModelUnavailable
+from segue.errors import EngineStopped, InputRejected, ModelHalted, ModelUnavailable
 from segue.providers import Embedder
 from segue.providers.base import Prepared
 from segue.settings import Settings
@@ -80,10 +85,12 @@ class FingerprintMismatch(ModelUnavailable):
 
 @dataclass(frozen=True)
 class Embedded:
-    """Vectors of texts, and the tokens each text has before truncation to the model's input limit."""
+    """Vectors of texts, the tokens each text has before truncation to the model's input limit, and the texts the
+    model gave no usable vector."""
 
-    vectors: np.ndarray  # float32 (texts, dim), unit rows
+    vectors: np.ndarray  # float32 (texts, dim), unit rows; zeros where rejected
     tokens: list[int]
+    rejected: dict[int, str] = field(default_factory=dict)  # text index: why ("kind: message")
 
     def tokens_used(self, spec: ModelSpec) -> list[int]:
         """The tokens each text was embedded with (after truncation): what an API bills."""
@@ -222,6 +229,12 @@ class EmbeddingEngine:
         with self._model_lock:
             return self._loaded_locked(spec).device
 
+    def billed_tokens(self) -> dict[int, int]:
+        """Tokens each loaded API model's endpoint has billed so far (every answered request), by model version."""
+        models = dict(self._models)
+        return {version: embedder.billed_tokens for version, embedder in models.items()
+                if getattr(embedder, "remote", False)}
+
     def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int]:
         """Tokens each text takes as ``spec``'s input, before truncation (in the caller's thread)."""
         with self._model_lock:
@@ -272,20 +285,22 @@ class EmbeddingEngine:
         """Embed ``texts`` with ``spec`` in the worker thread: float32 ``(len(texts), spec.dim)``, unit rows.
 
         Lower ``priority`` numbers are served first. The model is loaded on first use if
-        :meth:`ensure_loaded` has not loaded it.
+        :meth:`ensure_loaded` has not loaded it. Raises :class:`~segue.errors.InputRejected` when the
+        model gives a text no usable vector.
         """
-        return (await self.embed_counted(spec, texts, priority=priority)).vectors
+        return _usable(spec, await self.embed_counted(spec, texts, priority=priority))
 
     async def embed_counted(self, spec: ModelSpec, texts: Sequence[str], *, priority: int) -> Embedded:
-        """Like :meth:`embed`, with each text's token count (for the truncation ledger and API spend)."""
+        """Like :meth:`embed`, with each text's token count (for the truncation ledger and API spend), and the texts
+        rejected (no usable vector) instead of an error."""
         if not texts:
             return Embedded(np.zeros((0, spec.dim), dtype=np.float32), [])
         await self.ensure_loaded([spec])
         embedder = self._models[spec.version]
         if getattr(embedder, "remote", False):
             self._refuse_halted(embedder)
-            raw, tokens = await asyncio.wrap_future(embedder.submit(list(texts), priority))
-            return self._remote(spec, embedder, raw, tokens)
+            raw, tokens, rejected = await asyncio.wrap_future(embedder.submit(list(texts), priority))
+            return self._remote(spec, raw, tokens, rejected)
         now = time.monotonic()
         if priority == URGENT:
             self._urgent_until = now + URGENT_RECENT_S
@@ -296,20 +311,24 @@ class EmbeddingEngine:
 
     def embed_sync(self, spec: ModelSpec, texts: Sequence[str]) -> np.ndarray:
         """Like :meth:`embed`, but blocking and in the caller's thread."""
+        return _usable(spec, self.embed_counted_sync(spec, texts))
+
+    def embed_counted_sync(self, spec: ModelSpec, texts: Sequence[str]) -> Embedded:
+        """Like :meth:`embed_counted`, but blocking and in the caller's thread."""
         if self._closed:
             raise EngineStopped("the embedding engine is closed")
         with self._model_lock:
             embedder = self._loaded_locked(spec)
         if getattr(embedder, "remote", False):
             self._refuse_halted(embedder)
-            return self._remote(spec, embedder, *embedder.submit(list(texts), 0).result()).vectors
+            return self._remote(spec, *embedder.submit(list(texts), 0).result())
         order, chunks = self._plan(spec, texts, self._chunk_seconds)
         parts = []
         for chunk, after in zip(chunks, chunks[1:] + [None]):
             if after is not None:
                 after.prepare_ahead(embedder, self._tokenizing)
             parts.append(self._encode(chunk))
-        return self._assemble(spec, order, parts).vectors
+        return self._assemble(spec, order, parts)
 
     def halted(self) -> dict[str, str]:
         """Why each loaded model Segue stopped writing was stopped, by name (an API key refused, canary drift)."""
@@ -383,24 +402,31 @@ class EmbeddingEngine:
         return order, [_Chunk(spec, chunk) for chunk in chunks if chunk]
 
     @staticmethod
-    def _assemble(spec: ModelSpec, order: list[int], parts: list[tuple[np.ndarray, list[int]]]) -> Embedded:
-        """Stack the chunks' vectors and token counts and put them back in the texts' original order."""
+    def _assemble(spec: ModelSpec, order: list[int], parts: list[tuple[np.ndarray, list[int], dict[int, str]]],
+                  ) -> Embedded:
+        """Stack the chunks' vectors, token counts and rejections and put them back in the texts' original order."""
         vectors = np.empty((len(order), spec.dim), dtype=np.float32)
         tokens = np.zeros(len(order), dtype=np.int64)
+        rejected: dict[int, str] = {}
         if parts:
-            vectors[order] = np.concatenate([chunk for chunk, _ in parts])
-            tokens[order] = np.concatenate([counts for _, counts in parts])
-        return Embedded(vectors, tokens.tolist())
+            vectors[order] = np.concatenate([chunk for chunk, _, _ in parts])
+            tokens[order] = np.concatenate([counts for _, counts, _ in parts])
+            start = 0
+            for chunk, _, chunk_rejected in parts:
+                rejected.update({order[start + i]: why for i, why in chunk_rejected.items()})
+                start += len(chunk)
+        return Embedded(vectors, tokens.tolist(), rejected)
 
     @staticmethod
     def _refuse_halted(embedder: Embedder) -> None:
         if embedder.halted:
             raise ModelHalted(embedder.halted)
 
-    def _remote(self, spec: ModelSpec, embedder: Embedder, raw: np.ndarray, tokens: list[int]) -> Embedded:
+    def _remote(self, spec: ModelSpec, raw: np.ndarray, tokens: list[int], refused: dict[int, str]) -> Embedded:
         """An API's answer, checked and normalised like a local model's, counted in the same metrics."""
-        embedded = Embedded(self._normalised(spec, raw), list(tokens))
-        self._count(spec, embedded.tokens)
+        vectors, rejected = self._normalised(spec, raw, refused)
+        embedded = Embedded(vectors, list(tokens), rejected)
+        self._count(spec, embedded.tokens, rejected)
         return embedded
 
     # -- model work (worker thread, or the caller's thread for embed_sync) ----------------------
@@ -453,21 +479,23 @@ class EmbeddingEngine:
                     self._seconds_per_char.pop(version, None)
             self._versions = frozenset(self._models)
 
-    def _encode(self, chunk: _Chunk) -> tuple[np.ndarray, list[int]]:
-        """Vectors and token counts for one chunk (one forward pass), loading the model first if needed."""
+    def _encode(self, chunk: _Chunk) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """Vectors, token counts and rejections for one chunk (one forward pass), loading the model first if needed."""
         with self._model_lock:
             embedder = self._loaded_locked(chunk.spec)
             prepared = chunk.prepared(embedder)
-            vectors = self._vectors(chunk.spec, embedder, chunk.texts, prepared)
-        self._count(chunk.spec, prepared.tokens)
-        return vectors, prepared.tokens
+            vectors, rejected = self._vectors(chunk.spec, embedder, chunk.texts, prepared)
+        self._count(chunk.spec, prepared.tokens, rejected)
+        return vectors, prepared.tokens, rejected
 
     @staticmethod
-    def _count(spec: ModelSpec, tokens: list[int]) -> None:
+    def _count(spec: ModelSpec, tokens: list[int], rejected: dict[int, str]) -> None:
         limit = spec.max_tokens or max(tokens, default=0)
         metrics.TEXTS_EMBEDDED.labels(spec.name).inc(len(tokens))
         metrics.TOKENS_EMBEDDED.labels(spec.name).inc(sum(min(count, limit) for count in tokens))
         metrics.TRUNCATED_TEXTS.labels(spec.name).inc(sum(count > limit for count in tokens))
+        for why in rejected.values():
+            metrics.TEXTS_REJECTED.labels(spec.name, why.partition(":")[0]).inc()
 
     def _loaded_locked(self, spec: ModelSpec) -> Embedder:
         """The loaded model of ``spec`` (the caller holds ``_model_lock``), loading it if needed."""
@@ -508,9 +536,9 @@ class EmbeddingEngine:
         return took
 
     def _vectors(self, spec: ModelSpec, embedder: Embedder, texts: list[str], prepared: Prepared, *,
-                 learn: bool = True) -> np.ndarray:
-        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``; the forward pass is timed
-        (and, with ``learn``, updates the model's seconds per padded character)."""
+                 learn: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+        """L2-normalised float32 vectors for ``texts``, checked against ``spec.dim``, and the texts rejected; the
+        forward pass is timed (and, with ``learn``, updates the model's seconds per padded character)."""
         started = time.perf_counter()
         raw = embedder.embed(prepared)
         seconds = time.perf_counter() - started
@@ -520,14 +548,33 @@ class EmbeddingEngine:
             known = self._seconds_per_char.get(spec.version)
             self._seconds_per_char[spec.version] = (
                 observed if known is None else known + _RATE_SMOOTHING * (observed - known))
-        return self._normalised(spec, raw)
+        return self._normalised(spec, raw, {})
 
     @staticmethod
-    def _normalised(spec: ModelSpec, raw: np.ndarray) -> np.ndarray:
+    def _normalised(spec: ModelSpec, raw: np.ndarray, rejected: dict[int, str]) -> tuple[np.ndarray, dict[int, str]]:
+        """Unit rows of ``raw``, and ``rejected`` with the rows that are no vector: non-finite, or all zeros."""
         raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim != 2 or raw.shape[1] != spec.dim:
             raise DimensionMismatch(spec, raw.shape[-1])
-        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        with np.errstate(invalid="ignore", over="ignore"):
+            norms = np.linalg.norm(raw.astype(np.float64), axis=1)
+        rejected = dict(rejected)
+        for i in np.flatnonzero(~np.isfinite(norms) | (norms == 0)):
+            if int(i) not in rejected:
+                rejected[int(i)] = ("zero: the model gave an all-zero vector" if norms[i] == 0 else
+                                    "non_finite: the model gave a vector holding NaN or infinite values")
+        scale = np.where(np.isfinite(norms) & (norms > 0), norms, np.inf)[:, None]
+        unit = (raw / scale).astype(np.float32)
+        unit[list(rejected)] = 0.0
+        return unit, rejected
+
+
+def _usable(spec: ModelSpec, embedded: Embedded) -> np.ndarray:
+    """The vectors, unless the model gave some text none: then :class:`~segue.errors.InputRejected`, naming it."""
+    if embedded.rejected:
+        index, why = min(embedded.rejected.items())
+        raise InputRejected(f"model {spec.name!r} gives no usable vector for text {index}: {why}")
+    return embedded.vectors
 
 
 def _cost(spec: ModelSpec, text: str) -> int:

@@ -25,20 +25,26 @@ class ProviderError(InfrastructureError):
     """An embedding API call failed for a reason outside the texts: retried and reported, never dead-lettered.
 
     ``kind`` classifies it: ``auth``, ``rate_limited``, ``server_error``, ``timeout``,
-    ``unreachable``, ``wrong_dimension``, ``malformed`` or ``rejected`` (a request the
-    endpoint refuses whatever the texts: an unknown model, bad options).
+    ``unreachable``, ``wrong_dimension``, ``malformed``, ``refused`` (a 4xx answer to one
+    request: its shape or one of its inputs may be at fault, which the client finds out) or
+    ``rejected`` (the endpoint refuses any request, even one canary text: an unknown model,
+    bad options).
     """
 
     def __init__(self, kind: str, message: str, *, retry_after: float | None = None, retryable: bool = True):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
+        self.detail = message
         self.retry_after = retry_after  # seconds the endpoint asked us to wait (Retry-After)
         self.retryable = retryable
 
 
 class ModelHalted(InfrastructureError):
-    """Segue stopped writing a model until an operator acts: its API key was refused, or its canaries drifted."""
+    """Segue stopped writing a model until an operator acts: its API key was refused, its endpoint refuses every
+    request, or its canaries drifted."""
 
 
 class InputRejected(ValueError):
-    """The embedding endpoint refuses one text on its own (too long): that event's fault, dead-lettered."""
+    """A model gives no usable vector for a text on its own: its endpoint refuses that input alone, the text is
+    over a ``truncate=refuse`` limit, or the vector is non-finite, all zeros or malformed. That text's fault for
+    that model: the other models' work goes on, and the event is dead-lettered (``input_rejected``)."""

@@ -93,7 +93,7 @@ def _slice_table(slices: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{s['queries']}</td><td>{s['mean_difference']:+.4f}</td>"
                    f"<td>[{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]</td><td>{s['p_holm']:.4f}</td><td>{s['verdict']}</td></tr>"
                    for name, s in slices.items())
-    return ("<table><tr><th>slice</th><th>queries</th><th>new − old</th><th>CI</th><th>p (Holm)</th><th>verdict</th></tr>"
+    return ("<table><tr><th>slice</th><th>queries</th><th>new − old</th><th>CI</th><th>p below threshold (Holm)</th><th>verdict</th></tr>"
             f"{rows}</table>")
 
 

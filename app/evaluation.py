@@ -18,12 +18,12 @@ import psycopg
 from ir_measures import RR, P, R, nDCG
 from psycopg.types.json import Jsonb
 
-from segue import db, migration
+from segue import db, migration, providers
 from segue.engine import EmbeddingEngine
 from segue.evalsets import LabelledSet
 from segue.search import nearest
 from segue.spec import ModelSpec
-from segue.verdict import ALPHA, Comparison, compare, decide, holm
+from segue.verdict import Comparison, compare, decide, slices_below
 
 PRIMARY = nDCG @ 10
 MEASURES = [nDCG @ 10, R @ 100, RR @ 10, P @ 10]
@@ -61,6 +61,7 @@ class ModelRun:
     top1: dict[str, float]
     index_recall_at_10: float | None  # mean overlap of the index's top 10 with the exact top 10; None: no index
     coverage_pct: float
+    unembedded: list[str]  # queries the model gave no usable vector: they retrieve nothing (every score 0)
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,20 @@ class Evaluation:
         }
 
 
+def require_embedded(*specs: ModelSpec) -> None:
+    """Refuse (EvaluationError, saying what to do) a model Segue cannot embed queries with: adopted vectors."""
+    for spec in specs:
+        if not providers.embeds(spec):
+            raise EvaluationError(
+                f"model {spec.name!r} holds adopted vectors, and Segue cannot embed the queries to search them with: "
+                f"bind it to the model that made them (segue models bind {spec.name} --source MODEL; an API model: "
+                f"--provider openai --source BASE_URL --option model=NAME), then run segue eval again")
+
+
 def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, new: ModelSpec,
              labelled: LabelledSet, options: Options) -> Evaluation:
     """Search ``labelled``'s queries with both models, score them and reach a verdict (not stored)."""
+    require_embedded(old, new)
     coverage = {spec.name: migration.coverage_pct(conn, spec.version) for spec in (old, new)}
     partial = {name: pct for name, pct in coverage.items() if pct < 100.0}
     if partial and not options.allow_partial:
@@ -122,10 +134,14 @@ def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, 
            f"{options.confidence:.0%} CI [{comparisons['ndcg@10'].ci_low:+.4f}, {comparisons['ndcg@10'].ci_high:+.4f}]"
            f" against {'a required gain' if options.required_gain is not None else 'a margin'} of "
            f"{options.threshold:+.4f} over {len(queries)} queries")
-    slices = _slices(runs, queries, labelled, options) if options.slice_by else {}
-    worse = [name for name, s in slices.items() if s["verdict"] == "fail" and s["p_holm"] < ALPHA]
-    if worse and verdict == "pass":
-        verdict, why = "fail", why + f"; but slice(s) {', '.join(worse)} are significantly worse (Holm-corrected)"
+    slices, below = _slices(runs, queries, labelled, options) if options.slice_by else ({}, [])
+    if below:
+        verdict, why = "fail", why + (f"; slice(s) {', '.join(below)} are significantly below "
+                                      f"{options.threshold:+.4f} (one-sided, Holm-corrected)")
+    for run in runs:
+        if run.unembedded:
+            why += (f"; {len(run.unembedded)} queries got no usable vector from {run.spec.name} and retrieve nothing "
+                    f"(first: {run.unembedded[0]!r})")
     if partial:
         why += "; partial coverage: " + ", ".join(f"{n} {p:.2f}%" for n, p in partial.items())
     return Evaluation(labelled.name, labelled.fingerprint, queries, len(judged) - len(queries), runs[0], runs[1],
@@ -165,8 +181,10 @@ def _present(conn: psycopg.Connection, doc_ids: set[str]) -> set[str]:
 
 def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, labelled: LabelledSet,
          queries: list[str], qrels: list, coverage_pct: float) -> ModelRun:
-    vectors = engine.embed_sync(spec, [labelled.queries[q] for q in queries])
-    exact = {q: nearest(conn, spec, v, DEPTH, exact=True) for q, v in zip(queries, vectors)}
+    embedded = engine.embed_counted_sync(spec, [labelled.queries[q] for q in queries])
+    unembedded = [q for i, q in enumerate(queries) if i in embedded.rejected]
+    vectors = embedded.vectors
+    exact = {q: [] if q in unembedded else nearest(conn, spec, v, DEPTH, exact=True) for q, v in zip(queries, vectors)}
     run = [ir_measures.ScoredDoc(q, hit.doc_id, hit.score) for q, hits in exact.items() for hit in hits]
     scores: dict[str, dict[str, float]] = {NAMES[m]: dict.fromkeys(queries, 0.0) for m in MEASURES}
     for metric in ir_measures.iter_calc(MEASURES, qrels, run):
@@ -174,10 +192,10 @@ def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, lab
     recall = None
     if _has_valid_index(conn, spec):
         overlaps = [len({h.doc_id for h in nearest(conn, spec, v, 10)} & {h.doc_id for h in exact[q][:10]})
-                    / max(min(10, len(exact[q])), 1) for q, v in zip(queries, vectors)]
-        recall = float(np.mean(overlaps))
+                    / max(min(10, len(exact[q])), 1) for q, v in zip(queries, vectors) if q not in unembedded]
+        recall = float(np.mean(overlaps)) if overlaps else None
     top1 = {q: hits[0].score for q, hits in exact.items() if hits}
-    return ModelRun(spec, scores, top1, recall, coverage_pct)
+    return ModelRun(spec, scores, top1, recall, coverage_pct, unembedded)
 
 
 def _has_valid_index(conn: psycopg.Connection, spec: ModelSpec) -> bool:
@@ -192,12 +210,21 @@ def _compare(old: ModelRun, new: ModelRun, measure: str, queries: list[str], opt
                    confidence=options.confidence, resamples=options.resamples, seed=options.seed)
 
 
-def _slices(runs: list[ModelRun], queries: list[str], labelled: LabelledSet, options: Options) -> dict[str, dict]:
+def _differences(runs: list[ModelRun], measure: str, queries: list[str]) -> np.ndarray:
+    """new − old on ``measure``, per query."""
+    return np.array([runs[1].scores[measure][q] - runs[0].scores[measure][q] for q in queries])
+
+
+def _slices(runs: list[ModelRun], queries: list[str], labelled: LabelledSet,
+            options: Options) -> tuple[dict[str, dict], list[str]]:
+    """Each slice's comparison and its test against the threshold; and the slices significantly below it."""
     groups: dict[str, list[str]] = {}
     for q in queries:
         value = labelled.query_metadata.get(q, {}).get(options.slice_by)
         groups.setdefault("(none)" if value is None else str(value), []).append(q)
     compared = {name: _compare(runs[0], runs[1], "ndcg@10", members, options) for name, members in groups.items()}
-    adjusted = holm([c.p_value for c in compared.values()])
-    return {name: {**c.as_dict(), "p_holm": p, "verdict": decide(c, options.threshold)}
-            for (name, c), p in zip(compared.items(), adjusted)}
+    tested = slices_below({name: _differences(runs, "ndcg@10", members) for name, members in groups.items()},
+                          options.threshold, resamples=options.resamples, seed=options.seed)
+    slices = {name: {**c.as_dict(), "p_below_threshold": tested[name].p_below, "p_holm": tested[name].p_holm,
+                     "verdict": decide(c, options.threshold)} for name, c in compared.items()}
+    return slices, [name for name, test in tested.items() if test.below]

@@ -7,11 +7,22 @@ is written), then written in one statement with the change pipeline's version ru
 document already stored at a newer version is not touched. The page's last id is the
 watermark, committed with the page, so a killed import resumes after it.
 
+The source is read-only to Segue: every transaction on it is ``BEGIN READ ONLY``, every
+query but the page's COPY goes over the extended protocol (one statement each), and
+``--text-expression`` is checked to be one expression before any COPY holds it.
+
 With ``--vector-column``, the stored vectors are adopted as model ``--model``'s column:
 registered with provider ``adopted`` (dim from the column type, or from the rows of an
 untyped ``vector`` column; a fingerprint from the declared source and a hash of a sample
 of its vectors). A vector of another width, or all zeros, is not adopted (its document
-is); a row with no text is skipped. Each is counted and reported.
+is). Every row read is written or counted under the reason it was not (no id, no text,
+a doc_id too long, a version out of range, a duplicate id, deleted or stored at a newer
+version), and reported.
+
+``--follow`` then keeps Segue in step with the table: a keyset on (version, id) publishes
+rows whose version passed the newest one published, and a periodic reconcile pass walks
+the whole table to publish what that keyset cannot see (a per-row revision counter, a row
+committed late) and the deletes, unless they are too many to be believed.
 """
 
 from __future__ import annotations
@@ -24,22 +35,24 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from segue import db, registry
 from segue.providers import ADOPTED
 from segue.ratelimit import per_second
 from segue.schemas.changelog import Action, Origin
-from segue.schemas.events import encode_change
+from segue.schemas.events import MAX_DOC_ID_CHARS, MAX_VERSION, InvalidEvent, decode_change, encode_change
 from segue.spec import ModelProfile, ModelSpec
 
 log = logging.getLogger("segue.importer")
@@ -50,12 +63,21 @@ INTEGER_BITS = {"smallint": 16, "integer": 32, "bigint": 64}
 INTEGER_TYPES = set(INTEGER_BITS)
 TEXT_TYPES = {"text", "character varying", "character"}
 ID_TYPES = INTEGER_TYPES | TEXT_TYPES | {"uuid"}
-# A staged row (s) that may be written: it has text, a storable id, and is newer than its tombstone (t), if any.
-ELIGIBLE = "s.body IS NOT NULL AND length(s.doc_id) BETWEEN 1 AND 512 AND (t.version IS NULL OR s.version > t.version)"
+RELATION_KINDS = {"r", "p", "v", "m", "f"}  # what can be read: tables (partitioned, foreign too), views (materialized)
+# A text holding a character that is not Unicode white space (PostgreSQL's [:space:] depends on the locale).
+HAS_TEXT = r"[^\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+# Why a source row is not written (the import reports each; --follow logs them).
+NO_ID = "no id"
+BAD_DOC_ID = f"doc_id not 1 to {MAX_DOC_ID_CHARS} characters"
+NO_TEXT = "no text"
+BAD_VERSION = "version below 0, infinite or past 2^63 µs"
+DUPLICATE_ID = "another row has the same id (the one at the newest version is imported)"
+DELETED_NEWER = "deleted at a newer version"
 
 
 class ImportRefused(RuntimeError):
-    """An import that cannot run as asked (unknown table or column, unusable types)."""
+    """An import that cannot run as asked (unknown table or column, unusable types, a bad text expression)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +85,7 @@ class Source:
     """What to read: a table of some database, its id, text, version, metadata and vector columns."""
 
     url: str
-    table: str
+    table: str  # as the user wrote it: name, schema.name, or a quoted name
     id_column: str
     text_columns: tuple[str, ...] = ()
     text_expression: str | None = None
@@ -79,13 +101,33 @@ class Source:
         return f"{where}/{self.table}#{self.id_column}" + (f"@{self.vector_column}" if self.vector_column else "")
 
 
+@dataclass(frozen=True)
+class Column:
+    """A source column: its type's base name (``character``) and full name (``character(8)``), its typmod, and
+    whether it is NOT NULL."""
+
+    base: str
+    full: str
+    typmod: int
+    not_null: bool
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """The source table as its database resolved it: oid, schema-qualified name, columns."""
+
+    oid: int
+    name: sql.SQL  # quoted (see :func:`_name`)
+    columns: dict[str, Column]
+
+
 @dataclass
 class ImportReport:
     """Rows read, written (with and without an adopted vector), skipped, and why."""
 
     read: int = 0
     written: int = 0
-    superseded: int = 0  # a newer version was already stored
+    superseded: int = 0  # the same or a newer version was already stored
     skipped: Counter[str] = field(default_factory=Counter)  # rows not imported, by reason
     vectors_not_adopted: Counter[str] = field(default_factory=Counter)  # documents imported without their vector
     seconds: float = 0.0
@@ -93,84 +135,166 @@ class ImportReport:
     def lines(self) -> list[str]:
         rate = self.read / self.seconds if self.seconds else 0.0
         lines = [f"read {self.read} rows in {self.seconds:.1f}s ({rate:,.0f} rows/s); wrote {self.written} documents"
-                 f", {self.superseded} already stored at a newer version"]
+                 f", {self.superseded} already stored at the same or a newer version"]
         lines += [f"skipped {n} row(s): {why}" for why, n in sorted(self.skipped.items()) if n]
         lines += [f"imported {n} document(s) without their vector: {why}" for why, n in
                   sorted(self.vectors_not_adopted.items()) if n]
         return lines
 
 
-def _split(table: str) -> sql.Composable:
+def _connect_source(url: str) -> psycopg.Connection:
+    """A connection to the source database on which every transaction begins ``BEGIN READ ONLY``.
+
+    ``default_transaction_read_only`` would not do: a text expression can turn it off with
+    ``set_config``; a transaction begun read-only cannot be made to write.
+    """
+    conn = psycopg.connect(url)
+    conn.read_only = True
+    return conn
+
+
+def _fetch(source_conn: psycopg.Connection, query: sql.Composable, params: Sequence[Any]) -> list[tuple]:
+    """The rows of one query on the source, in a read-only transaction of its own.
+
+    Binary results make psycopg use the extended protocol, which takes one statement
+    only (a query without parameters would go over the simple one, where ``;`` starts
+    another). A query holding the text expression always has ``params`` (its ``%`` is doubled).
+    """
+    with source_conn.transaction():
+        return source_conn.execute(query, params, binary=True).fetchall()
+
+
+def _name(*parts: str) -> sql.SQL:
+    """A quoted identifier for a query on the source, its ``%`` doubled: every query there has parameters."""
+    return sql.SQL(sql.Identifier(*parts).as_string(None).replace("%", "%%"))
+
+
+def _literal(value: str) -> sql.SQL:
+    """A string literal for a query on the source, its ``%`` doubled likewise."""
+    return sql.SQL(sql.Literal(value).as_string(None).replace("%", "%%"))
+
+
+def _resolve(source_conn: psycopg.Connection, table: str) -> tuple[int, sql.SQL]:
+    """(oid, schema-qualified name) of ``table``: as PostgreSQL reads the name, else the exact name as typed."""
     schema, _, name = table.rpartition(".")
-    return sql.Identifier(schema, name) if schema else sql.Identifier(name)
+    candidates = [table, sql.Identifier(table).as_string(source_conn)]
+    if schema:
+        candidates.append(sql.Identifier(schema, name).as_string(source_conn))
+    for candidate in candidates:
+        try:
+            found = _fetch(source_conn, "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c"
+                                        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                        " WHERE c.oid = to_regclass(%s)", (candidate,))
+        except (psycopg.ProgrammingError, psycopg.NotSupportedError):  # not a name PostgreSQL can read
+            continue
+        if found:
+            oid, namespace, relation, kind = found[0]
+            if kind not in RELATION_KINDS:
+                raise ImportRefused(f"{table} is not a table or a view")
+            return oid, _name(namespace, relation)
+    raise ImportRefused(f"no table {table!r} in the source database")
 
 
-def _column_types(source_conn: psycopg.Connection, table: str) -> dict[str, tuple[str, int]]:
-    """{column: (type name, typmod)} of ``table``; raises when it does not exist."""
-    rows = source_conn.execute(
-        "SELECT a.attname, format_type(a.atttypid, NULL), a.atttypmod FROM pg_attribute a"
-        " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped", (table,)).fetchall()
-    if not rows:
-        raise ImportRefused(f"no table {table!r} in the source database")
-    return {name: (type_name, typmod) for name, type_name, typmod in rows}
+def _describe(source_conn: psycopg.Connection, source: Source) -> SourceTable:
+    """The source table, resolved and checked: its columns exist and have usable types, the text expression is one."""
+    oid, name = _resolve(source_conn, source.table)
+    columns = {attname: Column(base, full, typmod, not_null) for attname, base, full, typmod, not_null in _fetch(
+        source_conn, "SELECT attname, format_type(atttypid, NULL), format_type(atttypid, atttypmod), atttypmod,"
+                     " attnotnull FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped", (oid,))}
+    table = SourceTable(oid, name, columns)
+    _check(source, table)
+    if source.text_expression:  # planned, not run: a second statement, or a comment cutting the query, fails here
+        try:
+            _fetch(source_conn, sql.SQL("SELECT * FROM ({}) r LIMIT %s").format(_rows(source, table)), (0,))
+        except psycopg.Error as error:
+            raise ImportRefused(f"--text-expression must be one SQL expression over the columns of {source.table}"
+                                f" (evaluated read-only): {error.diag.message_primary or error}") from None
+    return table
 
 
-def _check(source: Source, types: dict[str, tuple[str, int]]) -> None:
+def _check(source: Source, table: SourceTable) -> None:
+    types = {name: column.base for name, column in table.columns.items()}
     named = [source.id_column, *source.text_columns, *source.metadata_columns]
     named += [c for c in (source.version_column, source.vector_column) if c]
     missing = [c for c in named if c not in types]
     if missing:
         raise ImportRefused(f"{source.table} has no column {', '.join(map(repr, missing))}")
-    if types[source.id_column][0] not in ID_TYPES:
-        raise ImportRefused(f"--id-column {source.id_column} is {types[source.id_column][0]}: "
+    if types[source.id_column] not in ID_TYPES:
+        raise ImportRefused(f"--id-column {source.id_column} is {types[source.id_column]}: "
                            "use an integer, text or uuid column")
     if bool(source.text_columns) == bool(source.text_expression):
         raise ImportRefused("give the text as --text-column (one or more) or as --text-expression, not both")
-    if source.version_column and types[source.version_column][0] not in TIME_TYPES | INTEGER_TYPES:
-        raise ImportRefused(f"--version-column {source.version_column} is {types[source.version_column][0]}: "
+    if source.version_column and types[source.version_column] not in TIME_TYPES | INTEGER_TYPES:
+        raise ImportRefused(f"--version-column {source.version_column} is {types[source.version_column]}: "
                            "use an integer or timestamp column")
-    if source.vector_column and types[source.vector_column][0] != "vector":
-        raise ImportRefused(f"--vector-column {source.vector_column} is {types[source.vector_column][0]}, not vector")
+    if source.vector_column and types[source.vector_column] != "vector":
+        raise ImportRefused(f"--vector-column {source.vector_column} is {types[source.vector_column]}, not vector")
 
 
-def _rows(source: Source, types: dict[str, tuple[str, int]]) -> sql.Composed:
-    """The source's rows as Segue sees them: key (the id, natively typed), doc_id, body, version, metadata, vec."""
-    text = (sql.SQL(source.text_expression) if source.text_expression else
-            sql.SQL("concat_ws(E'\\n\\n', {})").format(sql.SQL(", ").join(map(sql.Identifier, source.text_columns)))
-            if len(source.text_columns) > 1 else sql.Identifier(source.text_columns[0]))
+def _text(source: Source) -> sql.Composable:
+    """The row's text: the expression (its ``%`` doubled: every query holding it has parameters) or the columns."""
+    if source.text_expression:
+        return sql.SQL(source.text_expression.replace("%", "%%"))
+    if len(source.text_columns) > 1:
+        return sql.SQL("concat_ws(E'\\n\\n', {})").format(sql.SQL(", ").join(map(_name, source.text_columns)))
+    return _name(source.text_columns[0])
+
+
+def _version(source: Source, table: SourceTable) -> sql.Composable:
+    """The row's version as int8: 0 without one, NULL when the contract cannot carry it (below 0, infinite, too far)."""
     if not source.version_column:
-        version = sql.SQL("0")
-    elif types[source.version_column][0] in TIME_TYPES:  # microseconds since the epoch: monotone with the time
-        version = sql.SQL("(extract(epoch FROM {}) * 1000000)").format(sql.Identifier(source.version_column))
-    else:
-        version = sql.Identifier(source.version_column)
+        return sql.SQL("0::int8")
+    column = _name(source.version_column)
+    value = column
+    if table.columns[source.version_column].base in TIME_TYPES:  # microseconds since the epoch: monotone with the time
+        value = sql.SQL("(extract(epoch FROM {}) * 1000000)").format(column)
+    return sql.SQL("CASE WHEN {column} IS NULL THEN 0::int8 WHEN {value} BETWEEN 0 AND {top} THEN {value}::int8 END"
+                   ).format(column=column, value=value, top=sql.Literal(MAX_VERSION))
+
+
+def _rows(source: Source, table: SourceTable) -> sql.Composed:
+    """The source's rows as Segue sees them: key (the id, natively typed, never NULL), doc_id, body (NULL: no
+    text), version (NULL: out of range), metadata, vec."""
     metadata = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
-        sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(c)) for c in source.metadata_columns))
-    vector = sql.Identifier(source.vector_column) if source.vector_column else sql.SQL("NULL")
+        sql.SQL("{}, {}").format(_literal(c), _name(c)) for c in source.metadata_columns))
+    vector = _name(source.vector_column) if source.vector_column else sql.SQL("NULL")
     return sql.SQL(
-        "SELECT {id} AS key, {id}::text AS doc_id, ({text})::text AS body, coalesce({version}, 0)::int8 AS version,"
-        " {metadata} AS metadata, {vector}::vector AS vec FROM {table}"
-    ).format(id=sql.Identifier(source.id_column), text=text, version=version, metadata=metadata, vector=vector,
-             table=_split(source.table))
+        "SELECT key, doc_id, CASE WHEN body ~ {has_text} THEN body END AS body, version, metadata, vec FROM"
+        " (SELECT {id} AS key, {id}::text AS doc_id, ({text})::text AS body, {version} AS version,"
+        " {metadata} AS metadata, {vector}::vector AS vec FROM {table} WHERE {id} IS NOT NULL) r"
+    ).format(has_text=sql.Literal(HAS_TEXT), id=_name(source.id_column), text=_text(source),
+             version=_version(source, table), metadata=metadata, vector=vector, table=table.name)
 
 
-def _page_queries(source: Source, types: dict[str, tuple[str, int]]) -> tuple[sql.Composed, sql.Composed]:
+def _unusable(row: str) -> sql.Composed:
+    """The WHEN clauses of a CASE naming why ``row`` (doc_id, body, version) makes no document change."""
+    doc_id, body, version = (sql.Identifier(row, column) for column in ("doc_id", "body", "version"))
+    return sql.SQL("WHEN length({doc_id}) NOT BETWEEN 1 AND {most} THEN {bad_doc_id} WHEN {body} IS NULL THEN {no_text}"
+                   " WHEN {version} IS NULL THEN {bad_version}").format(
+        doc_id=doc_id, body=body, version=version, most=sql.Literal(MAX_DOC_ID_CHARS),
+        bad_doc_id=sql.Literal(BAD_DOC_ID), no_text=sql.Literal(NO_TEXT), bad_version=sql.Literal(BAD_VERSION))
+
+
+def _after(key: sql.Composable, column: Column) -> sql.Composed:
+    """``key`` past a keyset position given twice as text (None: from the start), compared in the id's own type."""
+    return sql.SQL("(%s::text IS NULL OR {key} > %s::{key_type})").format(key=key, key_type=sql.SQL(column.full))
+
+
+def _page_queries(source: Source, table: SourceTable) -> tuple[sql.Composed, sql.Composed]:
     """(the last id of the next page after a watermark, the rows up to it typed as the staging table is).
 
     Params: (watermark, watermark, page size) and (watermark, watermark, last id); a None
     watermark means from the start.
     """
-    key_type = sql.SQL(types[source.id_column][0])
-    id_ = sql.Identifier(source.id_column)
-
-    def after(key: sql.Composable) -> sql.Composed:
-        return sql.SQL("(%s::text IS NULL OR {key} > %s::{key_type})").format(key=key, key_type=key_type)
-
-    last = sql.SQL("SELECT k::text FROM (SELECT {id} AS k FROM {table} WHERE {after} ORDER BY {id} LIMIT %s) p"
-                   " ORDER BY k DESC LIMIT 1").format(id=id_, table=_split(source.table), after=after(id_))
+    column = table.columns[source.id_column]
+    id_ = _name(source.id_column)
+    last = sql.SQL("SELECT k::text FROM (SELECT {id} AS k FROM {table} WHERE {id} IS NOT NULL AND {after}"
+                   " ORDER BY {id} LIMIT %s) p ORDER BY k DESC LIMIT 1").format(id=id_, table=table.name,
+                                                                              after=_after(id_, column))
     rows = sql.SQL("COPY (SELECT doc_id, body, version, metadata, vec, row_number() OVER (ORDER BY key) FROM ({rows}) r"
                    " WHERE {after} AND key <= %s::{key_type} ORDER BY key) TO STDOUT (FORMAT BINARY)"
-                   ).format(rows=_rows(source, types), key_type=key_type, after=after(sql.Identifier("key")))
+                   ).format(rows=_rows(source, table), key_type=sql.SQL(column.full),
+                            after=_after(sql.Identifier("key"), column))
     return last, rows
 
 
@@ -184,32 +308,35 @@ class _SourcePage:
 
 def _read_page(source_conn: psycopg.Connection, queries: tuple[sql.Composed, sql.Composed], watermark: str | None,
                page_size: int) -> _SourcePage:
+    """The page after ``watermark``. The COPY goes over the simple protocol (psycopg merges its parameters), which
+    is safe because the text expression was checked to be one expression (:func:`_describe`)."""
     last_query, rows_query = queries
-    row = source_conn.execute(last_query, (watermark, watermark, page_size)).fetchone()
-    if row is None:
-        return _SourcePage(b"", None)
-    last = row[0]
-    with source_conn.cursor() as cursor, cursor.copy(rows_query, (watermark, watermark, last)) as out:
-        return _SourcePage(b"".join(out), last)
+    with source_conn.transaction():
+        found = source_conn.execute(last_query, (watermark, watermark, page_size), binary=True).fetchone()
+        if found is None:
+            return _SourcePage(b"", None)
+        last = found[0]
+        with source_conn.cursor() as cursor, cursor.copy(rows_query, (watermark, watermark, last)) as out:
+            return _SourcePage(b"".join(out), last)
 
 
 def adopt_model(conn: psycopg.Connection, source_conn: psycopg.Connection, source: Source, name: str,
-                types: dict[str, tuple[str, int]]) -> ModelSpec:
+                table: SourceTable) -> ModelSpec:
     """Register (or find, when resuming) model ``name`` for the vectors of ``source.vector_column``."""
-    column = sql.Identifier(source.vector_column)
-    dim = types[source.vector_column][1]
+    column = _name(source.vector_column)
+    dim = table.columns[source.vector_column].typmod
     if dim <= 0:  # an untyped vector column: the width most of its rows have
-        row = source_conn.execute(
-            sql.SQL("SELECT vector_dims({c}) FROM {t} WHERE {c} IS NOT NULL GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")
-            .format(c=column, t=_split(source.table))).fetchone()
-        if row is None:
+        widths = _fetch(source_conn, sql.SQL("SELECT vector_dims({c}) FROM {t} WHERE {c} IS NOT NULL"
+                                             " GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT %s").format(
+            c=column, t=table.name), (1,))
+        if not widths:
             raise ImportRefused(f"{source.table}.{source.vector_column} holds no vector to adopt")
-        dim = row[0]
-    sample = source_conn.execute(  # the first rows by id (an index scan), of which those of the model's width
-        sql.SQL("SELECT k::text, v::text FROM (SELECT {id} AS k, {c} AS v FROM {t} WHERE {c} IS NOT NULL"
-                " ORDER BY {id} LIMIT %s) s WHERE vector_dims(v) = %s ORDER BY k LIMIT %s").format(
-            id=sql.Identifier(source.id_column), c=column, t=_split(source.table)),
-        (16 * FINGERPRINT_SAMPLE, dim, FINGERPRINT_SAMPLE)).fetchall()
+        dim = widths[0][0]
+    sample = _fetch(source_conn, sql.SQL(  # the first rows by id (an index scan), of which those of the model's width
+        "SELECT k::text, v::text FROM (SELECT {id} AS k, {c} AS v FROM {t} WHERE {c} IS NOT NULL"
+        " ORDER BY {id} LIMIT %s) s WHERE vector_dims(v) = %s ORDER BY k LIMIT %s").format(
+        id=_name(source.id_column), c=column, t=table.name),
+        (16 * FINGERPRINT_SAMPLE, dim, FINGERPRINT_SAMPLE))
     digest = hashlib.sha256(json.dumps({"provider": ADOPTED, "source": source.identity, "dim": dim,
                                         "sample": sample}, sort_keys=True).encode()).hexdigest()
     profile = ModelProfile(provider=ADOPTED, dim=dim, max_tokens=0,
@@ -229,23 +356,30 @@ def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, p
                rate: float | None, console: Console | None) -> ImportReport:
     """Import ``source`` into ``conn``'s documents (adopting its vectors as ``model``), resuming after its
     watermark; returns what was read, written and skipped."""
+    if bool(model) != bool(source.vector_column):
+        raise ImportRefused("--vector-column and --model go together: the model whose vectors the column holds")
     report = ImportReport()
     started = time.perf_counter()
-    with psycopg.connect(source.url, autocommit=True) as source_conn:
-        source_conn.execute("SET default_transaction_read_only = on")
-        types = _column_types(source_conn, source.table)
-        _check(source, types)
-        if bool(model) != bool(source.vector_column):
-            raise ImportRefused("--vector-column and --model go together: the model whose vectors the column holds")
-        spec = adopt_model(conn, source_conn, source, model, types) if model else None
-        newest = sql.SQL("SELECT max(version) FROM ({}) r").format(_rows(source, types))
-        watermark = _watermark(conn, source.identity, lambda: source_conn.execute(newest).fetchone()[0])
+    with _connect_source(source.url) as source_conn:
+        table = _describe(source_conn, source)
+        if _fetch(source_conn, "SELECT row_security_active(%s)", (table.oid,))[0][0]:
+            log.warning("row-level security is active on %s for this role: only the rows it shows are imported",
+                        source.table)
+        spec = adopt_model(conn, source_conn, source, model, table) if model else None
+        newest = sql.SQL("SELECT max({}) FROM {}").format(_version(source, table), table.name)
+        watermark = _watermark(conn, source.identity, lambda: _fetch(source_conn, newest, ())[0][0])
         _stage_in_memory(conn)
-        (estimate,) = source_conn.execute("SELECT greatest(reltuples::bigint, 0) FROM pg_class"
-                                          " WHERE oid = to_regclass(%s)", (source.table,)).fetchone()
-        queries = _page_queries(source, types)
+        if not table.columns[source.id_column].not_null:
+            (no_id,) = _fetch(source_conn, sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
+                table.name, _name(source.id_column)), ())[0]
+            report.read += no_id
+            if no_id:
+                report.skipped[NO_ID] = no_id
+        (estimate,) = _fetch(source_conn, "SELECT greatest(reltuples::bigint, 0) FROM pg_class WHERE oid = %s",
+                             (table.oid,))[0]
+        queries = _page_queries(source, table)
         pace = per_second(rate, burst=page_size) if rate else None
-        progress = Progress(TextColumn(f"import {source.table}"), BarColumn(), MofNCompleteColumn(),
+        progress = Progress(TextColumn(f"import {escape(source.table)}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]:,.0f} rows/s"), TimeRemainingColumn(),
                             console=console, disable=console is None)
         with progress, ThreadPoolExecutor(1, thread_name_prefix="segue-import-read") as reader:
@@ -300,37 +434,54 @@ def _stage_in_memory(conn: psycopg.Connection) -> None:
 
 def _page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page: _SourcePage,
           report: ImportReport) -> None:
-    """Stage one page and write it, with its watermark, in one transaction; counts it in ``report``."""
+    """Stage one page and write it, with its watermark, in one transaction; counts it in ``report``.
+
+    A staged row (s) is written unless it is unusable, loses to another row of its id, or
+    its document was deleted at a newer version (t); deleted at its own version, it is
+    written again and its tombstone goes: the source is the truth, and this undoes a delete
+    published by ``--follow``.
+    """
     with conn.transaction():
         conn.execute("SET LOCAL work_mem = '256MB'")  # the page is sorted by doc_id in memory, not on disk
         conn.execute("CREATE TEMP TABLE segue_import (doc_id text, body text, version int8, metadata jsonb,"
                      " vec vector, ord int8) ON COMMIT DROP")
         with conn.cursor() as cursor, cursor.copy("COPY segue_import FROM STDIN (FORMAT BINARY)") as into:
             into.write(page.data)
-        dim = spec.dim if spec else 0
-        rows, no_text, long_id, no_vector, wrong_dim, zero, eligible = conn.execute(
-            "SELECT count(*),"
-            " count(*) FILTER (WHERE s.body IS NULL),"
-            " count(*) FILTER (WHERE length(s.doc_id) NOT BETWEEN 1 AND 512),"
-            " count(*) FILTER (WHERE s.body IS NOT NULL AND s.vec IS NULL),"
-            " count(*) FILTER (WHERE s.body IS NOT NULL AND vector_dims(s.vec) <> %(dim)s),"
-            " count(*) FILTER (WHERE s.body IS NOT NULL AND vector_dims(s.vec) = %(dim)s AND vector_norm(s.vec) = 0),"
-            f" count(*) FILTER (WHERE {ELIGIBLE})"
-            " FROM segue_import s LEFT JOIN document_tombstones t ON t.doc_id = s.doc_id", {"dim": dim}).fetchone()
-        written = _write(conn, source, spec)
-        report.read += rows
-        report.written += written
-        report.superseded += eligible - written
-        report.skipped.update({"no text": no_text, "doc_id not 1 to 512 characters": long_id})
+        skipped = sql.SQL(
+            "CASE {unusable} WHEN row_number() OVER (PARTITION BY s.doc_id ORDER BY s.body IS NULL, s.version IS NULL,"
+            " s.version DESC, s.ord DESC) > 1 THEN {duplicate} WHEN s.version < t.version THEN {deleted} END"
+        ).format(unusable=_unusable("s"), duplicate=sql.Literal(DUPLICATE_ID), deleted=sql.Literal(DELETED_NEWER))
+        vector_missed = sql.SQL("NULL::text")
         if spec is not None:
-            report.vectors_not_adopted.update({"no vector": no_vector, f"dimension mismatch (not {dim})": wrong_dim,
-                                               "all-zero vector": zero})
+            vector_missed = sql.SQL(
+                "CASE WHEN s.vec IS NULL THEN 'no vector' WHEN vector_dims(s.vec) <> {dim}"
+                " THEN {mismatch} WHEN vector_norm(s.vec) = 0 THEN 'all-zero vector' END").format(
+                dim=sql.Literal(spec.dim), mismatch=sql.Literal(f"dimension mismatch (not {spec.dim})"))
+        outcomes = conn.execute(sql.SQL(  # what each row (c, by its ord) comes to, kept narrow: no text, no vector
+            "WITH classified AS MATERIALIZED (SELECT s.ord, s.doc_id, {skipped} AS skipped,"
+            "   {vector_missed} AS vector_missed FROM segue_import s LEFT JOIN document_tombstones t"
+            "   ON t.doc_id = s.doc_id),"
+            " written AS ({write}),"
+            " restored AS (DELETE FROM document_tombstones t USING written w WHERE t.doc_id = w.doc_id)"
+            " SELECT c.skipped, CASE WHEN w.doc_id IS NOT NULL THEN c.vector_missed END, count(*), count(w.doc_id)"
+            " FROM classified c LEFT JOIN written w ON c.skipped IS NULL AND w.doc_id = c.doc_id GROUP BY 1, 2"
+        ).format(skipped=skipped, vector_missed=vector_missed, write=_write(source, spec))).fetchall()
+        for skipped_because, vector_missed_because, rows, written in outcomes:
+            report.read += rows
+            if skipped_because is not None:
+                report.skipped[skipped_because] += rows
+                continue
+            report.written += written
+            report.superseded += rows - written
+            if vector_missed_because is not None:
+                report.vectors_not_adopted[vector_missed_because] += written
         conn.execute("UPDATE import_progress SET watermark = %s, rows_read = rows_read + %s, updated_at = now()"
-                     " WHERE source = %s", (page.last, rows, source.identity))
+                     " WHERE source = %s", (page.last, sum(rows for _, _, rows, _ in outcomes), source.identity))
 
 
-def _write(conn: psycopg.Connection, source: Source, spec: ModelSpec | None) -> int:
-    """Upsert the staged page with the change pipeline's version rules; returns the rows written."""
+def _write(source: Source, spec: ModelSpec | None) -> sql.Composed:
+    """The upsert of the staged rows (s) not skipped (c), with the change pipeline's version rules, returning the
+    doc_ids written."""
     columns = [sql.Identifier(c) for c in ("doc_id", "body", "version", "content_sha256", "metadata", "source_topic",
                                            "source_partition", "source_offset")]
     values = [sql.SQL("s.doc_id, s.body, s.version, sha256(convert_to(s.body, 'UTF8')), s.metadata, {}, 0, s.ord")
@@ -351,92 +502,206 @@ def _write(conn: psycopg.Connection, source: Source, spec: ModelSpec | None) -> 
         # Resuming, or adopting the vectors of documents already imported at this version: same content, no vector.
         newer = sql.SQL("({newer} OR (d.version = excluded.version AND d.content_sha256 = excluded.content_sha256"
                         " AND d.{h} IS NULL AND excluded.{h} IS NOT NULL))").format(newer=newer, h=h)
-    eligible_rows = sql.SQL(
-        f"FROM segue_import s LEFT JOIN document_tombstones t ON t.doc_id = s.doc_id WHERE {ELIGIBLE}")
-    return conn.execute(sql.SQL(
-        "INSERT INTO documents AS d ({columns}) SELECT {values} {rows} ORDER BY s.doc_id"
-        " ON CONFLICT (doc_id) DO UPDATE SET {updates} WHERE {newer}"
-    ).format(columns=sql.SQL(", ").join(columns), values=sql.SQL(", ").join(values), rows=eligible_rows,
-             updates=sql.SQL(", ").join(updates), newer=newer)).rowcount
+    return sql.SQL(
+        "INSERT INTO documents AS d ({columns}) SELECT {values} FROM segue_import s JOIN classified c USING (ord)"
+        " WHERE c.skipped IS NULL ORDER BY s.doc_id ON CONFLICT (doc_id) DO UPDATE SET {updates} WHERE {newer}"
+        " RETURNING d.doc_id"
+    ).format(columns=sql.SQL(", ").join(columns), values=sql.SQL(", ").join(values),
+             updates=sql.SQL(", ").join(updates), newer=newer)
+
+
+Record = tuple[str, bytes | None]  # a document-changes record: (doc_id, value); a None value is a tombstone
 
 
 async def follow(conn: psycopg.Connection, source: Source, producer, topic: str, *, poll_s: float,
-                 deletes_every_s: float, page_size: int) -> None:
+                 reconcile_every_s: float, max_delete_fraction: float, max_text_bytes: int, page_size: int) -> None:
     """Keep Segue in step with ``source`` for users who cannot publish events yet, until cancelled.
 
-    Rows whose version moved past the last one published are published as document
-    changes (workers embed them with every model Segue runs); every ``deletes_every_s``
-    an anti-join finds stored documents the table no longer has and publishes their
-    tombstones. The table is taken to be the corpus' source of truth.
+    Every ``poll_s``, rows whose (version, id) passed the last one published are published as
+    document changes (workers embed them with every model Segue runs). Every
+    ``reconcile_every_s`` a reconcile pass (:func:`_reconcile`) walks the whole table, a page
+    between polls: it publishes rows that Segue lacks or holds at an older version, which the
+    keyset misses when versions count per row or a row commits late, and the deletes of
+    stored documents the table no longer has, unless they are more than ``max_delete_fraction``
+    of its documents. A row that makes no valid change (see :func:`_changes`) is logged, not sent.
     """
     if not source.version_column:
         raise ImportRefused("--follow needs --version-column: it publishes the rows whose version moved")
-    with psycopg.connect(source.url, autocommit=True) as source_conn:
-        source_conn.execute("SET default_transaction_read_only = on")
-        types = _column_types(source_conn, source.table)
-        rows_of = _rows(source, types)
-        key_type = sql.SQL(types[source.id_column][0])
+    with _connect_source(source.url) as source_conn:
+        table = _describe(source_conn, source)
         changed = sql.SQL(  # keyset on (version, id): a bulk update gives many rows one version
-            "SELECT doc_id, body, version, metadata FROM ({rows}) r WHERE (version, key) > (%s, %s::{key_type})"
-            " AND body IS NOT NULL ORDER BY version, key LIMIT %s").format(rows=rows_of, key_type=key_type)
+            "SELECT doc_id, body, version, metadata, CASE {unusable} END FROM ({rows}) r WHERE version IS NOT NULL"
+            " AND (version, key) > (%s, %s::{key_type}) ORDER BY version, key LIMIT %s").format(
+            unusable=_unusable("r"), rows=_rows(source, table),
+            key_type=sql.SQL(table.columns[source.id_column].full))
         row = conn.execute("SELECT follow_version, follow_key FROM import_progress WHERE source = %s",
                            (source.identity,)).fetchone()
         if row is None:
             raise ImportRefused(f"{source.table} was never imported: run segue import before --follow")
         since, after = (row[0], row[1]) if row[0] is not None else (-1, None)
-        last_deletes = 0.0
+        reconciling: Iterator[list[Record]] | None = None
+        next_poll = next_reconcile = time.monotonic()
         while True:
-            rows = source_conn.execute(changed, (since, after, page_size)).fetchall()
-            if rows:
-                deliveries = [await producer.send(topic, key=doc_id.encode(),
-                                                  value=encode_change(doc_id, version=version, text=body,
-                                                                      metadata=metadata))
-                              for doc_id, body, version, metadata in rows]
-                await asyncio.gather(*deliveries)
-                after, since = rows[-1][0], rows[-1][2]
-                conn.execute("UPDATE import_progress SET follow_version = %s, follow_key = %s, updated_at = now()"
-                             " WHERE source = %s", (since, after, source.identity))
-                log.info("published %d changed rows of %s (up to version %d)", len(rows), source.table, since)
-            if time.monotonic() - last_deletes >= deletes_every_s:
-                gone = _deleted(conn, source_conn, source, types)
-                if gone:
-                    await asyncio.gather(*[await producer.send(topic, key=doc_id.encode(), value=None)
-                                           for doc_id in gone])
-                    log.info("published %d tombstones for rows gone from %s", len(gone), source.table)
-                last_deletes = time.monotonic()
-            if len(rows) < page_size:
-                await asyncio.sleep(poll_s)
+            if time.monotonic() >= next_poll:
+                rows = _fetch(source_conn, changed, (since, after, page_size))
+                if rows:
+                    records, skipped = _changes(rows, max_text_bytes)
+                    await _publish(producer, topic, records)
+                    after, since = rows[-1][0], rows[-1][2]
+                    conn.execute("UPDATE import_progress SET follow_version = %s, follow_key = %s, updated_at = now()"
+                                 " WHERE source = %s", (since, after, source.identity))
+                    log.info("published %d changed rows of %s (up to version %d)", len(records), source.table, since)
+                    _log_skipped(source, skipped)
+                next_poll = time.monotonic() + (0 if len(rows) == page_size else poll_s)
+            if reconciling is None and time.monotonic() >= next_reconcile:
+                reconciling = _reconcile(conn, source_conn, source, table, page_size=page_size,
+                                         max_delete_fraction=max_delete_fraction, max_text_bytes=max_text_bytes)
+            if reconciling is not None:
+                step = next(reconciling, None)
+                if step is None:
+                    reconciling, next_reconcile = None, time.monotonic() + reconcile_every_s
+                else:
+                    await _publish(producer, topic, step)
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(max(0.0, min(next_poll, next_reconcile) - time.monotonic()))
 
 
-def _deleted(conn: psycopg.Connection, source_conn: psycopg.Connection, source: Source,
-             types: dict[str, tuple[str, int]], chunk: int = 1000) -> list[str]:
-    """Stored doc_ids the source table no longer has (an anti-join, a chunk of ids at a time).
+async def _publish(producer, topic: str, records: list[Record]) -> None:
+    """Send ``records`` keyed by doc_id, in order, and wait until the broker has them all."""
+    deliveries = [await producer.send(topic, key=doc_id.encode(), value=value) for doc_id, value in records]
+    await asyncio.gather(*deliveries)
 
-    Only ids that could be the table's are looked for: with an integer id column, a
-    stored document whose id is not an integer (published by someone else) is not its.
+
+def _changes(rows: list[tuple], max_text_bytes: int) -> tuple[list[Record], Counter[str]]:
+    """The document changes of source rows (doc_id, body, version, metadata, why unusable), checked as a worker will
+    check them; and the rows that make none, counted by reason."""
+    records, skipped = [], Counter()
+    for doc_id, body, version, metadata, unusable in rows:
+        if unusable is not None:
+            skipped[unusable] += 1
+            continue
+        value = encode_change(doc_id, version=version, text=body, metadata=metadata)
+        try:
+            decode_change(doc_id.encode(), value, max_text_bytes=max_text_bytes)
+        except InvalidEvent as error:  # a worker would dead-letter it
+            skipped[error.reason.value] += 1
+            continue
+        records.append((doc_id, value))
+    return records, skipped
+
+
+def _log_skipped(source: Source, skipped: Counter[str]) -> None:
+    for why, n in sorted(skipped.items()):
+        log.warning("skipped %d row(s) of %s: %s", n, source.table, why)
+
+
+def _reconcile(conn: psycopg.Connection, source_conn: psycopg.Connection, source: Source, table: SourceTable, *,
+               page_size: int, max_delete_fraction: float, max_text_bytes: int) -> Iterator[list[Record]]:
+    """One reconcile pass: a generator of the records to publish, a step per page read.
+
+    First the table in keyset pages of its id: each row's version is compared with what
+    Segue holds (documents.version, document_tombstones.version), and the rows it lacks or
+    holds older, and has not deleted at a newer version, are published. Then the stored
+    documents whose ids could be the table's, in pages: those the table no longer has are
+    deleted, unless row-level security may hide rows from this role, or they are more than
+    ``max_delete_fraction`` of them, as the walk saw them or as one last look in one
+    snapshot, just before publishing, sees them.
     """
-    gone, after = [], ""
-    type_name = types[source.id_column][0]
-    id_ = sql.Identifier(source.id_column)
-    present = sql.SQL("SELECT {id}::text FROM {t} WHERE {id} = ANY(%s::{type}[])").format(
-        id=id_, t=_split(source.table), type=sql.SQL(types[source.id_column][0]))
-    while ids := [d for (d,) in conn.execute("SELECT doc_id FROM documents WHERE doc_id > %s ORDER BY doc_id LIMIT %s",
-                                             (after, chunk)).fetchall()]:
-        after = ids[-1]
-        ids = [d for d in ids if _could_be_id(d, type_name)]
-        found = {d for (d,) in source_conn.execute(present, (ids,)).fetchall()}
-        gone += [d for d in ids if d not in found]
-    return gone
+    column = table.columns[source.id_column]
+    rows = _rows(source, table)
+    versions = sql.SQL("SELECT doc_id, version FROM ({rows}) r WHERE {after} ORDER BY key LIMIT %s").format(
+        rows=rows, after=_after(sql.Identifier("key"), column))
+    wanted = sql.SQL("SELECT doc_id, body, version, metadata, CASE {unusable} END FROM ({rows}) r"
+                     " WHERE key = ANY(%s::{key_type}[])").format(unusable=_unusable("r"), rows=rows,
+                                                                  key_type=sql.SQL(column.full))
+    published, skipped, deleted_at_their_version, after = 0, Counter(), 0, None
+    while page := _fetch(source_conn, versions, (after, after, page_size)):
+        after = page[-1][0]
+        compared = conn.execute(
+            "SELECT s.doc_id, s.version = t.version AND d.doc_id IS NULL FROM unnest(%s::text[], %s::int8[])"
+            " AS s (doc_id, version) LEFT JOIN documents d ON d.doc_id = s.doc_id"
+            " LEFT JOIN document_tombstones t ON t.doc_id = s.doc_id WHERE s.version IS NULL"
+            " OR (s.version > coalesce(d.version, -1) AND s.version > coalesce(t.version, -1))"
+            " OR (s.version = t.version AND d.doc_id IS NULL)",
+            ([doc_id for doc_id, _ in page], [version for _, version in page])).fetchall()
+        deleted_at_their_version += sum(1 for _, deleted in compared if deleted)
+        candidates = [doc_id for doc_id, deleted in compared if not deleted]
+        records, page_skipped = _changes(_fetch(source_conn, wanted, (candidates,)) if candidates else [],
+                                         max_text_bytes)
+        published += len(records)
+        skipped += page_skipped
+        yield records
+    gone, known = [], 0
+    present = sql.SQL("SELECT {id}::text FROM {table} WHERE {id} = ANY(%s::{key_type}[])").format(
+        id=_name(source.id_column), table=table.name, key_type=sql.SQL(column.full))
+
+    def absent(doc_ids: list[str]) -> list[str]:
+        found = {doc_id for (doc_id,) in _fetch(source_conn, present, (doc_ids,))} if doc_ids else set()
+        return [doc_id for doc_id in doc_ids if doc_id not in found]
+
+    stored_after = ""
+    while stored := [d for (d,) in conn.execute("SELECT doc_id FROM documents WHERE doc_id > %s ORDER BY doc_id"
+                                                " LIMIT %s", (stored_after, page_size)).fetchall()]:
+        stored_after = stored[-1]
+        theirs = [doc_id for doc_id in stored if _could_be_id(doc_id, column)]
+        known += len(theirs)
+        gone += absent(theirs)
+        yield []
+    log.info("reconciled %s: published %d row(s) Segue lacked or held at an older version; %d of the %d documents"
+             " it holds are gone from the table", source.table, published, len(gone), known)
+    _log_skipped(source, skipped)
+    if deleted_at_their_version:
+        log.warning("%d row(s) of %s were deleted from Segue at the version the table still holds: run segue import"
+                    " to restore them", deleted_at_their_version, source.table)
+    if not gone:
+        return
+    if _fetch(source_conn, "SELECT row_security_active(%s)", (table.oid,))[0][0]:
+        log.error("not publishing the %d deletes of %s: row-level security is active on it for this role, and may"
+                  " hide rows; follow it with a role that sees every row (its owner, or one with BYPASSRLS)",
+                  len(gone), source.table)
+        return
+    if _too_many(source, len(gone), known, max_delete_fraction):
+        return
+    # Once more, in one statement (one snapshot): rows back since are not deleted, and a table emptied since the
+    # walk saw it (a reload under way) has fewer rows than the documents the walk found in it.
+    (rows, gone), = _fetch(source_conn, sql.SQL(
+        "SELECT (SELECT count(*) FROM {table} WHERE {id} IS NOT NULL), array(SELECT g FROM unnest(%s::text[]) g"
+        " WHERE NOT EXISTS (SELECT FROM {table} WHERE {id} = g::{key_type}))").format(
+        table=table.name, id=_name(source.id_column), key_type=sql.SQL(column.full)), (gone,))
+    if _too_many(source, len(gone) + max(0, known - len(gone) - rows), known, max_delete_fraction):
+        return
+    if gone:
+        log.info("publishing %d delete(s) of rows gone from %s", len(gone), source.table)
+        yield [(doc_id, None) for doc_id in gone]
 
 
-def _could_be_id(doc_id: str, type_name: str) -> bool:
-    """Whether ``doc_id`` is the text form of a value of the id column's type."""
-    if type_name in INTEGER_TYPES:
-        bound = 2 ** (INTEGER_BITS[type_name] - 1)
-        return re.fullmatch(r"-?[0-9]{1,19}", doc_id) is not None and -bound <= int(doc_id) < bound
-    if type_name == "uuid":
+def _too_many(source: Source, gone: int, known: int, max_delete_fraction: float) -> bool:
+    """Whether ``gone`` of the ``known`` documents of the table are too many to delete (then it says so).
+
+    One delete a pass is always allowed, so a small table's rows can be deleted one at a time.
+    """
+    if gone <= max(1.0, max_delete_fraction * known):
+        return False
+    log.error("not publishing the deletes of %s: %d of the %d documents of it that Segue holds (%.1f%%) are gone"
+              " from it, more than --max-delete-fraction %g. Check that the table shows every row (row-level"
+              " security, a replica behind, a reload under way); if the rows were deleted, follow with"
+              " --max-delete-fraction %.2f", source.table, gone, known, 100 * gone / known, max_delete_fraction,
+              min(1.0, gone / known + 0.005))
+    return True
+
+
+def _could_be_id(doc_id: str, column: Column) -> bool:
+    """Whether ``doc_id`` is the text form of a value of the id column's type (a stored document that is not
+    could not be the table's: someone else published it)."""
+    if column.base in INTEGER_TYPES:
+        bound = 2 ** (INTEGER_BITS[column.base] - 1)
+        return re.fullmatch(r"0|-?[1-9][0-9]{0,18}", doc_id) is not None and -bound <= int(doc_id) < bound
+    if column.base == "uuid":
         try:
             return str(uuid.UUID(doc_id)) == doc_id
         except ValueError:
             return False
+    if column.typmod > 0:  # (var)char(n): n characters at most, and the text of a char(n) has no trailing space
+        return len(doc_id) <= column.typmod - 4 and not (column.base == "character" and doc_id.endswith(" "))
     return True

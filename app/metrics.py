@@ -58,7 +58,11 @@ MODEL_READY = Gauge(
     "segue_model_ready", "1 when a live model is loaded and warm in this worker.", ["model"], registry=REGISTRY)
 MODEL_HALTED = Gauge(
     "segue_model_halted", "1 while this worker has stopped writing a model until an operator acts, by reason "
-    "(auth: the API key was refused; canary_drift: the provider changed the model behind the name).",
+    "(auth: the API key was refused; rejected: the endpoint refuses every request; canary_drift: the provider "
+    "changed the model behind the name).", ["model", "reason"], registry=REGISTRY)
+TEXTS_REJECTED = Counter(
+    "segue_texts_rejected", "Texts a model gave no usable vector, by model and reason (refused or too_long by its "
+    "endpoint, malformed, wrong_width, non_finite, zero); each is dead-lettered as input_rejected.",
     ["model", "reason"], registry=REGISTRY)
 PROVIDER_REQUESTS = Counter(
     "segue_provider_requests", "Requests to an embedding API, by model and outcome (ok, or the error class).",

@@ -13,6 +13,7 @@ uses the coverage threshold recorded when the migration started.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -139,8 +140,13 @@ def _transition(
     detail: dict[str, Any] | None = None,
     *,
     read_version: str | None = None,
+    check: Callable[[Migration], dict[str, Any]] | None = None,
 ) -> Migration:
-    """Move the active migration from one of ``allowed`` to ``state`` in one transaction."""
+    """Move the active migration from one of ``allowed`` to ``state`` in one transaction.
+
+    ``check`` runs once the migration row is locked, so nothing it reads (a verdict, a state) can change before
+    the transition commits: it raises :class:`MigrationError` to refuse, or returns more detail to log.
+    """
     with conn.transaction():
         migration = require_active(conn)
         conn.execute("SELECT 1 FROM migrations WHERE id = %s FOR UPDATE", (migration.id,))
@@ -149,6 +155,8 @@ def _transition(
             raise MigrationError(
                 f"migration {migration.id} is {migration.state}; this needs it to be {' or '.join(allowed)}"
             )
+        if check is not None:
+            detail = {**(detail or {}), **check(migration)}
         conn.execute(
             "UPDATE migrations SET state = %s, updated_at = now(),"
             " cut_over_at = CASE WHEN %s = 'cut_over' THEN now() ELSE cut_over_at END,"
@@ -254,25 +262,39 @@ def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
 def refresh(conn: psycopg.Connection) -> Migration | None:
     """Mark a running migration ready once its gate passes (workers do, periodically); the active migration."""
     migration = active_migration(conn)
-    if migration is None or migration.state != "running":
+    if migration is None or migration.state != "running" or not gate(conn, migration).passed:
         return migration
-    check = gate(conn, migration)
-    if not check.passed:
-        return migration
-    return _transition(conn, ("running",), "ready", Action.MIGRATION_READY, {"coverage_pct": check.coverage_pct})
+
+    def still_passes(locked: Migration) -> dict[str, Any]:
+        check = gate(conn, locked)
+        if not check.passed:
+            raise MigrationError("; ".join(check.reasons()))
+        return {"coverage_pct": check.coverage_pct}
+
+    try:
+        return _transition(conn, ("running",), "ready", Action.MIGRATION_READY, check=still_passes)
+    except MigrationError:  # paused, or a new verdict closed the gate, since it was read
+        return active_migration(conn)
 
 
 def cutover(conn: psycopg.Connection, *, force_reason: str | None = None) -> Migration:
-    """Switch reads to the new model, atomically, if the gate passes (or is forced with a reason)."""
-    migration = require_active(conn)
-    check = gate(conn, migration)
-    if not check.passed and not force_reason:
-        raise MigrationError("cutover refused: " + "; ".join(check.reasons()) + " (override: --force --reason TEXT)")
-    detail = {"coverage_pct": round(check.coverage_pct, 3), "verdict": check.verdict}
-    if not check.passed:
-        detail.update(forced=True, reason=force_reason, gate_failures=check.reasons())
-    return _transition(conn, ("running", "ready", "rolled_back"), "cut_over", Action.MIGRATION_CUT_OVER, detail,
-                       read_version="to_version")
+    """Switch reads to the new model, atomically, if the gate passes (or is forced with a reason).
+
+    The gate is read under the migration row's lock: a verdict recorded while the cutover waited for it counts.
+    """
+
+    def gated(migration: Migration) -> dict[str, Any]:
+        check = gate(conn, migration)
+        if not check.passed and not force_reason:
+            raise MigrationError("cutover refused: " + "; ".join(check.reasons())
+                                 + " (override: --force --reason TEXT)")
+        detail = {"coverage_pct": round(check.coverage_pct, 3), "verdict": check.verdict}
+        if not check.passed:
+            detail.update(forced=True, reason=force_reason, gate_failures=check.reasons())
+        return detail
+
+    return _transition(conn, ("running", "ready", "rolled_back"), "cut_over", Action.MIGRATION_CUT_OVER,
+                       read_version="to_version", check=gated)
 
 
 def rollback(conn: psycopg.Connection) -> Migration:

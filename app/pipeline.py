@@ -13,17 +13,21 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 from segue import metrics, providers
+from segue.batches import (
+    ChangeEvent,
+    Envelope,
+    highest_versions,
+    latest_per_document,
+    split_rounds,
+)
 from segue.engine import URGENT, Embedded, EmbeddingEngine
 from segue.errors import ModelHalted, ProviderError
-from segue.spec import ModelSpec
 from segue.isolation import process_isolating_poison, retry_forever
-from segue.settings import Settings
-from segue.batches import ChangeEvent, Envelope, highest_versions, latest_per_document, split_rounds
-from segue.store import ChangelogRow, DeleteRow, DocumentRow, Store, StoredDocument, VectorRow
 from segue.schemas.changelog import Action, Origin
 from segue.schemas.events import (
     DeadLetterReason,
@@ -31,6 +35,16 @@ from segue.schemas.events import (
     ReadMiss,
     decode_change,
     decode_read_miss,
+)
+from segue.settings import Settings
+from segue.spec import ModelSpec
+from segue.store import (
+    ChangelogRow,
+    DeleteRow,
+    DocumentRow,
+    Store,
+    StoredDocument,
+    VectorRow,
 )
 
 log = logging.getLogger("segue.pipeline")
@@ -157,10 +171,40 @@ class _Processor:
         await self._isolate(rows, record, unrecordable)
         for letter in letters:
             topic = letter.envelope.source.topic
-            failed = letter.reason is DeadLetterReason.PROCESSING_FAILED
             metrics.DEAD_LETTERS.labels(topic, letter.reason.value).inc()
+            if letter.reason is DeadLetterReason.INPUT_REJECTED:
+                continue  # its record's outcome was counted when the other models' work was committed
+            failed = letter.reason is DeadLetterReason.PROCESSING_FAILED
             metrics.count_outcome(self.origin.value, topic, "failed" if failed else "dead_lettered",
                                   letter.envelope.latency_ms(), letter.reason.value)
+
+
+@dataclass(frozen=True)
+class _Upsert:
+    """A change that may write its document: its text's hash, and the models whose stored vector is not of it."""
+
+    event: ChangeEvent
+    sha: bytes
+    needed: list[ModelSpec]
+    fill_in: bool  # the document is stored at this version with this text: only its missing vectors are written
+
+    @property
+    def doc_id(self) -> str:
+        return self.event.change.doc_id
+
+    def embedded(self, batch: _BatchVectors) -> list[ModelSpec]:
+        """The needed models that gave this text a vector."""
+        return [m for m in self.needed if (self.doc_id, m.version) in batch.vectors]
+
+
+@dataclass
+class _BatchVectors:
+    """What embedding a batch's upserts gave, by (doc_id, model version)."""
+
+    vectors: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    tokens: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # (used, before truncation)
+    failed: dict[tuple[str, int], str] = field(default_factory=dict)  # why a needed model wrote no vector
+    rejected: dict[tuple[str, int], str] = field(default_factory=dict)  # texts a model rejected: dead-lettered
 
 
 class ChangeProcessor(_Processor):
@@ -218,74 +262,44 @@ class ChangeProcessor(_Processor):
         winners, superseded = latest_per_document(events)
         seen = highest_versions(events)
         stored = await self.store.fetch([e.change.doc_id for e in winners], models)
-
-        upserts: list[tuple[ChangeEvent, bytes, list[ModelSpec]]] = []
-        deletes: list[ChangeEvent] = []
-        for event in winners:
-            known = stored[event.change.doc_id].newest_known_version()
-            if event.change.version is not None and known is not None and event.change.version <= known:
-                superseded.append(event)
-            elif event.change.is_delete:
-                deletes.append(event)
-            else:
-                sha = content_sha256(event.change.text)
-                held = stored[event.change.doc_id].model_sha256
-                upserts.append((event, sha, [m for m in models if held.get(m.version) != sha]))
-
-        todo = {m.version: [event for event, _, needed in upserts if m in needed] for m in models}
-        results = await asyncio.gather(*(self._embed_available(m, [e.change.text for e in todo[m.version]])
-                                         for m in models if todo[m.version]))
-        vectors: dict[tuple[str, int], object] = {}
-        tokens: dict[tuple[str, int], tuple[int, int]] = {}
-        unavailable: dict[int, str] = {}
-        for model, result in zip([m for m in models if todo[m.version]], results):
-            if isinstance(result, BaseException):
-                unavailable[model.version] = f"provider_unavailable: {_error_text(result)}"
-                continue
-            for event, vector, used, total in zip(todo[model.version], result.vectors, result.tokens_used(model),
-                                                  result.tokens):
-                vectors[(event.change.doc_id, model.version)] = vector
-                tokens[(event.change.doc_id, model.version)] = (used, total)
-        failed = {(event.change.doc_id, version) for version in unavailable for event in todo[version]}
-        upserts = [(event, sha, [m for m in needed if m.version not in unavailable]) for event, sha, needed in upserts]
-
-        rows = [
-            DocumentRow(
-                doc_id=event.change.doc_id,
-                body=event.change.text,
-                version=event.change.version,
-                content_sha256=sha,
-                metadata=event.change.metadata,
-                source=event.envelope.source,
-                vectors={m.version: vectors[(event.change.doc_id, m.version)] for m in needed},
-            )
-            for event, sha, needed in upserts
-        ]
+        upserts, deletes = self._sort_out(winners, stored, models, superseded)
+        embedded = await self._embed_upserts(upserts, models)
         slots = _model_slots(models)
         async with self.store.transaction() as tx:
-            applied = await tx.upsert_documents(rows, models)
+            applied = await tx.upsert_documents(
+                [DocumentRow(doc_id=u.doc_id, body=u.event.change.text, version=u.event.change.version,
+                             content_sha256=u.sha, metadata=u.event.change.metadata, source=u.event.envelope.source,
+                             vectors={m.version: embedded.vectors[(u.doc_id, m.version)] for m in u.embedded(embedded)})
+                 for u in upserts if not u.fill_in], models)
+            filled: set[tuple[str, int]] = set()  # fill-ins: vectors of documents still at that text
+            for model in models:
+                filled |= {(doc_id, model.version) for doc_id in await tx.write_vectors(model, [
+                    VectorRow(u.doc_id, u.sha, embedded.vectors[(u.doc_id, model.version)])
+                    for u in upserts if u.fill_in and model in u.embedded(embedded)])}
             deleted = await tx.delete_documents(
                 [DeleteRow(e.change.doc_id, e.change.version, seen.get(e.change.doc_id), e.envelope.source)
                  for e in deletes])
             changelog: list[ChangelogRow] = []
             outcomes: list[tuple[Envelope, Action]] = []
             written: Counter[str] = Counter()
-            for event, _, needed in upserts:
-                if event.change.doc_id not in applied:
-                    changelog += [self._row(event, v, Action.SUPERSEDED) for v in slots]
-                    outcomes.append((event.envelope, Action.SUPERSEDED))
+            for u in upserts:
+                if not u.fill_in and u.doc_id not in applied:
+                    changelog += [self._row(u.event, v, Action.SUPERSEDED) for v in slots]
+                    outcomes.append((u.event.envelope, Action.SUPERSEDED))
                     continue
-                needed_versions = {m.version for m in needed}
-                doc_id = event.change.doc_id
+                done = [m for m in u.embedded(embedded) if not u.fill_in or (u.doc_id, m.version) in filled]
                 for v in slots:
-                    if v in needed_versions:
-                        changelog.append(self._row(event, v, Action.EMBEDDED, tokens=tokens[(doc_id, v)]))
-                    elif (doc_id, v) in failed:
-                        changelog.append(self._row(event, v, Action.FAILED, unavailable[v]))
+                    key = (u.doc_id, v)
+                    if v in {m.version for m in done}:
+                        changelog.append(self._row(u.event, v, Action.EMBEDDED, tokens=embedded.tokens[key]))
+                    elif key in embedded.failed:
+                        changelog.append(self._row(u.event, v, Action.FAILED, embedded.failed[key]))
+                    elif key in embedded.vectors:  # a fill-in whose document changed since it was read
+                        changelog.append(self._row(u.event, v, Action.SUPERSEDED))
                     else:
-                        changelog.append(self._row(event, v, Action.UNCHANGED))
-                outcomes.append((event.envelope, Action.EMBEDDED if needed else Action.UNCHANGED))
-                written.update(m.name for m in needed)
+                        changelog.append(self._row(u.event, v, Action.UNCHANGED))
+                outcomes.append((u.event.envelope, Action.EMBEDDED if done else Action.UNCHANGED))
+                written.update(m.name for m in done)
             for event in deletes:
                 absent_already = stored[event.change.doc_id].version is None
                 action = Action.DELETED if event.change.doc_id in deleted or absent_already else Action.SUPERSEDED
@@ -296,6 +310,55 @@ class ChangeProcessor(_Processor):
                 outcomes.append((event.envelope, Action.SUPERSEDED))
             await tx.log(changelog)
         self._committed(outcomes, written)
+        await self._dead_letter([
+            DeadLetter(u.event.envelope, DeadLetterReason.INPUT_REJECTED, f"model {m.name!r}: {embedded.rejected[key]}",
+                       self.origin, m.version, u.event.change.event_id)
+            for u in upserts for m in u.needed if (key := (u.doc_id, m.version)) in embedded.rejected])
+
+    @staticmethod
+    def _sort_out(winners: Sequence[ChangeEvent], stored: Mapping[str, StoredDocument], models: Sequence[ModelSpec],
+                  superseded: list[ChangeEvent]) -> tuple[list[_Upsert], list[ChangeEvent]]:
+        """The batch's winners as upserts and deletes; those not newer than what is known join ``superseded``.
+
+        An upsert at the stored version with the stored text is a *fill-in* (a record delivered again, or a
+        dead letter replayed): it writes only the vectors the stored document lacks.
+        """
+        upserts: list[_Upsert] = []
+        deletes: list[ChangeEvent] = []
+        for event in winners:
+            doc = stored[event.change.doc_id]
+            version, known = event.change.version, doc.newest_known_version()
+            if event.change.is_delete:
+                (superseded if version is not None and known is not None and version <= known else deletes).append(event)
+                continue
+            sha = content_sha256(event.change.text)
+            fill_in = version == doc.version and sha == doc.content_sha256
+            if known is not None and version <= known and not fill_in:
+                superseded.append(event)
+                continue
+            upserts.append(_Upsert(event, sha, [m for m in models if doc.model_sha256.get(m.version) != sha], fill_in))
+        return upserts, deletes
+
+    async def _embed_upserts(self, upserts: Sequence[_Upsert], models: Sequence[ModelSpec]) -> _BatchVectors:
+        """Embed each upsert's text with the models it needs, all models at once."""
+        todo = {m.version: [u for u in upserts if m in u.needed] for m in models}
+        asked = [m for m in models if todo[m.version]]
+        results = await asyncio.gather(*(self._embed_available(m, [u.event.change.text for u in todo[m.version]])
+                                         for m in asked))
+        batch = _BatchVectors()
+        for model, result in zip(asked, results):
+            used = [] if isinstance(result, BaseException) else result.tokens_used(model)
+            for i, upsert in enumerate(todo[model.version]):
+                key = (upsert.doc_id, model.version)
+                if isinstance(result, BaseException):
+                    batch.failed[key] = f"provider_unavailable: {_error_text(result)}"
+                elif i in result.rejected:
+                    batch.rejected[key] = result.rejected[i]
+                    batch.failed[key] = f"input_rejected: {result.rejected[i]}"
+                else:
+                    batch.vectors[key] = result.vectors[i]
+                    batch.tokens[key] = (used[i], result.tokens[i])
+        return batch
 
     async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
         models = await self.store.computed_models()
@@ -380,28 +443,36 @@ class ReadMissProcessor(_Processor):
         except ModelHalted as error:  # until an operator acts: recorded, not retried; the sweeper comes back later
             await self._record_halted(known, stored, error)
             return
+        rejected = {docs[i].doc_id: why for i, why in embedded.rejected.items()}
         tokens = dict(zip(todo, zip(embedded.tokens_used(model), embedded.tokens)))
         async with self.store.transaction() as tx:
-            written = await tx.write_vectors(
-                model, [VectorRow(d.doc_id, d.content_sha256, v) for d, v in zip(docs, embedded.vectors)]
-            )
+            written = await tx.write_vectors(model, [VectorRow(d.doc_id, d.content_sha256, v)
+                                                     for d, v in zip(docs, embedded.vectors)
+                                                     if d.doc_id not in rejected])
             changelog = []
             outcomes: list[tuple[Envelope, Action]] = []
             first_seen: set[str] = set()
             for event in known:
-                doc = stored[event.miss.doc_id]
-                if event.miss.doc_id in written and event.miss.doc_id not in first_seen:
+                doc_id = event.miss.doc_id
+                error = None
+                if doc_id in rejected:
+                    action, error = Action.FAILED, f"input_rejected: {rejected[doc_id]}"
+                elif doc_id in written and doc_id not in first_seen:
                     action = Action.EMBEDDED
-                elif event.miss.doc_id in todo and event.miss.doc_id not in written:
+                elif doc_id in todo and doc_id not in written:
                     action = Action.SUPERSEDED
                 else:
                     action = Action.UNCHANGED
-                first_seen.add(event.miss.doc_id)
-                counted = tokens[event.miss.doc_id] if action is Action.EMBEDDED else None
-                changelog.append(self._row(event, action, doc.version, tokens=counted))
+                first_seen.add(doc_id)
+                counted = tokens[doc_id] if action is Action.EMBEDDED else None
+                changelog.append(self._row(event, action, stored[doc_id].version, error, tokens=counted))
                 outcomes.append((event.envelope, action))
             await tx.log(changelog)
         self._committed(outcomes, {model.name: len(written)})
+        await self._dead_letter([
+            DeadLetter(e.envelope, DeadLetterReason.INPUT_REJECTED, f"model {model.name!r}: {rejected[e.miss.doc_id]}",
+                       self.origin, model.version, e.miss.event_id)
+            for e in known if e.miss.doc_id in rejected])
 
     async def _record_halted(self, events: Sequence[ReadMissEvent], stored: Mapping[str, StoredDocument],
                              error: ModelHalted) -> None:

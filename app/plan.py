@@ -142,9 +142,9 @@ def sample_texts(conn: psycopg.Connection, size: int) -> list[str]:
 
 def measure_throughput(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> float:
     """Documents per second embedding ``texts`` (after one warm-up batch)."""
-    engine.embed_sync(model, texts[:2])
+    engine.embed_counted_sync(model, texts[:2])
     started = time.perf_counter()
-    engine.embed_sync(model, texts)
+    engine.embed_counted_sync(model, texts)
     return len(texts) / (time.perf_counter() - started)
 
 

@@ -16,7 +16,9 @@ and searches in one of three modes:
 ``parallel``
     Both models of the active migration rank their current vectors; RRF merges them.
 ``routing``
-    A policy (default :func:`route_by_query_shape`) picks one model per query.
+    A policy (default :func:`route_by_query_shape`) picks one model per query: the read
+    model, or the other model if the counters say its column is complete (a half-filled
+    column would rank part of the corpus). The read model searches as in ``incremental``.
 
 A query vector is only ever compared with the column of the model that embedded it:
 :func:`check_query` checks its width and the embedding model's fingerprint against the
@@ -38,7 +40,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -74,7 +76,8 @@ def route_by_query_shape(query_text: str, candidates: list[ModelSpec]) -> ModelS
     """The default routing policy: short FAQ-like queries to the lightest model, others to the read model.
 
     Short means at most 6 words, or a question (ending in "?") of at most 12 words.
-    ``candidates`` lists the read model first, then the other side of the active migration.
+    ``candidates`` lists the read model first, then the other side of the active migration
+    when every document has a current vector for it.
     """
     words = len(query_text.split())
     short = words <= 6 or (query_text.rstrip().endswith("?") and words <= 12)
@@ -212,7 +215,7 @@ class SegueReader:
     def _incremental(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
         read, other = view.read, view.other
         primary = self._rank_text(read, query, k, filters)
-        if other is None or not self._read_model_incomplete(read):
+        if other is None or not self._incomplete(read):
             return SearchResult("incremental", (read.name,), primary, [])
         fallback = self._rank_text(other, query, k, filters, lacking=read)
         hits = reciprocal_rank_fusion([primary, fallback], k)
@@ -227,7 +230,7 @@ class SegueReader:
         return SearchResult("parallel", tuple(spec.name for spec in specs), hits, [])
 
     def _routing(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
-        candidates = view.candidates
+        candidates = [view.read] + [spec for spec in view.candidates[1:] if not self._incomplete(spec)]
         chosen = self._policy(query.text, list(candidates))
         spec = next((c for c in candidates if c.version == getattr(chosen, "version", None)), None)
         if spec is None:
@@ -235,6 +238,8 @@ class SegueReader:
                 f"the routing policy chose {getattr(chosen, 'name', chosen)!r}, "
                 f"not one of {[c.name for c in candidates]}"
             )
+        if spec.version == view.read.version:  # with the fallback for documents it lacks
+            return replace(self._incremental(view, query, k, filters), mode="routing")
         return SearchResult("routing", (spec.name,), self._rank_text(spec, query, k, filters), [])
 
     # -- columns ------------------------------------------------------------------------------
@@ -250,8 +255,14 @@ class SegueReader:
                 f"model {spec.name!r} holds adopted vectors and Segue cannot embed queries for it: pass the query"
                 f" embedded by that model (vectors={{{spec.name!r}: QueryVector(…)}}) or bind the model to a provider"
                 " (segue models bind)")
-        vector = self._engine.embed_sync(spec, [query.text])[0]
-        return self._rank(spec, vector, spec.fingerprint, k, filters, lacking)
+        return self._rank(spec, self._embed_query(spec, query.text), spec.fingerprint, k, filters, lacking)
+
+    def _embed_query(self, spec: ModelSpec, text: str) -> Any:
+        """``text`` embedded by ``spec``; :class:`IncompatibleQuery` when the model gives it no usable vector."""
+        embedded = self._engine.embed_counted_sync(spec, [text])
+        if embedded.rejected:
+            raise IncompatibleQuery(f"model {spec.name!r} gives no usable vector for this query ({embedded.rejected[0]})")
+        return embedded.vectors[0]
 
     def _rank(self, spec: ModelSpec, vector: Any, fingerprint: str, k: int, filters: dict | None,
               lacking: ModelSpec | None = None) -> list[SearchHit]:
@@ -269,14 +280,14 @@ class SegueReader:
         if given is not None:
             vector = check_query(read, given.vector, given.fingerprint)
         else:
-            vector = self._engine.embed_sync(read, [query.text])[0]
+            vector = self._embed_query(read, query.text)
         with self._connection() as conn:
             self._query_log.record(conn, read, query.text, vector, nearest(conn, read, vector, TOP_K))
 
-    def _read_model_incomplete(self, read: ModelSpec) -> bool:
-        """Whether some document lacks a current vector for ``read`` (from the exact counters)."""
+    def _incomplete(self, spec: ModelSpec) -> bool:
+        """Whether some document lacks a current vector for ``spec`` (from the exact counters)."""
         with self._connection() as conn:
-            current, total = migration.vector_counts(conn, read.version)
+            current, total = migration.vector_counts(conn, spec.version)
         return total > current
 
     # -- serving state ------------------------------------------------------------------------

@@ -135,11 +135,14 @@ def bind_model(conn: psycopg.Connection, engine, name: str, source: str, *, prov
     if not rows:
         raise RegistryError(f"model {name!r} has no current vector to check the provider against")
     bound = ModelSpec.from_profile(adopted.version, name, source, profile)
-    computed = engine.embed_sync(bound, [body for body, _ in rows])
+    computed = engine.embed_counted_sync(bound, [body for body, _ in rows])
     stored = np.stack([vector.to_numpy() for _, vector in rows])
     stored = stored / np.maximum(np.linalg.norm(stored, axis=1, keepdims=True), 1e-12)
-    cosine = float((computed * stored).sum(axis=1).min())
-    if cosine < BIND_MIN_COSINE:
+    if computed.rejected:
+        raise RegistryError(f"{source} does not reproduce model {name!r}'s stored vectors: it gives no usable vector "
+                            f"for one of {len(rows)} documents ({min(computed.rejected.items())[1]})")
+    cosine = float((computed.vectors * stored).sum(axis=1).min())
+    if not cosine >= BIND_MIN_COSINE:  # NaN fails too
         raise RegistryError(f"{source} does not reproduce model {name!r}'s stored vectors: the lowest cosine over "
                             f"{len(rows)} documents is {cosine:.4f} < {BIND_MIN_COSINE}")
     config = {**profile.config, "adopted_from": adopted.config.get("source")}

@@ -79,10 +79,10 @@ def compare(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, n
     texts = [text for (text,) in rows]
     if not texts:
         return {"kind": "shadow", "queries": 0, "without_text": hashed}
-    rankings = {}
-    for spec in (old, new):
-        vectors = engine.embed_sync(spec, texts)
-        rankings[spec.name] = [nearest(conn, spec, v, TOP_K, exact=True) for v in vectors]
+    embedded = {spec.name: engine.embed_counted_sync(spec, texts) for spec in (old, new)}
+    usable = [i for i in range(len(texts)) if not any(i in e.rejected for e in embedded.values())]
+    rankings = {spec.name: [nearest(conn, spec, embedded[spec.name].vectors[i], TOP_K, exact=True) for i in usable]
+                for spec in (old, new)}
     overlaps, rbos = [], []
     for old_hits, new_hits in zip(rankings[old.name], rankings[new.name]):
         left, right = [h.doc_id for h in old_hits], [h.doc_id for h in new_hits]
@@ -90,7 +90,8 @@ def compare(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, n
         rbos.append(rank_biased_overlap(left, right))
     top1 = {side: [hits[0].score if hits else None for hits in rankings[spec.name]]
             for side, spec in (("old", old), ("new", new))}
-    return {"kind": "shadow", "queries": len(texts), "without_text": hashed, "old_model": old.name,
+    return {"kind": "shadow", "queries": len(usable), "without_text": hashed, "rejected": len(texts) - len(usable),
+            "old_model": old.name,
             "new_model": new.name, "overlap_at_10": float(np.mean(overlaps)), "rbo": float(np.mean(rbos)),
             "per_query": {"overlap_at_10": overlaps, "rbo": rbos}, "top1": top1,
             "top1_quantiles": {side: _quantiles(values) for side, values in top1.items()}}

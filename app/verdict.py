@@ -10,13 +10,15 @@ For each query the two models' scores pair up; the differences (new − old) giv
   whole interval is above it, ``fail`` when the whole interval is below it, otherwise
   ``inconclusive`` (too few queries, or too close to call).
 
-Slices (queries grouped by a metadata field) are compared the same way, their p-values
-corrected for multiplicity by Holm's method; a slice significantly worse than the
-threshold after correction fails the verdict.
+Slices (queries grouped by a metadata field) are compared the same way, and each is tested
+against the threshold itself (:func:`slices_below`): one-sided, "this slice's mean difference
+is below the threshold", its p-values corrected for multiplicity by Holm's method; a slice
+significantly below the threshold after correction fails the verdict.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -77,3 +79,36 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+@dataclass(frozen=True)
+class SliceTest:
+    """One slice against the threshold: the one-sided p of "its mean difference is below it", raw and Holm-corrected."""
+
+    p_below: float
+    p_holm: float
+
+    @property
+    def below(self) -> bool:
+        """Whether the slice is significantly below the threshold after correction (it fails the verdict)."""
+        return self.p_holm < ALPHA
+
+
+def p_below(differences: np.ndarray, threshold: float, *, resamples: int = 10_000, seed: int = 0) -> float:
+    """One-sided p of "the mean of ``differences`` is below ``threshold``".
+
+    A sign-flip randomization test of mean(d − threshold) < 0 (the differences shifted by the
+    threshold, signs flipped within pairs); 1.0 with fewer than two differences.
+    """
+    shifted = np.asarray(differences, dtype=float) - threshold
+    if len(shifted) < 2:
+        return 1.0
+    return float(stats.permutation_test((shifted,), np.mean, permutation_type="samples", alternative="less",
+                                        n_resamples=resamples, random_state=seed).pvalue)
+
+
+def slices_below(differences: Mapping[str, np.ndarray], threshold: float, *, resamples: int = 10_000,
+                 seed: int = 0) -> dict[str, SliceTest]:
+    """Each slice's per-query differences (new − old) tested against ``threshold``, Holm-corrected across slices."""
+    raw = {name: p_below(d, threshold, resamples=resamples, seed=seed) for name, d in differences.items()}
+    return {name: SliceTest(p, adjusted) for (name, p), adjusted in zip(raw.items(), holm(list(raw.values())))}

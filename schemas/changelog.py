@@ -28,6 +28,7 @@ class Action(str, Enum):
     INDEX_BUILT = "index_built"
     INDEX_FAILED = "index_failed"
     IMPORTED = "imported"
+    BILLED = "billed"  # tokens an API model's endpoint billed a worker for (tokens_used), a few seconds' worth
 
 
 class Origin(str, Enum):

@@ -8,6 +8,7 @@ the worker decodes with :func:`decode_change` and :func:`decode_read_miss`, whic
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ import orjson
 
 MAX_DOC_ID_CHARS = 512  # documents.doc_id's CHECK; keeps every doc_id inside a btree index row
 MAX_VERSION = 2**63 - 1  # documents.version is a bigint
+MAX_NESTING = 128  # arrays and objects in an event nest at most this deep (the schema validator stops at 255)
 DEAD_LETTER_MAX_BYTES = 900_000  # a dead letter (key + value) stays under Kafka's default 1 MB message limit
 DEAD_LETTER_KEY_MAX_BYTES = 4096
 DEAD_LETTER_ERROR_MAX_CHARS = 2000
+DEAD_LETTER_REPLAY_OF_MAX_CHARS = 512  # a replay_of names topic/partition/offset; a topic name has at most 249
 REPLAY_HEADER = "segue-replay-of"  # on a replayed record: the dead letter it replays, "topic/partition/offset"
 
 
@@ -39,6 +42,7 @@ class DeadLetterReason(str, Enum):
     KEY_MISMATCH = "key_mismatch"
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_DOCUMENT = "unknown_document"
+    INPUT_REJECTED = "input_rejected"
     PROCESSING_FAILED = "processing_failed"
 
 
@@ -105,6 +109,7 @@ def _parse(name: str, value: bytes) -> dict[str, Any]:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidEvent(DeadLetterReason.BAD_JSON, f"value is not valid JSON: {exc}") from None
+    wide = _scan(name, obj)  # before the validator, which gives up on values nested 255 deep
     validator = _validator(name)
     if not validator.is_valid(obj):
         error = next(validator.iter_errors(obj))
@@ -113,31 +118,59 @@ def _parse(name: str, value: bytes) -> dict[str, Any]:
     if "version" in obj and type(obj["version"]) is not int:  # JSON Schema counts 5.0 and 1e3 as integers
         raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION,
                            f"{name} schema: version: {obj['version']!r} is not an integer literal")
-    where = _nul_path(obj)
-    if where is not None:
-        raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION,
-                           f"{name}: {where or '(root)'} contains a NUL character, which PostgreSQL text cannot store")
+    if wide:
+        _refuse_wide_integers(name, value, wide)
     return obj
 
 
-def _nul_path(value: Any, path: str = "") -> str | None:
-    """The JSON path of the first string (or object key) holding U+0000, or None."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}/{key}" if path else str(key)
-            if "\x00" in key:
-                return where
-            found = _nul_path(item, where)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _nul_path(item, f"{path}/{index}")
-            if found is not None:
-                return found
-    return None
+_Path = tuple["_Path", "str | int"] | None  # a JSON path as (parent, key or index) links; None is the root
+
+
+def _parts(path: _Path) -> list[str | int]:
+    parts = []
+    while path is not None:
+        path, part = path
+        parts.append(part)
+    return parts[::-1]
+
+
+def _where(path: _Path) -> str:
+    return "/".join(map(str, _parts(path))) or "(root)"
+
+
+def _scan(name: str, obj: Any) -> list[_Path]:
+    """Raise ``schema_violation`` for arrays and objects nested deeper than ``MAX_NESTING`` or a string (or
+    object key) holding U+0000, which PostgreSQL text cannot store; return the paths of doubles so large
+    that they may have been integers beyond 64 bits. Walks without recursion (orjson nests 1,024 deep)."""
+    wide = []
+    stack: list[tuple[int, _Path, Any]] = [(0, None, obj)]
+    while stack:
+        depth, path, item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, f"{name}: {_where(path)} contains a NUL character,"
+                               " which PostgreSQL text cannot store")
+        if isinstance(item, float) and abs(item) >= 2**63:
+            wide.append(path)
+        if isinstance(item, (dict, list)) and depth >= MAX_NESTING:
+            raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION,
+                               f"{name}: {_where(path)} nests arrays and objects deeper than {MAX_NESTING} levels")
+        if isinstance(item, dict):
+            stack += [(depth + 1, (path, key), inner) for key, inner in item.items()]
+            stack += [(depth + 1, (path, key), key) for key in item]
+        elif isinstance(item, list):
+            stack += [(depth + 1, (path, index), inner) for index, inner in enumerate(item)]
+    return wide
+
+
+def _refuse_wide_integers(name: str, value: bytes, paths: list[_Path]) -> None:
+    """Raise ``schema_violation`` if one of these doubles was an integer beyond 64 bits, which orjson reads
+    rounded (Python's parser, slower, keeps every integer whole)."""
+    exact = json.loads(value)
+    for path in paths:
+        number = functools.reduce(lambda node, part: node[part], _parts(path), exact)
+        if isinstance(number, int):
+            raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, f"{name}: {_where(path)}: the integer {number}"
+                               " does not fit 64 bits and would be stored rounded (send it as a string)")
 
 
 def _key_doc_id(key: bytes | None) -> str:
@@ -230,6 +263,29 @@ def _bytes_field(name: str, raw: bytes | None, keep: int) -> dict[str, Any]:
             f"{name}_sha256": hashlib.sha256(raw).hexdigest(), f"{name}_truncated": len(kept) < len(raw)}
 
 
+def _utf8(text: str) -> str:
+    """``text`` with lone surrogates (which UTF-8 cannot encode, e.g. from a lenient decode) replaced."""
+    return text.encode(errors="replace").decode()
+
+
+def decode_dead_letter(value: bytes | None) -> dict[str, Any]:
+    """A dead-letters record's value, checked against ``dead_letter.schema.json``; raises :class:`InvalidEvent`.
+
+    Only the schema is checked: a letter's payload may hold what its original was refused for (NUL characters).
+    """
+    if value is None:
+        raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, "a null value is no dead letter")
+    try:
+        letter = orjson.loads(value)
+        error = next(_validator("dead_letter").iter_errors(letter), None)
+    except (orjson.JSONDecodeError, ValueError) as exc:  # not JSON, or nested past what the validator walks
+        raise InvalidEvent(DeadLetterReason.BAD_JSON, f"not a dead letter: {exc}") from None
+    if error is not None:
+        where = "/".join(str(p) for p in error.instance_path) or "(root)"
+        raise InvalidEvent(DeadLetterReason.SCHEMA_VIOLATION, f"dead_letter schema: {where}: {error.message}")
+    return letter
+
+
 def dead_letter_key(key: bytes | None) -> bytes | None:
     """The Kafka key of a dead letter: the original key, cut to what a dead letter keeps."""
     return None if key is None else key[:DEAD_LETTER_KEY_MAX_BYTES]
@@ -241,25 +297,26 @@ def encode_dead_letter(
 ) -> bytes:
     """Build a dead-letter record value (dead_letter.schema.json) keeping the original payload.
 
-    ``replay_of`` names the dead letter a failed replay came from. The record always fits a Kafka message: with its key it stays under
-    ``DEAD_LETTER_MAX_BYTES``. A payload that would not fit is kept as a base64 prefix
-    with ``payload_truncated`` set; ``payload_bytes`` and ``payload_sha256`` describe
-    the whole original either way.
+    ``replay_of`` names the dead letter a failed replay came from; it and ``error`` are cut to a bound.
+    The record always fits a Kafka message: with its key it stays under ``DEAD_LETTER_MAX_BYTES``. A payload
+    that would not fit as text is kept in base64, whole if it fits so, else a prefix with ``payload_truncated``
+    set; ``payload_bytes`` and ``payload_sha256`` describe the whole original either way.
     """
     letter = {
         "reason": reason.value,
-        "error": error[:DEAD_LETTER_ERROR_MAX_CHARS],
+        "error": _utf8(error[:DEAD_LETTER_ERROR_MAX_CHARS]),
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
         **_bytes_field("key", key, DEAD_LETTER_KEY_MAX_BYTES),
         **_bytes_field("payload", payload, len(payload or b"")),
         "failed_at": datetime.now(timezone.utc).isoformat(),
-        **({"replay_of": replay_of} if replay_of else {}),
+        **({"replay_of": _utf8(replay_of[:DEAD_LETTER_REPLAY_OF_MAX_CHARS])} if replay_of else {}),
     }
     budget = DEAD_LETTER_MAX_BYTES - len(dead_letter_key(key) or b"")
     encoded = orjson.dumps(letter)
     if len(encoded) <= budget:
         return encoded
-    letter.update(payload="", payload_encoding="base64", payload_truncated=True)
+    letter.update(payload="", payload_encoding="base64", payload_truncated=False)  # false: longer than true
     room = budget - len(orjson.dumps(letter))  # base64 needs no JSON escaping: 4 characters per 3 bytes
-    letter["payload"] = base64.b64encode(payload[: max(room, 0) // 4 * 3]).decode()
+    kept = payload[: max(room, 0) // 4 * 3]
+    letter.update(payload=base64.b64encode(kept).decode(), payload_truncated=len(kept) < len(payload))
     return orjson.dumps(letter)

@@ -192,49 +192,30 @@ def _drop_last_component(embedding: list[float] | str) -> list[float] | str:
     return embedding[:-1]
 
 
-class FaultProxy:
-    """An OpenAI-style embeddings proxy on 127.0.0.1 that can misbehave on purpose; a context manager.
+class ThreadedServer:
+    """An aiohttp server on 127.0.0.1 in a thread and event loop of its own; a context manager.
 
-    It forwards ``POST /embeddings``, ``POST /v1/embeddings``, ``GET /models`` and ``GET /v1/models``
-    to ``upstream``'s ``/embeddings`` and ``/models``. Its aiohttp server runs in a thread of its own.
-    Set ``expected_key`` to demand ``Authorization: Bearer <key>`` on every request.
+    A subclass adds its routes in :meth:`_routes` (and may open what they need there) and frees it in
+    :meth:`_on_shutdown`; ``url`` is the base URL once started.
     """
 
-    def __init__(self, upstream: str, expected_key: str | None = None) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.expected_key = expected_key
-        self.url = ""
-        self._lock = threading.Lock()
-        self._records: list[ProxyRecord] = []
-        self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self._max_chars: int | None = None
-        self._model_map: dict[str, str] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
-        self._runner: web.AppRunner | None = None
-        self._session: ClientSession | None = None
+    thread_name = "test-server"
 
-    def start(self) -> FaultProxy:
+    def __init__(self) -> None:
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=self.thread_name, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def start(self):
         """Start serving on a free port; ``url`` is then the base URL."""
         self._thread.start()
         port = asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=30)
         self.url = f"http://127.0.0.1:{port}"
         return self
 
-    async def _serve(self) -> int:
-        app = web.Application()
-        for prefix in ("", "/v1"):
-            app.router.add_post(f"{prefix}/embeddings", self._handle)
-            app.router.add_get(f"{prefix}/models", self._handle)
-        self._session = ClientSession(timeout=ClientTimeout(total=300))
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return self._runner.addresses[0][1]
-
     def close(self) -> None:
-        """Stop serving and end the proxy's thread."""
+        """Stop serving and end the server's thread."""
         if not self._thread.is_alive():
             return
         asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=30)
@@ -242,19 +223,65 @@ class FaultProxy:
         self._thread.join(timeout=10)
         self._loop.close()
 
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def _on_shutdown(self) -> None:
+        """Free what :meth:`_routes` opened (after the server stopped)."""
+
+    async def _serve(self) -> int:
+        app = web.Application(client_max_size=64 * 2**20)
+        self._routes(app)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return self._runner.addresses[0][1]
+
     async def _shutdown(self) -> None:
         await self._runner.cleanup()  # waits a second for requests in flight
-        await self._session.close()
+        await self._on_shutdown()
         leftovers = asyncio.all_tasks() - {asyncio.current_task()}  # such as a "slow" fault still asleep
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
 
-    def __enter__(self) -> FaultProxy:
-        return self.start()
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+class FaultProxy(ThreadedServer):
+    """An OpenAI-style embeddings proxy on 127.0.0.1 that can misbehave on purpose; a context manager.
+
+    It forwards ``POST /embeddings``, ``POST /v1/embeddings``, ``GET /models`` and ``GET /v1/models``
+    to ``upstream``'s ``/embeddings`` and ``/models``. Its aiohttp server runs in a thread of its own.
+    Set ``expected_key`` to demand ``Authorization: Bearer <key>`` on every request.
+    """
+
+    thread_name = "fault-proxy"
+
+    def __init__(self, upstream: str, expected_key: str | None = None) -> None:
+        super().__init__()
+        self.upstream = upstream.rstrip("/")
+        self.expected_key = expected_key
+        self._lock = threading.Lock()
+        self._records: list[ProxyRecord] = []
+        self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._max_chars: int | None = None
+        self._model_map: dict[str, str] = {}
+        self._session: ClientSession | None = None
+
+    def _routes(self, app: web.Application) -> None:
+        for prefix in ("", "/v1"):
+            app.router.add_post(f"{prefix}/embeddings", self._handle)
+            app.router.add_get(f"{prefix}/models", self._handle)
+        self._session = ClientSession(timeout=ClientTimeout(total=300))
+
+    async def _on_shutdown(self) -> None:
+        await self._session.close()
 
     def inject(self, kind: str, times: int = 1, **params: float) -> None:
         """Queue fault ``kind`` for the next ``times`` embeddings requests, after any already queued.

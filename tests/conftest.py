@@ -35,6 +35,29 @@ def harness(tmp_path_factory, model_cache) -> Harness:
     h.close()
 
 
+@pytest.fixture(scope="module")
+def engine():
+    """An embedding engine on the CPU for one test module (model versions are per module: they would clash)."""
+    from segue.engine import EmbeddingEngine
+
+    engine = EmbeddingEngine(device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """all-MiniLM-L6-v2's tokenizer, neither truncating nor padding: the tokens an API model is sent."""
+    from tokenizers import Tokenizer
+
+    from segue.modelkit import minilm_path
+
+    tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def worker(harness):
     """A worker subprocess shared by the tests; tests that kill it start a replacement."""

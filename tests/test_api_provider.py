@@ -11,11 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
 
 from segue import metrics, providers
 from segue.corpus import scifact_documents
-from segue.engine import EmbeddingEngine
 from segue.errors import InputRejected, ModelHalted
 from segue.modelkit import minilm_path
 from segue.providers.openai import CANARY_TEXTS
@@ -34,24 +32,9 @@ def proxy(infinity):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    engine = EmbeddingEngine()
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
 def local(engine) -> ModelSpec:
     """The same MiniLM run here by the transformer provider: the reference vectors."""
     return ModelSpec.from_profile(100, "local", str(minilm_path()), providers.inspect(str(minilm_path())))
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
 
 
 def register(url: str, version: int, **options) -> ModelSpec:

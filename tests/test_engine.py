@@ -125,8 +125,12 @@ def test_tiny_models_match_their_reference_encoders(engine, tiny_a, static_dir, 
 
         source = tiny_a if pooling == "mean" else build_tiny_transformer(tmp_path / pooling, pooling=pooling)
         reference = SentenceTransformer(str(source), device="cpu").encode(texts, normalize_embeddings=True)
-    vectors = engine.embed_sync(spec_for(source, f"tiny-{pooling}"), texts)
-    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+    embedded = engine.embed_counted_sync(spec_for(source, f"tiny-{pooling}"), texts)
+    # A text the model has no token for (the empty one, for the static model) gets no vector: rejected, not zeros.
+    empty = {i for i, vector in enumerate(reference) if not vector.any()}
+    assert set(embedded.rejected) == empty and (pooling == "static") == bool(empty)
+    assert all(why.startswith("zero:") for why in embedded.rejected.values())
+    np.testing.assert_allclose(embedded.vectors, reference, atol=1e-5)
 
 
 def test_profiles(tiny_a, models_dir, static_dir, minilm_spec):
@@ -264,12 +268,14 @@ def test_batched_equals_one_at_a_time(engine, tiny_a, static_dir, minilm_spec, m
     spec = {"tiny-a": lambda: spec_for(tiny_a, model), "tiny-static": lambda: spec_for(static_dir, model),
             "minilm": lambda: minilm_spec}[model]()
     texts = varied_texts()
-    batched = asyncio.run(engine.embed(spec, texts, priority=2))
-    single = np.stack([engine.embed_sync(spec, [text])[0] for text in texts])
-    assert batched.shape == (len(texts), spec.dim)
-    nonzero = np.linalg.norm(single, axis=1) > 0  # a static model maps text without known tokens to zeros
-    assert cosine_rows(batched[nonzero], single[nonzero]).min() >= 0.9999
-    np.testing.assert_allclose(batched, engine.embed_sync(spec, texts), atol=1e-6)
+    batched = asyncio.run(engine.embed_counted(spec, texts, priority=2))
+    single = [engine.embed_counted_sync(spec, [text]) for text in texts]
+    assert batched.vectors.shape == (len(texts), spec.dim)
+    # A static model has no vector for a text without known tokens: rejected alone and in a batch alike.
+    assert set(batched.rejected) == {i for i, one in enumerate(single) if one.rejected}
+    usable = [i for i in range(len(texts)) if i not in batched.rejected]
+    assert cosine_rows(batched.vectors[usable], np.stack([single[i].vectors[0] for i in usable])).min() >= 0.9999
+    np.testing.assert_allclose(batched.vectors, engine.embed_counted_sync(spec, texts).vectors, atol=1e-6)
 
 
 def test_a_job_that_raises_anything_settles_its_caller_and_the_engine_serves_on(tiny_a):

@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import psycopg
 import pytest
 
 from segue import db, migration, registry
@@ -24,6 +25,7 @@ from segue.engine import EmbeddingEngine
 from segue.evalsets import bundled_scifact
 from segue.modelkit import distill_static, minilm_path
 from segue.reader import SegueReader
+from segue.verdict import compare, decide, holm, p_below, slices_below
 from tests.harness import ROOT, Harness
 
 DOCS = 300
@@ -111,12 +113,21 @@ def test_trec_files_give_the_same_figures_as_beir_and_slices_are_holm_corrected(
     trec = latest(evh)
     assert trec[0] == "pass" and (trec[1], trec[2]) == pytest.approx(reference[1:3])
     sliced = write_beir(tmp_path / "sliced", queries, lang=lambda n: "en" if n % 2 else "fr")
-    evh.segue("eval", "--beir", str(sliced), "--doc-id-prefix", "scifact-", "--slice-by", "lang")
-    slices = latest(evh)[4]["slices"]
+    printed = evh.segue("eval", "--beir", str(sliced), "--doc-id-prefix", "scifact-", "--slice-by", "lang").stdout
+    verdict, *_, detail = latest(evh)
+    slices = detail["slices"]
     assert set(slices) == {"en", "fr"} and sum(s["queries"] for s in slices.values()) == len(queries)
-    assert all(s["p_holm"] >= s["p_value"] for s in slices.values())
-    smallest = min(slices.values(), key=lambda s: s["p_value"])
-    assert smallest["p_holm"] == pytest.approx(min(1.0, 2 * smallest["p_value"]))
+    assert all(s["p_holm"] >= s["p_below_threshold"] for s in slices.values())
+    smallest = min(slices.values(), key=lambda s: s["p_below_threshold"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, 2 * smallest["p_below_threshold"]))
+    per_query = dict(zip(detail["per_query"]["ids"], zip(detail["per_query"]["old"], detail["per_query"]["new"])))
+    for name, members in (("en", queries[1::2]), ("fr", queries[0::2])):  # as write_beir numbered them
+        differences = np.array([per_query[q][1] - per_query[q][0] for q in members])
+        assert slices[name]["p_below_threshold"] == pytest.approx(p_below(differences, -0.01))
+        assert (f"slice {name}: {len(members)} queries, Δ {slices[name]['mean_difference']:+.4f} "
+                f"CI [{slices[name]['ci_low']:+.4f}, {slices[name]['ci_high']:+.4f}], p of Δ < -0.0100 "
+                f"(one-sided, Holm) {slices[name]['p_holm']:.4f}") in printed
+    assert verdict == "pass" and "below" not in detail["why"]  # the new model gains on both: no slice is below
 
 
 def test_a_half_migrated_column_is_refused_unless_allowed_and_then_does_not_open_the_gate(evh):
@@ -219,6 +230,86 @@ def test_eval_every_keeps_a_time_series(evh):
     series = evh.sql("SELECT evaluated_at, (detail->'comparisons'->'p@10'->>'new_mean')::float FROM model_evaluations"
                      " WHERE kind = 'labelled' ORDER BY id DESC LIMIT 2")
     assert series[0][0] > series[1][0] and series[0][1] == pytest.approx(series[1][1])
+
+
+def test_a_malformed_labelled_set_is_refused_in_one_line_naming_its_line(evh, tmp_path):
+    """A queries.jsonl line cut short is named with its file and line; nothing is evaluated, no traceback."""
+    folder = write_beir(tmp_path / "broken", bundled_scifact().judged()[:3])
+    queries = folder / "queries.jsonl"
+    queries.write_text(queries.read_text() + '{"_id": "broken", "text": \n')
+    before = evh.scalar("SELECT count(*) FROM model_evaluations")
+    refused = evh.segue("eval", "--beir", str(folder), "--doc-id-prefix", "scifact-", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().splitlines() == [f"Error: {queries}, line 4: not JSON: Expecting value at column 27"]
+    assert evh.scalar("SELECT count(*) FROM model_evaluations") == before
+
+
+def test_an_adopted_model_is_refused_before_any_work_saying_how_to_bind_it(evh):
+    """The import-then-migrate flow: a model adopted by ``segue import`` cannot embed queries; ``segue eval``
+    says so in one line naming ``segue models bind`` instead of failing in the engine (with ``--allow-partial``
+    its empty column passes the coverage check and the engine was reached). The last test on the module's
+    database: it registers a third model."""
+    evh.conn.execute("CREATE DATABASE adopted_source")
+    url = evh.database_url.replace("/postgres?", "/adopted_source?")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+        conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, content text, embedding vector(384))")
+    evh.segue("import", "--source-url", url, "--table", "items", "--id-column", "id", "--text-column", "content",
+              "--vector-column", "embedding", "--model", "legacy")
+    before = evh.scalar("SELECT count(*) FROM model_evaluations")
+    refused = evh.segue("eval", "--scifact", "--models", "legacy,minilm", "--allow-partial", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("Error: model 'legacy' holds adopted vectors")
+    assert "segue models bind legacy --source" in line
+    assert line.endswith("then run segue eval again")
+    assert evh.scalar("SELECT count(*) FROM model_evaluations") == before
+
+
+# -- slices against the threshold (synthetic per-query differences, no database) ------------------------
+REQUIRED_GAIN = 0.02
+
+
+def standardized(n: int, seed: int) -> np.ndarray:
+    """``n`` fixed values of mean 0 and standard deviation 1."""
+    z = np.random.default_rng(seed).standard_normal(n)
+    return (z - z.mean()) / z.std(ddof=1)
+
+
+def landed_flags(differences: dict[str, np.ndarray], threshold: float) -> list[str]:
+    """The slices the rule before issue 21 failed the verdict on: a CI below the threshold and a Holm-corrected
+    two-sided p of "no difference" under 0.05."""
+    compared = {name: compare(np.zeros(len(d)), d) for name, d in differences.items()}
+    adjusted = holm([c.p_value for c in compared.values()])
+    return [name for (name, c), p in zip(compared.items(), adjusted) if decide(c, threshold) == "fail" and p < 0.05]
+
+
+def test_a_slice_just_below_a_required_gain_is_not_significantly_below_it_after_holm():
+    """Slice "a" gains +0.0130 ± 0.02 over 40 queries: its 95 % CI ends just under the required gain of 0.02 and it
+    is far from no difference, so the landed rule failed the verdict on it. Tested against the gain itself, its
+    one-sided p (~0.016) is no longer significant once corrected over the four slices."""
+    differences = {"a": REQUIRED_GAIN - 2.2 * 0.02 / np.sqrt(40) + 0.02 * standardized(40, 1),
+                   **{f"b{i}": 0.1 + 0.02 * standardized(40, 10 + i) for i in range(3)}}
+    assert landed_flags(differences, REQUIRED_GAIN) == ["a"]
+    tested = slices_below(differences, REQUIRED_GAIN)
+    assert tested["a"].p_below < 0.05 <= tested["a"].p_holm and not tested["a"].below
+    assert tested["a"].p_holm == pytest.approx(4 * tested["a"].p_below)
+    assert not any(t.below for t in tested.values())
+
+
+def test_a_slice_that_gains_nothing_is_significantly_below_a_required_gain():
+    """Slice "a" changes nothing on average (the landed p of "no difference" is 1) but its whole CI lies under the
+    required gain: the landed rule let the verdict pass; tested against the gain, it fails it."""
+    differences = {"a": 0.02 * standardized(60, 2), "b": 0.1 + 0.02 * standardized(60, 3)}
+    assert landed_flags(differences, REQUIRED_GAIN) == []
+    assert compare(np.zeros(60), differences["a"]).ci_high < REQUIRED_GAIN
+    tested = slices_below(differences, REQUIRED_GAIN)
+    assert tested["a"].below and tested["a"].p_holm < 0.01 and not tested["b"].below
+
+
+def test_a_slice_of_one_query_cannot_be_below_the_threshold():
+    """One difference cannot be resampled: its p is 1, like :func:`compare`'s."""
+    assert p_below(np.array([-0.5]), REQUIRED_GAIN) == 1.0
 
 
 def first_scifact_verdict(evh) -> tuple:

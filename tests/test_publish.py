@@ -16,6 +16,7 @@ import json
 import re
 import time
 import uuid
+from decimal import Decimal
 from importlib import resources
 
 import orjson
@@ -25,7 +26,7 @@ from aiokafka import AIOKafkaConsumer
 from psycopg import sql
 
 from segue import db, registry
-from tests.harness import wait_for
+from tests.harness import free_port, wait_for
 
 SCIFACT = resources.files("segue").joinpath("data/scifact/corpus.jsonl.gz")
 
@@ -307,3 +308,70 @@ def test_a_csv_saved_with_a_byte_order_mark_reads_its_first_column(harness, tmp_
     path.write_bytes(b"\xef\xbb\xbfid,title,body,v,lang\n"
                      + f"{p}-1,Lipids,Form membranes.,3,en\n,No id,here,1,en\n".encode())
     publishes_only_the_good(harness, path, bad={3: "no id"}, good=[sent(f"{p}-1", 3, "Lipids\n\nForm membranes.", "en")])
+
+
+def test_values_json_cannot_carry_are_named_by_line_and_the_lines_after_them_are_sent(harness, tmp_path):
+    """An integer beyond 64 bits, a lone surrogate in the id or the text, an infinite number and NaN in metadata,
+    an integer of 5,000 digits and nesting Python's parser refuses: each line is named with its reason (none
+    stops the command, none is sent as something else, e.g. NaN as null) and the good lines around them are sent."""
+    p = uid("jsonl-values")
+    good = {"title": "T", "body": "B", "v": 1}
+    path = tmp_path / "documents.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"id": f"{p}-1", **good, "lang": "en"}),  # 1
+        json.dumps({"id": f"{p}-2", **good, "lang": 2**64}),  # 2
+        json.dumps({"id": "\ud800", **good}),  # 3: escaped, as json.dumps writes it
+        json.dumps({"id": f"{p}-4", **good, "title": "caf\udfff"}),  # 4
+        json.dumps({"id": f"{p}-5", **good, "lang": float("inf")}),  # 5: Infinity
+        json.dumps({"id": f"{p}-6", **good, "lang": [1.0, float("nan")]}),  # 6: NaN
+        f'{{"id": "{p}-7", "v": 1, "lang": {"1" * 5000}}}',  # 7
+        "[" * 5000,  # 8
+        json.dumps({"id": f"{p}-9", **good, "lang": 2**63}),  # 9: fits 64 bits unsigned
+    ]) + "\n", encoding="utf-8")
+    topic = uid("publish-test")
+    status, output, named = publish(harness, path, *FIELDS, topic=topic)
+    assert status == 1 and summary(output) == (topic, 2, 7), output
+    assert named == {
+        2: "cannot be sent as JSON: Integer exceeds 64-bit range",
+        3: "id is not text: surrogates not allowed",
+        4: "cannot be sent as JSON: str is not valid UTF-8: surrogates not allowed",
+        5: "metadata lang is not a number JSON can carry (NaN or infinite)",
+        6: "metadata lang/1 is not a number JSON can carry (NaN or infinite)",
+        7: "not JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; "
+           "use sys.set_int_max_str_digits() to increase the limit",
+        8: "not JSON: maximum recursion depth exceeded while decoding a JSON array from a unicode string",
+    }, output
+    assert records_on(harness, topic) == {f"{p}-1": sent(f"{p}-1", 1, "T\n\nB", "en"),
+                                          f"{p}-9": sent(f"{p}-9", 1, "T\n\nB", 2**63)}
+
+
+def test_parquet_decimal_and_bytes_values_are_named_by_row(harness, tmp_path):
+    """Parquet holds values JSON has no type for: a row whose metadata is a Decimal or bytes is named, not sent;
+    the rows around it are."""
+    p = uid("parquet-values")
+    path = tmp_path / "documents.parquet"
+    parquet.write_table(pyarrow.table({
+        "id": [f"{p}-1", f"{p}-2", f"{p}-3", f"{p}-4"],
+        "title": ["A", "B", "C", "D"], "body": ["a", "b", "c", "d"], "v": [1, 2, 3, 4],
+        "price": pyarrow.array([None, Decimal("1.50"), None, None], pyarrow.decimal128(5, 2)),
+        "blob": pyarrow.array([None, None, b"\x00\xff", None], pyarrow.binary()),
+    }), path)
+    topic = uid("publish-test")
+    status, output, named = publish(harness, path, "--id-field", "id", "--text-field", "title", "--text-field", "body",
+                                    "--version-field", "v", "--metadata-field", "price", "--metadata-field", "blob",
+                                    topic=topic)
+    assert status == 1 and summary(output) == (topic, 2, 2), output
+    assert named == {2: "cannot be sent as JSON: Type is not JSON serializable: decimal.Decimal",
+                     3: "cannot be sent as JSON: Type is not JSON serializable: bytes"}, output
+    assert sorted(records_on(harness, topic)) == [f"{p}-1", f"{p}-4"]
+
+
+def test_a_broker_that_cannot_be_reached_is_one_line_not_a_traceback(harness, tmp_path):
+    """SEGUE_KAFKA_URL names a port nothing listens on: the command says so in its last line and exits 1."""
+    path = tmp_path / "documents.jsonl"
+    path.write_text(json.dumps({"id": "d", "title": "T", "body": "B", "v": 1}) + "\n", encoding="utf-8")
+    port = free_port()
+    unreachable = {**harness.env, "SEGUE_KAFKA_URL": f"kafka://127.0.0.1:{port}"}
+    done = harness.segue("publish", str(path), *FIELDS, env=unreachable, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"Error: cannot reach the broker at 127.0.0.1:{port}: ")

@@ -18,7 +18,6 @@ from aiokafka import AIOKafkaConsumer
 from psycopg import sql
 
 from segue import db, registry
-from segue.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.reader import SegueReader, route_by_query_shape
 from segue.search import RRF_K, IncompatibleQuery, SearchHit, check_query, reciprocal_rank_fusion
@@ -128,13 +127,6 @@ def read_miss_events(harness) -> list[tuple[str, dict]]:
 
 def events_for(harness, doc_ids: list[str]) -> list[dict]:
     return [value for key, value in read_miss_events(harness) if key in doc_ids]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    engine = EmbeddingEngine(device="cpu")
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +298,29 @@ def test_routing_sends_short_queries_to_the_lighter_model(harness, worker, engin
 
     with reader_for(harness, engine, mode="routing") as reader:  # no migration: the read model is the only choice
         assert reader.search(faq, k=3, filters={"suite": suite}).models == (OLD,)
+
+
+def test_routing_goes_to_the_lighter_model_only_once_its_column_is_complete(harness, worker, engine):
+    specs = models(harness)
+    old, new = specs[OLD], specs[NEW]
+    suite, ids = add_documents(harness, TEXTS)
+    covered, lacking = ids[:2], ids[2:]
+    faq = "what is photosynthesis?"
+    drop_vectors(harness, lacking, old)  # the lighter model's column is current for two documents only
+    try:
+        with reader_for(harness, engine, mode="routing", serving_ttl_s=0, read_miss_rate=0) as reader:
+            with migration(harness, new, old), serving(harness, new):  # migrating to the lighter model
+                result = reader.search(faq, k=len(ids), filters={"suite": suite})
+                assert result.models == (NEW,) and sorted(h.doc_id for h in result.hits) == sorted(ids)
+            with migration(harness, old, new):  # the read model lacks vectors: searched with incremental's fallback
+                result = reader.search(faq, k=len(ids), filters={"suite": suite})
+                assert result.mode == "routing" and result.models == (OLD, NEW)
+                assert {h.doc_id: h.model for h in result.hits} == {i: OLD if i in covered else NEW for i in ids}
+    finally:
+        repair(harness, lacking, old)
+    with migration(harness, new, old), serving(harness, new), reader_for(harness, engine, mode="routing") as reader:
+        result = reader.search(faq, k=len(ids), filters={"suite": suite})
+        assert result.models == (OLD,) and sorted(h.doc_id for h in result.hits) == sorted(ids)
 
 
 def test_search_vector_guards_dim_and_fingerprint(harness, worker, engine, corpus):

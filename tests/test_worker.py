@@ -355,6 +355,45 @@ def test_a_tombstone_is_recorded_at_the_highest_version_seen(harness, worker):
         assert {a[2] for a in actions(harness, doc_id) if a[0] == 4} == {"superseded"}
 
 
+def test_a_change_delivered_again_fills_in_only_the_vectors_its_document_lacks(harness, worker):
+    doc_id = uid("fill-in")
+    record = (doc_id, change(doc_id, "a document whose new-model write was lost", 7))
+    harness.publish_changes([record])
+    doc = wait_version(harness, doc_id, 7)
+    old, new = {m.name: m for m in live(harness)}[OLD], {m.name: m for m in live(harness)}[NEW]
+    old_vector = doc["vectors"][old.version][0]
+    harness.sql(sql.SQL("UPDATE documents SET {v} = NULL, {h} = NULL WHERE doc_id = %s RETURNING 1").format(
+        v=db.vector_column(new.version), h=db.sha_column(new.version)), (doc_id,))
+
+    models = live(harness)
+    harness.publish_changes([record])  # the same record again (a redelivery, or a replayed dead letter)
+    wait_for(lambda: len(actions(harness, doc_id)) == 2 * len(models), what="the second delivery logged")
+
+    doc = document(harness, doc_id)
+    assert doc["vectors"][new.version][1] == doc["content_sha256"]  # filled in: current again
+    assert doc["vectors"][old.version][1] == doc["content_sha256"]
+    assert np.array_equal(doc["vectors"][old.version][0], old_vector)  # not written again
+    assert sorted(actions(harness, doc_id)[len(models):]) == sorted(
+        (7, m.version, "embedded" if m.version == new.version else "unchanged") for m in models)
+
+
+def test_a_text_one_model_gives_no_vector_is_written_with_the_others_and_dead_lettered(harness, worker):
+    """The static model has no token for an empty text (an all-zero vector): only its vector is missing."""
+    doc_id = uid("empty-text")
+    harness.publish_changes([(doc_id, change(doc_id, "", 1))])
+    doc = wait_version(harness, doc_id, 1)
+    old, new = {m.name: m for m in live(harness)}[OLD], {m.name: m for m in live(harness)}[NEW]
+    wait_for(lambda: len(actions(harness, doc_id)) == len(live(harness)) + 1,
+             what="the outcome and the dead letter logged")
+
+    assert doc["vectors"][new.version][1] == doc["content_sha256"]
+    assert doc["vectors"][old.version] == (None, None)
+    failed = harness.scalar("SELECT error FROM migration_changelog WHERE doc_id = %s AND action = 'failed'", (doc_id,))
+    assert failed.startswith("input_rejected: zero: ")
+    letter = wait_for(lambda: [d for d in harness.dead_letters() if d["key"] == doc_id], what="the dead letter")[0]
+    assert letter["reason"] == "input_rejected" and letter["error"].startswith(f"model {OLD!r}: zero: ")
+
+
 def test_an_oversized_key_is_dead_lettered_and_the_partition_moves_on(harness, worker):
     """A 2.7 KB key of incompressible text: once retried forever (btree row too large), now a dead letter."""
     import random

@@ -11,8 +11,9 @@ CPU work that the engine overlaps with the previous forward pass) and ``embed`` 
 pass). Batching, priorities, threads, normalisation and the dimension and fingerprint checks
 are the engine's. A model behind an
 API (``remote = True``, see ``openai``) also offers ``submit(texts, priority)``, a future of
-(raw vectors, tokens per text) computed on its own event loop, and ``halted`` (why Segue
-stopped writing it, or None); the engine awaits it instead of running ``embed`` on its thread.
+(raw vectors, tokens per text, the texts its endpoint rejected) computed on its own event
+loop, ``halted`` (why Segue stopped writing it, or None) and ``billed_tokens``; the engine
+awaits it instead of running ``embed`` on its thread.
 """
 
 from __future__ import annotations

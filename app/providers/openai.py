@@ -25,9 +25,15 @@ An API model's weights are invisible, so its identity is the provider, the endpo
 host, the model name, its dimensions, its input limit and truncation, and the vectors
 of fixed canary texts recorded at registration. A worker embeds the canaries again
 before its first request and every ``canary_every_s``; when one falls below cosine
-:data:`CANARY_MIN_COSINE` of its recorded vector the model behind the name has changed,
-and the worker stops writing it (:class:`~segue.errors.ModelHalted`) until it is
-registered again. A refused key halts it the same way.
+:data:`CANARY_MIN_COSINE` of its recorded vector (or gives no usable vector) the model
+behind the name has changed, and the worker stops writing it
+(:class:`~segue.errors.ModelHalted`) until it is registered again. A refused key, or an
+endpoint that refuses even one canary text alone, halts it the same way. A text the
+endpoint refuses alone, or over the input limit with ``truncate=refuse``, is rejected
+on its own (:data:`~segue.providers.api_client.Rejections`); the others are embedded.
+
+The base URL may not carry credentials (``user:password@``): they would be stored and
+shown with it. The key comes from the environment only.
 
 Requests run on the embedder's own event loop thread (see ``api_client``), so HTTP waits
 never block the engine's model thread or the worker's event loop.
@@ -39,6 +45,7 @@ import asyncio
 import base64
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import time
@@ -47,11 +54,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
-
 from segue import metrics
-from segue.errors import InputRejected, ModelHalted, ProviderError
-from segue.providers.api_client import EmbeddingsClient, Limits
-from segue.providers.base import OptionsError, Prepared, checked_options, fingerprint, resolve_source
+from segue.errors import ModelHalted, ProviderError
+from segue.providers.api_client import EmbeddingsClient, Limits, Rejections
+from segue.providers.base import (
+    OptionsError,
+    Prepared,
+    checked_options,
+    fingerprint,
+    resolve_source,
+)
 from segue.spec import ModelProfile, ModelSpec
 
 log = logging.getLogger("segue.providers.openai")
@@ -69,6 +81,7 @@ CANARY_TEXTS = (
     "Photosynthesis converts light energy into chemical energy stored in glucose.",
     "42",
 )
+PROBE_TEXT = CANARY_TEXTS[-1]  # sent alone to tell an endpoint that refuses everything from a refused input
 # OpenAI's list prices in USD per 1M input tokens (the Batch API costs half).
 LIST_PRICES = {"text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13, "text-embedding-ada-002": 0.10}
 DEFAULTS: dict[str, Any] = {
@@ -102,9 +115,14 @@ def inspect(source: str, options: Mapping[str, Any]) -> ModelProfile:
         raise OptionsError(f"the API key is read from ${settings['api_key_env']}, which is not set")
     probe = ApiEmbedder(None, source, settings, label=settings["model"], canaries=None)
     try:
-        vectors = probe.submit(list(CANARY_TEXTS), 0).result()[0]
+        vectors, _, rejected = probe.submit(list(CANARY_TEXTS), 0).result()
     finally:
         probe.close()
+    unusable = {**rejected, **{i: "all-zero vector" for i, norm in enumerate(np.linalg.norm(vectors, axis=1))
+                                if norm == 0 and i not in rejected}}
+    if unusable:
+        i = min(unusable)
+        raise OptionsError(f"{source} gives no usable vector for the canary text {CANARY_TEXTS[i]!r}: {unusable[i]}")
     if settings["dimensions"] and vectors.shape[1] != settings["dimensions"]:
         raise OptionsError(f"{source} answered {vectors.shape[1]}-d vectors for dimensions={settings['dimensions']}")
     return _profile(source, settings, _unit(vectors))
@@ -126,8 +144,8 @@ class ApiEmbedder:
     def __init__(self, profile: ModelProfile | None, source: str, settings: dict[str, Any], *, label: str,
                  canaries: np.ndarray | None):
         self.profile = profile
-        self.device = f"api:{urlsplit(source).netloc}"
-        self._host = urlsplit(source).netloc
+        self._host = _host(source)
+        self.device = f"api:{self._host}"
         self.halted: str | None = None  # why Segue stopped writing this model (None: it did not)
         self._label = label
         self._settings = settings
@@ -143,10 +161,16 @@ class ApiEmbedder:
             base_url=source, model=settings["model"], dimensions=settings["dimensions"],
             api_key=os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None,
             encoding_format=settings["encoding_format"], label=label, dim=profile.dim if profile else None,
+            probe=(PROBE_TEXT, self._tokenizer.count([PROBE_TEXT])[0]),
             limits=Limits(**{field: settings[field] for field in (
                 "max_inputs_per_request", "max_tokens_per_request", "requests_per_minute", "tokens_per_minute",
                 "concurrency", "timeout_s", "outage_after_s")}))
         self._canary_lock = asyncio.Lock()
+
+    @property
+    def billed_tokens(self) -> int:
+        """Tokens of every request the endpoint answered so far, canaries and discarded answers included."""
+        return self._client.billed_tokens
 
     def prepare(self, texts: Sequence[str]) -> Prepared:
         return Prepared(self._tokenizer.count(texts), list(texts))
@@ -155,7 +179,8 @@ class ApiEmbedder:
         return self.submit(prepared.inputs, 0).result()[0]
 
     def submit(self, texts: Sequence[str], priority: int) -> concurrent.futures.Future:
-        """Raw vectors and each text's token count before truncation, as a future (from any thread)."""
+        """A future (settled from any thread) of the raw vectors, each text's token count before truncation, and
+        the texts the model gives no usable vector (index: why; their rows are zeros)."""
         return asyncio.run_coroutine_threadsafe(self._embed(list(texts), priority), self._loop)
 
     def close(self) -> None:
@@ -166,7 +191,7 @@ class ApiEmbedder:
         self._thread.join(timeout=10)
         self._loop.close()
 
-    async def _embed(self, texts: list[str], priority: int) -> tuple[np.ndarray, list[int]]:
+    async def _embed(self, texts: list[str], priority: int) -> tuple[np.ndarray, list[int], Rejections]:
         if self.halted:
             raise ModelHalted(self.halted)
         if time.monotonic() < self._down_until and self._down_error is not None:
@@ -175,32 +200,47 @@ class ApiEmbedder:
         try:
             await self._check_canaries_if_due()
             totals = await asyncio.to_thread(self._tokenizer.count, texts)
-            inputs, used = self._fit(texts, totals)
-            vectors = await self._client.embed(inputs, used, priority=priority)
+            sent, inputs, used, rejected = self._fit(texts, totals)
+            vectors, refused = await self._client.embed(inputs, used, priority=priority)
         except ProviderError as error:
-            if error.kind == "auth":
-                variable = self._settings["api_key_env"]
-                where = f"the API key in ${variable}" if variable else "requests without a key (no --api-key-env)"
-                self._halt("auth", f"model {self._label!r}: the endpoint refused {where} ({error}); Segue stopped "
-                                   "writing this model: set a valid key and restart the worker")
-                raise ModelHalted(self.halted) from None
-            if error.retryable:
-                self._down_until, self._down_error = time.monotonic() + PROBE_EVERY_S, error
+            if not error.retryable:
+                self._halt_refused(error)
+            self._down_until, self._down_error = time.monotonic() + PROBE_EVERY_S, error
             raise
         self._down_error = None
-        return vectors, totals
+        rejected |= {sent[i]: why for i, why in refused.items()}
+        if len(sent) == len(texts):
+            return vectors, totals, rejected
+        every = np.zeros((len(texts), vectors.shape[1] if len(sent) else self._width()), dtype=np.float32)
+        every[sent] = vectors
+        return every, totals, rejected
 
-    def _fit(self, texts: list[str], totals: list[int]) -> tuple[list[str], list[int]]:
-        """The texts within the input limit, cut by the registered policy, and the tokens each is sent with."""
+    def _width(self) -> int:
+        return self.profile.dim if self.profile else 0
+
+    def _halt_refused(self, error: ProviderError) -> None:
+        """Halt the model for an answer no retry can change (a refused key, an endpoint that refuses everything)."""
+        if error.kind == "auth":
+            variable = self._settings["api_key_env"]
+            where = f"the API key in ${variable}" if variable else "requests without a key (no --api-key-env)"
+            self._halt("auth", f"model {self._label!r}: the endpoint refused {where} ({error}); Segue stopped "
+                               "writing this model: set a valid key and restart the worker")
+        else:
+            self._halt(error.kind, f"model {self._label!r}: the endpoint at {self._host} {error.detail}; Segue stopped "
+                                   "writing this model: fix the endpoint or the registration (segue models list "
+                                   "shows it), then restart the worker")
+        raise ModelHalted(self.halted) from None
+
+    def _fit(self, texts: list[str], totals: list[int]) -> tuple[list[int], list[str], list[int], Rejections]:
+        """The texts to send, cut to the input limit by the registered policy: (their indexes, the texts, the
+        tokens each is sent with, the texts refused here because ``truncate=refuse``)."""
         limit = self._settings["max_tokens_per_input"]
-        over = [i for i, count in enumerate(totals) if count > limit]
-        if over and self._settings["truncate"] == "refuse":
-            raise InputRejected(f"too_long: a text of {totals[over[0]]} tokens is over model {self._label!r}'s "
-                                f"{limit}-token input limit (truncate=refuse)")
-        inputs = list(texts)
-        for i in over:
-            inputs[i] = self._tokenizer.truncate(texts[i], limit)
-        return inputs, [min(count, limit) for count in totals]
+        refuse = self._settings["truncate"] == "refuse"
+        rejected = {i: f"too_long: a text of {count} tokens is over model {self._label!r}'s {limit}-token input limit"
+                       " (truncate=refuse)" for i, count in enumerate(totals) if count > limit and refuse}
+        sent = [i for i in range(len(texts)) if i not in rejected]
+        inputs = [texts[i] if totals[i] <= limit else self._tokenizer.truncate(texts[i], limit) for i in sent]
+        return sent, inputs, [min(totals[i], limit) for i in sent], rejected
 
     async def _check_canaries_if_due(self) -> None:
         """Embed the canaries again when due; halt the model when one drifted from its recorded vector."""
@@ -211,10 +251,11 @@ class ApiEmbedder:
             if not due or self.halted:
                 return
             texts = list(CANARY_TEXTS)
-            vectors = _unit(await self._client.embed(texts, self._tokenizer.count(texts), priority=0))
-            lowest = float((vectors * self._canaries).sum(axis=1).min())
+            vectors, rejected = await self._client.embed(texts, self._tokenizer.count(texts), priority=0)
+            cosines = (_unit(vectors) * self._canaries).sum(axis=1)
+            lowest = math.nan if rejected else float(cosines.min())
             self._checked_at = time.monotonic()
-        if lowest < CANARY_MIN_COSINE:
+        if not lowest >= CANARY_MIN_COSINE:  # NaN (a canary without a usable vector) fails too
             self._halt("canary_drift", (
                 f"model {self._label!r}: the endpoint's vectors for the canary texts changed (lowest cosine "
                 f"{lowest:.4f} < {CANARY_MIN_COSINE}): the model behind {self._settings['model']!r} at {self._host} "
@@ -270,7 +311,19 @@ class _Tokenizer:
         return text[: content[keep - 1][1]] if keep > 0 else ""
 
 
+def _host(source: str) -> str:
+    """The endpoint's host and port, without any credentials the URL carries."""
+    parts = urlsplit(source)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
 def _options(options: Mapping[str, Any], source: str) -> dict[str, Any]:
+    parts = urlsplit(source)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OptionsError(f"--base-url {source!r} is not an http(s) URL such as https://api.openai.com/v1")
+    if parts.username is not None or parts.password is not None:
+        raise OptionsError("the base URL carries credentials (user:password@): remove them, and give the API key "
+                           "in an environment variable named by --api-key-env (it is never stored)")
     merged = checked_options(NAME, options, DEFAULTS)
     if merged["api_key_env"] is None and urlsplit(source).hostname == "api.openai.com":
         merged["api_key_env"] = "OPENAI_API_KEY"
