@@ -1,6 +1,6 @@
 """The Faust application: agents for changes, read misses and the backfill; the sweeper and migration timers.
 
-Each agent takes a batch, hands it to its processor in ``segue.pipeline`` and moves on
+Each agent takes a batch, hands it to its processor in ``segue.worker.pipeline`` and moves on
 (which is when Faust acks the batch) only after the processor returned, i.e. after
 every outcome is committed in PostgreSQL or dead-lettered. Faust's ``take_events``
 acks a batch even when the body raised, so the body never lets an error escape: it
@@ -17,25 +17,33 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import faust
-
-from segue import db, heartbeat, indexes, metrics, migration, shadow, sweeper
+from segue import metrics
 from segue.agents.transport import SegueApp
-from segue.engine import EmbeddingEngine
-from segue.spec import ModelSpec
+from segue.control import indexes, migration
+from segue.embedding.engine import EmbeddingEngine
 from segue.errors import EngineStopped
-from segue.isolation import retry_forever
-from segue.ops import WorkerState
-from segue.batches import Envelope
-from segue.pipeline import BackfillProcessor, ChangeProcessor, DeadLetter, ReadMissProcessor
-from segue.settings import Settings
+from segue.quality import shadow
 from segue.schemas.changelog import Action, Origin
-from segue.store import ChangelogRow, Store
 from segue.schemas.events import (
     REPLAY_HEADER,
     SourcePosition,
     dead_letter_key,
     encode_dead_letter,
     encode_read_miss,
+)
+from segue.settings import Settings
+from segue.spec import ModelSpec
+from segue.storage import connections
+from segue.storage.documents import ChangelogRow, Store
+from segue.worker import heartbeat, sweeper
+from segue.worker.batches import Envelope
+from segue.worker.isolation import retry_forever
+from segue.worker.ops import WorkerState
+from segue.worker.pipeline import (
+    BackfillProcessor,
+    ChangeProcessor,
+    DeadLetter,
+    ReadMissProcessor,
 )
 
 log = logging.getLogger("segue.worker")
@@ -220,7 +228,7 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
     def advance_the_migration() -> list[str]:
         """Mark the migration ready once its gate passes; build its HNSW index once coverage allows; drop logged
         queries past their retention."""
-        with db.connect(settings, database_url) as conn:
+        with connections.connect(settings, database_url) as conn:
             before = migration.active_migration(conn)
             after = migration.refresh(conn)
             done = [f"migration {after.id} is ready for cutover"] if before and after.state != before.state else []
@@ -242,7 +250,7 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
         state.assigned = sorted(f"{tp.topic}/{tp.partition}" for tp in app.consumer.assignment())
 
     def migration_gauges() -> None:
-        with db.connect(settings, database_url) as conn:
+        with connections.connect(settings, database_url) as conn:
             active = migration.active_migration(conn)
             for name in metrics.MIGRATION_STATES:
                 metrics.MIGRATION_STATE.labels(name).set(int(name == (active.state if active else "none")))

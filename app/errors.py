@@ -3,7 +3,7 @@
 Bad input is dead-lettered with its reason (``segue.schemas.events.InvalidEvent``); an
 :class:`InfrastructureError` (a model that cannot load, a stopped engine) is retried
 and reported, never dead-lettered, as are transient database errors
-(:func:`segue.isolation.is_transient`).
+(:func:`segue.worker.isolation.is_transient`).
 """
 
 from __future__ import annotations

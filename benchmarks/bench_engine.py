@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import torch
-
-from segue.corpus import scifact_documents
-from segue.engine import EmbeddingEngine
+from segue.devtools.corpus import scifact_documents
+from segue.devtools.modelkit import minilm_path
+from segue.embedding.engine import EmbeddingEngine
+from segue.embedding.providers import inspect
 from segue.spec import ModelSpec
-from segue.modelkit import minilm_path
-from segue.providers import inspect
 
 
 def random_weights_copy(skeleton: Path) -> Path:
@@ -70,7 +68,6 @@ def timed(engine: EmbeddingEngine, spec: ModelSpec, texts: list[str], warm_up: i
 def engine_vs_reference(texts: list[str], source: Path | None = None) -> AgainstReference:
     """Time Segue's engine (default settings) and ``SentenceTransformer.encode`` (batch 32) on ``texts``."""
     from sentence_transformers import SentenceTransformer
-
     from transformers import AutoConfig
 
     source = source or minilm_path()

@@ -17,10 +17,10 @@ import sys
 import threading
 import time
 
-from segue.corpus import scifact_documents
-from segue.engine import EmbeddingEngine
-from segue.modelkit import minilm_path
-from segue.providers import inspect
+from segue.devtools.corpus import scifact_documents
+from segue.devtools.modelkit import minilm_path
+from segue.embedding.engine import EmbeddingEngine
+from segue.embedding.providers import inspect
 from segue.spec import ModelSpec
 
 

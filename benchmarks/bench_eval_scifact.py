@@ -18,11 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from segue import db, migration, registry, services
-from segue.corpus import scifact_documents, store_embedded
-from segue.engine import EmbeddingEngine
-from segue.modelkit import distill_static, minilm_path
+from segue.control import migration, registry
+from segue.devtools import services
+from segue.devtools.corpus import scifact_documents, store_embedded
+from segue.devtools.modelkit import distill_static, minilm_path
+from segue.embedding.engine import EmbeddingEngine
 from segue.settings import Settings, load_settings
+from segue.storage import connections, upgrades
 
 REFERENCE = {"minilm": 0.645, "static": 0.396}
 
@@ -34,12 +36,12 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="segue-bench-eval-"))
     settings = Settings(data_dir=data_dir, embedded_kafka_port=29092)
     url = services.database_url(settings)
-    db.upgrade(settings, url)
+    upgrades.upgrade(settings, url)
     static_dir = distill_static(str(minilm_path()), load_settings().data_dir / "models" / "minilm-static-256", dims=256)
     corpus = list(scifact_documents(args.docs))
     engine = EmbeddingEngine.from_settings(settings)
     try:
-        with db.connect(settings, url) as conn:
+        with connections.connect(settings, url) as conn:
             specs = [registry.register_model(conn, "static", str(static_dir)),
                      registry.register_model(conn, "minilm", str(minilm_path()))]
             vectors = {}

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
-
-from segue import db, services
-from segue.importer import Source, run_import
+from segue.control.importer import Source, run_import
+from segue.devtools import services
 from segue.settings import Settings
+from segue.storage import connections, upgrades
 
 
 def fill(url: str, rows: int, dim: int) -> None:
@@ -85,10 +85,10 @@ def main() -> None:
         started = time.perf_counter()
         fill(legacy, args.rows, args.dim)
         print(f"source: {args.rows:,} rows of {args.dim}-d vectors written in {time.perf_counter() - started:.0f} s")
-        db.upgrade(settings, url)
+        upgrades.upgrade(settings, url)
         source = Source(url=legacy, table="items", id_column="id", text_columns=("content",),
                         version_column="updated_at", vector_column="embedding")
-        with db.connect(settings, url) as conn:
+        with connections.connect(settings, url) as conn:
             for run in ("into an empty Segue", "again (nothing newer)"):
                 report = run_import(conn, source, model="legacy", page_size=args.page_size, rate=None, console=None)
                 print(f"import {run}: {report.read:,} rows read, {report.written:,} written in {report.seconds:.1f} s"

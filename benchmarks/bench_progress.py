@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from segue import db, services
-from segue.registry import register_model
+from segue.control.registry import register_model
+from segue.devtools import services
 from segue.settings import Settings
 from segue.spec import ModelProfile
+from segue.storage import connections, upgrades
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ def measure(docs: int) -> ProgressTiming:
     """Fill a fresh database with ``docs`` documents and changelog rows, then time the progress view."""
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="segue-bench-")))
     url = services.database_url(settings)
-    db.upgrade(settings, url)
+    upgrades.upgrade(settings, url)
     try:
-        with db.connect(settings, url) as conn:
+        with connections.connect(settings, url) as conn:
             for name, dim in (("old", 16), ("new", 32)):
                 register_model(conn, name, f"/bench/{name}", profile=ModelProfile(
                     provider="static", dim=dim, max_tokens=512, config={"normalize": True},

@@ -47,15 +47,16 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from psycopg import sql
-
-from segue import db, indexes, services
-from segue.corpus import scifact_documents
-from segue.registry import register_model
+from segue.control import indexes
+from segue.control.registry import register_model
+from segue.devtools import services
+from segue.devtools.corpus import scifact_documents
 from segue.schemas.changelog import Action, Origin
 from segue.schemas.events import SourcePosition
 from segue.settings import Settings
 from segue.spec import ModelProfile, ModelSpec
-from segue.store import ChangelogRow, DocumentRow, Store, VectorRow
+from segue.storage import connections, model_columns, upgrades
+from segue.storage.documents import ChangelogRow, DocumentRow, Store, VectorRow
 
 OLD_DIM, NEW_DIM = 384, 768
 LOAD_BATCH = 64  # SEGUE_BATCH_SIZE
@@ -177,7 +178,7 @@ def run_variant(settings: Settings, admin: psycopg.Connection, base_url: str, va
     admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE base STRATEGY FILE_COPY").format(sql.Identifier(name)))
     url = base_url.replace("/base?", f"/{name}?")
     try:
-        with db.connect(settings, url) as conn:
+        with connections.connect(settings, url) as conn:
             if fillfactor(conn) != variant.fillfactor:  # a fillfactor applies to the pages written after it
                 conn.execute(sql.SQL("ALTER TABLE documents SET (fillfactor = {})").format(
                     sql.Literal(variant.fillfactor)))
@@ -185,7 +186,7 @@ def run_variant(settings: Settings, admin: psycopg.Connection, base_url: str, va
             new = register_model(conn, "new", "/bench/new", profile=profile("new", NEW_DIM))
             if variant.storage:
                 conn.execute(sql.SQL("ALTER TABLE documents ALTER COLUMN {} SET STORAGE {}").format(
-                    db.vector_column(new.version), sql.SQL(variant.storage)))
+                    model_columns.vector_column(new.version), sql.SQL(variant.storage)))
             hashes = conn.execute("SELECT doc_id, content_sha256 FROM documents ORDER BY doc_id").fetchall()
             before = sizes(conn)
             room = heap_tuples(conn)[3]
@@ -245,9 +246,9 @@ def main() -> None:
             admin.execute("SELECT pg_reload_conf()")
             admin.execute("CREATE DATABASE base")
             base_url = url.replace("/postgres?", "/base?")
-            db.upgrade(settings, base_url)
+            upgrades.upgrade(settings, base_url)
             started = time.perf_counter()
-            with db.connect(settings, base_url) as conn:
+            with connections.connect(settings, base_url) as conn:
                 conn.execute("CREATE EXTENSION pgstattuple")
                 old = register_model(conn, "old", "/bench/old", profile=profile("old", OLD_DIM))
                 asyncio.run(load(settings, base_url, args.docs, old))

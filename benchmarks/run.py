@@ -20,10 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks import tests.harness
 
 import torch  # noqa: E402
+from segue.devtools.corpus import scifact_documents  # noqa: E402
+from segue.devtools.modelkit import minilm_path  # noqa: E402
 
-from benchmarks import bench_cold_start, bench_engine, bench_pipeline, bench_progress, bench_read_miss  # noqa: E402
-from segue.corpus import scifact_documents  # noqa: E402
-from segue.modelkit import minilm_path  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_cold_start,
+    bench_engine,
+    bench_pipeline,
+    bench_progress,
+    bench_read_miss,
+)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 encode, numpy exact search, ir-measures scores.
 
     python benchmarks/scifact_reference.py                 # all 5,183 abstracts, 300 queries
-    python benchmarks/scifact_reference.py --docs 600      # the subset tests/test_eval.py pins
+    python benchmarks/scifact_reference.py --docs 600      # the subset tests/quality/test_eval.py pins
 
 The static model is all-MiniLM-L6-v2 distilled by model2vec to 256 dims (as the demo does; cached under
 the Segue data dir). Only queries with a judged document among the first --docs abstracts count.
@@ -17,10 +17,8 @@ from pathlib import Path
 import ir_measures
 import numpy as np
 from ir_measures import nDCG
-
-from segue.corpus import scifact_documents
-from segue.evalsets import bundled_scifact
-from segue.modelkit import distill_static, minilm_path
+from segue.devtools.corpus import bundled_scifact, scifact_documents
+from segue.devtools.modelkit import distill_static, minilm_path
 from segue.settings import load_settings
 
 

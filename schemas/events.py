@@ -21,7 +21,6 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
-
 MAX_DOC_ID_CHARS = 512  # documents.doc_id's CHECK; keeps every doc_id inside a btree index row
 MAX_VERSION = 2**63 - 1  # documents.version is a bigint
 MAX_NESTING = 128  # arrays and objects in an event nest at most this deep (the schema validator stops at 255)

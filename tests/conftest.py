@@ -25,10 +25,11 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory, model_cache) -> Harness:
     """Embedded PostgreSQL and broker with an old (static) and a new (transformer) model registered."""
-    from segue import db, registry
+    from segue.control import registry
+    from segue.storage import connections
 
     h = Harness(tmp_path_factory.mktemp("segue"))
-    with db.connect(h.settings, h.database_url) as conn:
+    with connections.connect(h.settings, h.database_url) as conn:
         registry.register_model(conn, OLD, str(modelfactory.tiny_static(model_cache)))
         registry.register_model(conn, NEW, str(modelfactory.tiny_transformer_a(model_cache)))
     yield h
@@ -38,7 +39,7 @@ def harness(tmp_path_factory, model_cache) -> Harness:
 @pytest.fixture(scope="module")
 def engine():
     """An embedding engine on the CPU for one test module (model versions are per module: they would clash)."""
-    from segue.engine import EmbeddingEngine
+    from segue.embedding.engine import EmbeddingEngine
 
     engine = EmbeddingEngine(device="cpu")
     yield engine
@@ -48,9 +49,8 @@ def engine():
 @pytest.fixture(scope="session")
 def tokenizer():
     """all-MiniLM-L6-v2's tokenizer, neither truncating nor padding: the tokens an API model is sent."""
+    from segue.devtools.modelkit import minilm_path
     from tokenizers import Tokenizer
-
-    from segue.modelkit import minilm_path
 
     tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
     tokenizer.no_truncation()
@@ -70,7 +70,8 @@ def worker(harness):
 def infinity(tmp_path_factory):
     """A real OpenAI-compatible server (infinity-emb, in its own virtualenv) serving the bundled MiniLM as
     ``minilm``, and a CLS-pooled copy of it (another model of the same width) as ``minilm-cls``."""
-    from segue.modelkit import minilm_path
+    from segue.devtools.modelkit import minilm_path
+
     from tests.apiserver import InfinityServer, cls_pooled_copy
 
     folder = tmp_path_factory.mktemp("served")

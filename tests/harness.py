@@ -19,11 +19,11 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-from segue import db, services
-from segue.settings import Settings
+from segue.devtools import services
 from segue.schemas.events import encode_change
-from segue.topics import ensure_topics
+from segue.settings import Settings
+from segue.storage import connections, upgrades
+from segue.worker.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 SEGUE = str(Path(sys.executable).with_name("segue"))  # the installed console script
@@ -94,9 +94,9 @@ class Harness:
         services.up(self.settings)
         self.database_url = services.database_url(self.settings)
         self.bootstrap = services.kafka_bootstrap(self.settings)
-        db.upgrade(self.settings, self.database_url)
+        upgrades.upgrade(self.settings, self.database_url)
         asyncio.run(ensure_topics(self.settings, self.bootstrap))
-        self.conn = db.connect(self.settings, self.database_url)
+        self.conn = connections.connect(self.settings, self.database_url)
         self.workers: list[subprocess.Popen] = []
         self.log_dir = data_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
@@ -173,7 +173,7 @@ class Harness:
         with server._lock:
             server.ensure_postgres_running()
         assert server.get_uri() == self.database_url
-        self.conn = db.connect(self.settings, self.database_url)
+        self.conn = connections.connect(self.settings, self.database_url)
 
     # -- the CLI and workers ----------------------------------------------------------------
     def segue(self, *args: str, env: dict[str, str] | None = None, check: bool = True,

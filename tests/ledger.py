@@ -15,8 +15,9 @@ import random
 from dataclasses import dataclass, field
 
 from psycopg import sql
+from segue.control import registry
+from segue.storage import connections, model_columns
 
-from segue import db, registry
 from tests.harness import change
 
 
@@ -80,10 +81,10 @@ class Ledger:
 
     def mismatches(self, harness) -> list[str]:
         """Documents whose stored state differs from the replay (body, version, or a vector not current)."""
-        with db.connect(harness.settings, harness.database_url) as conn:
+        with connections.connect(harness.settings, harness.database_url) as conn:
             models = registry.live_models(conn)
             current = sql.SQL(" AND ").join(
-                sql.SQL("{} = content_sha256").format(db.sha_column(m.version)) for m in models)
+                sql.SQL("{} = content_sha256").format(model_columns.sha_column(m.version)) for m in models)
             rows = conn.execute(
                 sql.SQL("SELECT doc_id, version, body, content_sha256, {} FROM documents"
                         " WHERE doc_id = ANY(%s)").format(current),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segue.modelkit import build_tiny_transformer, distill_static
+from segue.devtools.modelkit import build_tiny_transformer, distill_static
 
 TINY_A_DIM = 32
 TINY_B_DIM = 48

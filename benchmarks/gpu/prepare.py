@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from segue.modelkit import minilm_path  # noqa: E402
+from segue.devtools.modelkit import minilm_path  # noqa: E402
 
 WHEELS, MODELS = ROOT / ".whl", ROOT / ".gpu" / "models"
 NEEDED = ["faust-streaming>=0.15.2", "aiokafka>=0.10", "click<8.4", "pgvector>=0.3", "psycopg[binary,pool]>=3.2",

@@ -1,0 +1,327 @@
+"""The migration lifecycle: start, pause, resume, the cutover gate, cutover, rollback, finish.
+
+Every transition is one transaction that updates ``migrations``, flips ``serving``
+where reads move, and appends a ``control`` row to ``migration_changelog``. The gate
+uses the coverage threshold recorded when the migration started.
+
+    running ⇄ paused
+    running → ready            (coverage and the latest quality verdict pass)
+    running | ready | rolled_back → cut_over   (gated; --force with a reason bypasses)
+    cut_over → rolled_back     (reads back on the old model; dual-write continues)
+    cut_over → finished        (after the grace period: the old model is retired)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from segue.control import registry
+from segue.schemas.changelog import Action, Origin
+from segue.storage import model_columns, upgrades
+
+ACTIVE = ("running", "paused", "ready", "cut_over", "rolled_back")
+
+
+class MigrationError(RuntimeError):
+    """A migration request that the current state does not allow."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: int
+    from_version: int
+    to_version: int
+    from_name: str
+    to_name: str
+    state: str
+    settings: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    cut_over_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def cutover_min_coverage_pct(self) -> float:
+        """The coverage the cutover gate waits for, as recorded at start (100 for older migrations)."""
+        return float(self.settings.get("cutover_min_coverage_pct", 100.0))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Whether a cutover may happen now, and why not."""
+
+    coverage_pct: float
+    min_coverage_pct: float
+    verdict: str | None
+    verdict_metric: str | None
+    verdict_coverage_pct: float | None  # the new model's coverage when the verdict was reached
+
+    @property
+    def coverage_ok(self) -> bool:
+        return self.coverage_pct >= self.min_coverage_pct
+
+    @property
+    def quality_ok(self) -> bool:
+        return self.verdict == "pass" and (self.verdict_coverage_pct or 0.0) >= self.min_coverage_pct
+
+    @property
+    def passed(self) -> bool:
+        return self.coverage_ok and self.quality_ok
+
+    def reasons(self) -> list[str]:
+        """Why the gate is closed (empty when it is open)."""
+        why = []
+        if not self.coverage_ok:
+            why.append(f"coverage {self.coverage_pct:.2f}% is below {self.min_coverage_pct:.2f}%")
+        if self.verdict is None:
+            why.append("no quality verdict is recorded for this migration (run segue eval)")
+        elif self.verdict != "pass":
+            why.append(f"the latest quality verdict ({self.verdict_metric}) is {self.verdict}")
+        elif not self.quality_ok:
+            why.append(f"the latest verdict was reached at {self.verdict_coverage_pct or 0:.2f}% coverage, below "
+                       f"{self.min_coverage_pct:.2f}%: run segue eval again")
+        return why
+
+
+_SELECT = (
+    "SELECT g.*, f.name AS from_name, t.name AS to_name FROM migrations g"
+    " JOIN embedding_models f ON f.version = g.from_version JOIN embedding_models t ON t.version = g.to_version"
+)
+
+
+def _migration(row: dict) -> Migration:
+    return Migration(**{k: row[k] for k in Migration.__dataclass_fields__})
+
+
+def active_migration(conn: psycopg.Connection) -> Migration | None:
+    """The migration that is not finished, if any."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_SELECT + " WHERE g.state <> 'finished'").fetchone()
+    return _migration(row) if row else None
+
+
+def get_migration(conn: psycopg.Connection, migration_id: int) -> Migration:
+    """A migration by id."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_SELECT + " WHERE g.id = %s", (migration_id,)).fetchone()
+    if row is None:
+        raise MigrationError(f"no migration {migration_id}")
+    return _migration(row)
+
+
+def require_active(conn: psycopg.Connection) -> Migration:
+    """The active migration, or a clear error."""
+    migration = active_migration(conn)
+    if migration is None:
+        raise MigrationError("no migration is in progress (start one with: segue migrate start --to NEW)")
+    return migration
+
+
+def _log(conn: psycopg.Connection, migration: Migration, action: Action, detail: dict[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO migration_changelog (model_version, action, origin, event_id, detail) VALUES (%s, %s, %s, %s, %s)",
+        (migration.to_version, action.value, Origin.CONTROL.value, f"migration-{migration.id}",
+         Jsonb({"migration_id": migration.id, "from": migration.from_name, "to": migration.to_name, **detail})),
+    )
+
+
+def _transition(
+    conn: psycopg.Connection,
+    allowed: tuple[str, ...],
+    state: str,
+    action: Action,
+    detail: dict[str, Any] | None = None,
+    *,
+    read_version: str | None = None,
+    check: Callable[[Migration], dict[str, Any]] | None = None,
+) -> Migration:
+    """Move the active migration from one of ``allowed`` to ``state`` in one transaction.
+
+    ``check`` runs once the migration row is locked, so nothing it reads (a verdict, a state) can change before
+    the transition commits: it raises :class:`MigrationError` to refuse, or returns more detail to log.
+    """
+    with conn.transaction():
+        migration = require_active(conn)
+        conn.execute("SELECT 1 FROM migrations WHERE id = %s FOR UPDATE", (migration.id,))
+        migration = require_active(conn)
+        if migration.state not in allowed:
+            raise MigrationError(
+                f"migration {migration.id} is {migration.state}; this needs it to be {' or '.join(allowed)}"
+            )
+        if check is not None:
+            detail = {**(detail or {}), **check(migration)}
+        conn.execute(
+            "UPDATE migrations SET state = %s, updated_at = now(),"
+            " cut_over_at = CASE WHEN %s = 'cut_over' THEN now() ELSE cut_over_at END,"
+            " finished_at = CASE WHEN %s = 'finished' THEN now() ELSE finished_at END WHERE id = %s",
+            (state, state, state, migration.id),
+        )
+        if read_version is not None:
+            version = getattr(migration, read_version)
+            conn.execute("UPDATE serving SET read_model_version = %s, updated_at = now()", (version,))
+        _log(conn, migration, action, {"previous_state": migration.state, **(detail or {})})
+    return get_migration(conn, migration.id)
+
+
+def ensure_none_active(conn: psycopg.Connection) -> None:
+    """Raise unless no migration is in progress (one migration at a time)."""
+    current = active_migration(conn)
+    if current is not None:
+        raise MigrationError(
+            f"migration {current.id} ({current.from_name} → {current.to_name}) is {current.state}; "
+            "one migration at a time: finish it first"
+        )
+
+
+def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None, *,
+          cutover_min_coverage_pct: float) -> Migration:
+    """Record a migration to ``to_name`` (registered, live) from ``from_name`` (default: the read model).
+
+    ``cutover_min_coverage_pct`` is recorded with it: the gate the cutover waits for.
+    """
+    settings = {"cutover_min_coverage_pct": cutover_min_coverage_pct}
+    to = registry.get_model(conn, to_name)
+    if to.state != "live":
+        raise MigrationError(f"model {to_name!r} is {to.state}; register a new one")
+    if from_name is None:
+        source = next((m for m in registry.list_models(conn) if m.serving_reads), None)
+        if source is None:
+            raise MigrationError("no model serves reads yet; register one first")
+    else:
+        source = registry.get_model(conn, from_name)
+    if source.spec.version == to.spec.version:
+        raise MigrationError(f"{to_name!r} already serves reads; migrate to another model")
+    try:
+        with conn.transaction():
+            (migration_id,) = conn.execute(
+                "INSERT INTO migrations (from_version, to_version, state, settings) VALUES (%s, %s, 'running', %s)"
+                " RETURNING id",
+                (source.spec.version, to.spec.version, Jsonb(settings)),
+            ).fetchone()
+            migration = require_active(conn)
+            _log(conn, migration, Action.MIGRATION_STARTED, {"settings": settings})
+    except errors.UniqueViolation:
+        ensure_none_active(conn)
+        raise
+    return migration
+
+
+def pause(conn: psycopg.Connection) -> Migration:
+    """Pause the backfill (changes keep being dual-written)."""
+    return _transition(conn, ("running", "ready"), "paused", Action.MIGRATION_PAUSED)
+
+
+def resume(conn: psycopg.Connection) -> Migration:
+    """Resume a paused migration."""
+    return _transition(conn, ("paused",), "running", Action.MIGRATION_RESUMED)
+
+
+def vector_counts(conn: psycopg.Connection, version: int) -> tuple[int, int]:
+    """(current vectors of model ``version``, documents), from the exact counters."""
+    row = conn.execute(
+        "SELECT v.current, c.documents FROM vector_counters v CROSS JOIN corpus_counters c WHERE v.model_version = %s",
+        (version,),
+    ).fetchone()
+    if row is None:
+        raise MigrationError(f"model version {version} has no vector counters (retired?)")
+    return row
+
+
+def coverage_pct(conn: psycopg.Connection, version: int) -> float:
+    """Percentage of documents whose vector for ``version`` is current (from the counters)."""
+    current, total = vector_counts(conn, version)
+    return 100.0 if total == 0 else 100.0 * current / total
+
+
+def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
+    """Evaluate the cutover gate, reading only: coverage of the new model against the threshold recorded at
+    start, and the latest verdict ``segue eval`` recorded for this migration's two models. A verdict reached
+    on a column covered less than that threshold does not count."""
+    verdict = conn.execute(
+        "SELECT verdict, metric, (detail->'coverage'->>'new')::float FROM model_evaluations"
+        " WHERE migration_id = %s AND kind = 'labelled' AND old_version = %s AND new_version = %s"
+        " ORDER BY evaluated_at DESC, id DESC LIMIT 1",
+        (migration.id, migration.from_version, migration.to_version),
+    ).fetchone()
+    return Gate(
+        coverage_pct=coverage_pct(conn, migration.to_version),
+        min_coverage_pct=migration.cutover_min_coverage_pct,
+        verdict=verdict[0] if verdict else None,
+        verdict_metric=verdict[1] if verdict else None,
+        verdict_coverage_pct=verdict[2] if verdict else None,
+    )
+
+
+def refresh(conn: psycopg.Connection) -> Migration | None:
+    """Mark a running migration ready once its gate passes (workers do, periodically); the active migration."""
+    migration = active_migration(conn)
+    if migration is None or migration.state != "running" or not gate(conn, migration).passed:
+        return migration
+
+    def still_passes(locked: Migration) -> dict[str, Any]:
+        check = gate(conn, locked)
+        if not check.passed:
+            raise MigrationError("; ".join(check.reasons()))
+        return {"coverage_pct": check.coverage_pct}
+
+    try:
+        return _transition(conn, ("running",), "ready", Action.MIGRATION_READY, check=still_passes)
+    except MigrationError:  # paused, or a new verdict closed the gate, since it was read
+        return active_migration(conn)
+
+
+def cutover(conn: psycopg.Connection, *, force_reason: str | None = None) -> Migration:
+    """Switch reads to the new model, atomically, if the gate passes (or is forced with a reason).
+
+    The gate is read under the migration row's lock: a verdict recorded while the cutover waited for it counts.
+    """
+
+    def gated(migration: Migration) -> dict[str, Any]:
+        check = gate(conn, migration)
+        if not check.passed and not force_reason:
+            raise MigrationError("cutover refused: " + "; ".join(check.reasons())
+                                 + " (override: --force --reason TEXT)")
+        detail = {"coverage_pct": round(check.coverage_pct, 3), "verdict": check.verdict}
+        if not check.passed:
+            detail.update(forced=True, reason=force_reason, gate_failures=check.reasons())
+        return detail
+
+    return _transition(conn, ("running", "ready", "rolled_back"), "cut_over", Action.MIGRATION_CUT_OVER,
+                       read_version="to_version", check=gated)
+
+
+def rollback(conn: psycopg.Connection) -> Migration:
+    """Switch reads back to the old model; both are still dual-written."""
+    return _transition(conn, ("cut_over",), "rolled_back", Action.MIGRATION_ROLLED_BACK, read_version="from_version")
+
+
+def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
+    """Retire the old model after the grace period: stop writing it, drop its index and columns."""
+    migration = require_active(conn)
+    if migration.state != "cut_over":
+        raise MigrationError(f"migration {migration.id} is {migration.state}; finish needs cut_over")
+    waited = conn.execute("SELECT now() - %s::timestamptz", (migration.cut_over_at,)).fetchone()[0]
+    if waited < grace:
+        raise MigrationError(
+            f"reads moved to {migration.to_name} {waited} ago; the grace period is {grace} "
+            f"(rollback stays possible until then)"
+        )
+    old = migration.from_version
+
+    def retire() -> Migration:
+        conn.execute("UPDATE embedding_models SET state = 'retired', retired_at = now() WHERE version = %s", (old,))
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(model_columns.index_name(old)))
+        conn.execute(sql.SQL("ALTER TABLE documents DROP COLUMN IF EXISTS {}, DROP COLUMN IF EXISTS {}").format(
+            model_columns.vector_column(old), model_columns.sha_column(old)))
+        conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (old,))
+        model_columns.install_vector_counters(conn)
+        return _transition(conn, ("cut_over",), "finished", Action.MIGRATION_FINISHED, {"retired": migration.from_name})
+
+    return upgrades.run_ddl(conn, retire, what=f"retiring model {migration.from_name!r}")

@@ -1,0 +1,58 @@
+"""Embedding providers: one module per kind of model, behind one interface (see ``base``).
+
+``PROVIDERS`` names them; a module is imported only when a model of its kind is
+inspected or loaded, so importing this package loads no model code (no torch). To add
+a provider, write one module here with ``inspect`` and ``load`` (see ``base``) and add
+its name to ``PROVIDERS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from segue.embedding.providers.base import Embedder, OptionsError, resolve_source
+from segue.spec import ModelProfile, ModelSpec
+
+PROVIDERS = ("transformer", "static", "openai")
+ADOPTED = "adopted"  # vectors adopted from an existing table (segue import): stored, never computed here
+
+__all__ = ["ADOPTED", "PROVIDERS", "Embedder", "OptionsError", "detect", "embeds", "inspect", "load", "shown_config"]
+
+
+def embeds(spec: ModelSpec) -> bool:
+    """Whether Segue can compute ``spec``'s vectors (an adopted model cannot until it is bound to a provider)."""
+    return spec.provider != ADOPTED
+
+
+def shown_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A registration's settings for listings: without recorded vectors (an API model's canaries)."""
+    return {key: value for key, value in config.items() if key != "canary_vectors"}
+
+
+def _module(name: str) -> ModuleType:
+    if name not in PROVIDERS:
+        raise OptionsError(f"no provider named {name!r} (providers: {', '.join(PROVIDERS)})")
+    return importlib.import_module(f"segue.embedding.providers.{name}")
+
+
+def detect(source: str) -> str:
+    """The provider of a local model folder: ``static`` for a model2vec folder, else ``transformer``."""
+    from segue.embedding.providers.static import is_static_folder
+
+    return "static" if is_static_folder(resolve_source(source)) else "transformer"
+
+
+def inspect(source: str, *, provider: str | None = None, options: Mapping[str, Any] | None = None) -> ModelProfile:
+    """Profile the model at ``source`` with ``provider`` (default: :func:`detect`) and its ``options``."""
+    return _module(provider or detect(source)).inspect(source, options or {})
+
+
+def load(spec: ModelSpec, device: str | None) -> Embedder:
+    """The registered model ``spec``, loaded by its provider on ``device`` (None: the provider's choice)."""
+    if not embeds(spec):
+        raise OptionsError(f"model {spec.name!r} holds adopted vectors and cannot embed: bind it to a provider "
+                           "first (segue models bind)")
+    return _module(spec.provider).load(spec, device)

@@ -1,0 +1,1 @@
+"""Tests of the deployment files: docker-compose and the Dockerfile."""

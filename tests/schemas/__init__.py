@@ -1,0 +1,1 @@
+"""Tests of the contracts in segue.schemas: event decoding and dead letters."""
