@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import faust
+
 from segue import metrics
 from segue.agents.transport import SegueApp
 from segue.control import indexes, migration

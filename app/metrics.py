@@ -9,6 +9,7 @@ convention a metric corresponds to where one exists. Every metric lives in
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from segue.schemas.events import DeadLetterReason
 
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -24,11 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness runs the services and workers
 
+from benchmarks.common import static_model  # noqa: E402
 from segue import registry  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
 from segue.spec import ModelSpec  # noqa: E402
-
-from benchmarks.common import static_model  # noqa: E402
 from tests.harness import Harness, free_port, wait_for  # noqa: E402
 
 BARE = """

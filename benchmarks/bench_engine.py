@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from segue.devtools.corpus import scifact_documents
 from segue.devtools.modelkit import minilm_path
 from segue.embedding.engine import EmbeddingEngine

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
+
 from segue.control.importer import Source, run_import
 from segue.devtools import services
 from segue.settings import Settings

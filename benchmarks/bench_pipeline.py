@@ -25,12 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness runs the services and workers
 
+from benchmarks.common import TEXT_CHARS, production_env, static_model  # noqa: E402
 from segue import registry  # noqa: E402
 from segue.devtools.corpus import scifact_documents  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
 from segue.embedding.engine import EmbeddingEngine  # noqa: E402
-
-from benchmarks.common import TEXT_CHARS, production_env, static_model  # noqa: E402
 from tests.harness import Harness, change, wait_for  # noqa: E402
 
 

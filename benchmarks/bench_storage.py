@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 from psycopg import sql
+
 from segue.control import indexes
 from segue.control.registry import register_model
 from segue.devtools import services

@@ -9,7 +9,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness runs the services and workers
 
 from segue.devtools.modelkit import distill_static, minilm_path  # noqa: E402
-
 from tests.harness import Harness  # noqa: E402
 
 TEXT_CHARS = 3000  # abstracts are cut under the harness's 4,000-byte limit on a text

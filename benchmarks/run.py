@@ -20,8 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks import tests.harness
 
 import torch  # noqa: E402
-from segue.devtools.corpus import scifact_documents  # noqa: E402
-from segue.devtools.modelkit import minilm_path  # noqa: E402
 
 from benchmarks import (  # noqa: E402
     bench_cold_start,
@@ -30,6 +28,8 @@ from benchmarks import (  # noqa: E402
     bench_progress,
     bench_read_miss,
 )
+from segue.devtools.corpus import scifact_documents  # noqa: E402
+from segue.devtools.modelkit import minilm_path  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import ir_measures
 import numpy as np
 from ir_measures import nDCG
+
 from segue.devtools.corpus import bundled_scifact, scifact_documents
 from segue.devtools.modelkit import distill_static, minilm_path
 from segue.settings import load_settings

@@ -49,8 +49,9 @@ def engine():
 @pytest.fixture(scope="session")
 def tokenizer():
     """all-MiniLM-L6-v2's tokenizer, neither truncating nor padding: the tokens an API model is sent."""
-    from segue.devtools.modelkit import minilm_path
     from tokenizers import Tokenizer
+
+    from segue.devtools.modelkit import minilm_path
 
     tokenizer = Tokenizer.from_file(str(minilm_path() / "tokenizer.json"))
     tokenizer.no_truncation()
@@ -71,7 +72,6 @@ def infinity(tmp_path_factory):
     """A real OpenAI-compatible server (infinity-emb, in its own virtualenv) serving the bundled MiniLM as
     ``minilm``, and a CLS-pooled copy of it (another model of the same width) as ``minilm-cls``."""
     from segue.devtools.modelkit import minilm_path
-
     from tests.apiserver import InfinityServer, cls_pooled_copy
 
     folder = tmp_path_factory.mktemp("served")

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
 from segue.devtools import services
 from segue.schemas.events import encode_change
 from segue.settings import Settings

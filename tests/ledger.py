@@ -15,9 +15,9 @@ import random
 from dataclasses import dataclass, field
 
 from psycopg import sql
+
 from segue.control import registry
 from segue.storage import connections, model_columns
-
 from tests.harness import change
 
 

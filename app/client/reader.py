@@ -46,6 +46,7 @@ from typing import Any
 import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool
+
 from segue.client.readmisses import ReadMissPublisher
 from segue.client.search import (
     IncompatibleQuery,

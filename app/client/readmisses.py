@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
+
 from segue.devtools import services
 from segue.ratelimit import per_second
 from segue.schemas.events import encode_read_miss

@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
+
 from segue.spec import ModelSpec
 from segue.storage import model_columns
 

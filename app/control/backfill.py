@@ -27,6 +27,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+
 from segue.control import migration, registry
 from segue.ratelimit import per_second
 from segue.schemas.events import encode_read_miss

@@ -22,6 +22,7 @@ from datetime import datetime
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
 from segue.schemas.events import REPLAY_HEADER, InvalidEvent, decode_dead_letter
 from segue.settings import Settings
 from segue.storage.locks import Lock, held

@@ -53,6 +53,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+
 from segue.control import registry
 from segue.embedding.providers import ADOPTED
 from segue.ratelimit import per_second

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
+
 from segue.control import registry
 from segue.control.migration import MigrationError, active_migration, coverage_pct
 from segue.schemas.changelog import Action, Origin

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
 from segue.control import registry
 from segue.schemas.changelog import Action, Origin
 from segue.storage import model_columns, upgrades

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
+
 from segue.control import indexes
 from segue.devtools.corpus import scifact_documents
 from segue.embedding.engine import EmbeddingEngine

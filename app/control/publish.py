@@ -32,6 +32,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
 from segue.schemas.events import InvalidEvent, decode_change, encode_change
 
 NOT_UTF8 = "not UTF-8"

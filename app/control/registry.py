@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
 from segue.embedding import providers
 from segue.spec import ModelProfile, ModelSpec
 from segue.storage import model_columns, upgrades

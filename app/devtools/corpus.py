@@ -12,6 +12,7 @@ from importlib import resources
 import numpy as np
 import psycopg
 from psycopg import sql
+
 from segue.quality.evalsets import LabelledSet, read_beir
 from segue.spec import ModelSpec
 from segue.storage import model_columns

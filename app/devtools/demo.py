@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
 from segue.cli.views import fetch_progress, format_cell, progress_table
 from segue.client.reader import SegueReader
 from segue.control import indexes, migration, registry

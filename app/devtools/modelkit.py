@@ -36,8 +36,9 @@ def build_tiny_transformer(target_dir: Path, *, hidden_size: int = 32, seed: int
     L2 normalisation and a 128-token limit. An existing ``target_dir`` is replaced.
     """
     import torch
-    from segue.embedding.providers.transformer import POOLINGS, ST_POOLING_FLAGS
     from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from segue.embedding.providers.transformer import POOLINGS, ST_POOLING_FLAGS
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")

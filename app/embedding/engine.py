@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from segue import metrics
 from segue.embedding import providers
 from segue.embedding.providers import Embedder

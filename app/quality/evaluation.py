@@ -17,6 +17,7 @@ import numpy as np
 import psycopg
 from ir_measures import RR, P, R, nDCG
 from psycopg.types.json import Jsonb
+
 from segue.client.search import nearest
 from segue.control import migration
 from segue.embedding import providers

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
+
 from segue.client.search import SearchHit, nearest
 from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec

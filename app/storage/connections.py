@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 from pgvector.psycopg import register_vector, register_vector_async
 from psycopg import sql
+
 from segue.settings import Settings
 
 

@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
 from segue import metrics
 from segue.embedding import providers
 from segue.schemas.changelog import Action, Origin

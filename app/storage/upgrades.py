@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import psycopg
 from psycopg import errors, sql
+
 from segue.settings import Settings
 from segue.storage.connections import connect_plain
 from segue.storage.locks import Lock, held

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import psycopg
+
 from segue import metrics
 from segue.errors import InfrastructureError
 

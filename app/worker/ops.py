@@ -20,6 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
 from segue.embedding.engine import EmbeddingEngine
 from segue.metrics import REGISTRY
 

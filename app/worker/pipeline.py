@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
 from segue import metrics
 from segue.embedding import providers
 from segue.embedding.engine import URGENT, Embedded, EmbeddingEngine

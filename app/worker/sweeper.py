@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 from psycopg import sql
+
 from segue.spec import ModelSpec
 from segue.storage import model_columns
 from segue.storage.documents import Store

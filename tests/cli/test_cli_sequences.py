@@ -16,8 +16,8 @@ import signal
 import psycopg
 import pytest
 from psycopg import sql
-from segue.storage import connections, upgrades
 
+from segue.storage import connections, upgrades
 from tests import modelfactory
 from tests.harness import Harness, change, harness_env, run_segue, wait_for
 

@@ -16,9 +16,9 @@ import sys
 import psycopg
 import pytest
 import tomllib
+
 from segue.schemas.changelog import Action, Origin
 from segue.storage import connections
-
 from tests.harness import ROOT, SEGUE, run_segue
 
 MODEL_CODE = ("torch", "transformers", "model2vec")

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 from psycopg import sql
+
 from segue.client.reader import SegueReader, route_by_query_shape
 from segue.client.search import (
     RRF_K,
@@ -27,7 +28,6 @@ from segue.client.search import (
 from segue.control import registry
 from segue.spec import ModelSpec
 from segue.storage import connections, model_columns
-
 from tests.conftest import NEW, OLD
 from tests.harness import change, wait_for
 

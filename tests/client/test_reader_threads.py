@@ -13,11 +13,11 @@ import threading
 import numpy as np
 import psycopg
 import pytest
+
 from segue.client.reader import SegueReader
 from segue.control import registry
 from segue.spec import ModelProfile
 from segue.storage import connections
-
 from tests.harness import Harness
 
 DIM, ROWS, THREADS, SEARCHES = 64, 60_000, 8, 5

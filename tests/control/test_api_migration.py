@@ -14,10 +14,10 @@ import time
 
 import pytest
 from model2vec import StaticModel
-from segue.devtools.corpus import scifact_documents
-from segue.devtools.modelkit import minilm_path
 from tokenizers import Tokenizer
 
+from segue.devtools.corpus import scifact_documents
+from segue.devtools.modelkit import minilm_path
 from tests import modelfactory
 from tests.apiserver import FaultProxy
 from tests.harness import Harness, change, harness_env, wait_for

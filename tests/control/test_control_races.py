@@ -15,6 +15,7 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer
 from psycopg.types.json import Jsonb
+
 from segue.control import dlq, migration, registry
 from segue.schemas.events import (
     DeadLetterReason,
@@ -23,7 +24,6 @@ from segue.schemas.events import (
     encode_dead_letter,
 )
 from segue.storage import connections
-
 from tests import modelfactory
 from tests.harness import Harness, wait_for
 

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 from psycopg import sql
+
 from segue.client.reader import SegueReader
 from segue.client.search import QueryVector
 from segue.control import registry
@@ -27,7 +28,6 @@ from segue.embedding.engine import EmbeddingEngine
 from segue.embedding.providers import inspect
 from segue.spec import ModelSpec
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.harness import ROOT, SEGUE, Harness, wait_for
 

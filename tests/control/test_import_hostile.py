@@ -43,11 +43,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pgvector.psycopg import register_vector
 from psycopg import sql
+
 from segue.control import importer, registry
 from segue.control.importer import ImportRefused, Source
 from segue.storage import connections, model_columns, upgrades
 from segue.worker.topics import ensure_topics
-
 from tests.harness import change, wait_for
 
 READER, READER_PASSWORD = "hostile_reader", "reader-secret-4711"

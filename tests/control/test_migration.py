@@ -16,6 +16,7 @@ from datetime import timedelta
 import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
+
 from segue.control import indexes, migration, registry
 from segue.control.backfill import BackfillLimits, run_backfill
 from segue.control.plan import (
@@ -32,7 +33,6 @@ from segue.devtools.modelkit import minilm_path
 from segue.embedding.engine import EmbeddingEngine
 from segue.schemas.events import encode_read_miss
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.harness import ROOT, SEGUE, Harness, change, wait_for
 

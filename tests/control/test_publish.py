@@ -24,9 +24,9 @@ import pyarrow
 import pyarrow.parquet as parquet
 from aiokafka import AIOKafkaConsumer
 from psycopg import sql
+
 from segue.control import registry
 from segue.storage import connections, model_columns
-
 from tests.harness import free_port, wait_for
 
 SCIFACT = resources.files("segue").joinpath("data/scifact/corpus.jsonl.gz")

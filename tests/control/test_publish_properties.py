@@ -31,6 +31,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from segue.control.publish import Fields, changes, publish
 from segue.schemas.events import decode_change
 from segue.worker.topics import ensure_topics

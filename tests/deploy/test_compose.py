@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from segue.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
+
 from segue.control import registry
 from segue.devtools.modelkit import minilm_path
 from segue.embedding import providers
@@ -28,7 +29,6 @@ from segue.errors import ModelHalted, ProviderError
 from segue.schemas.events import encode_read_miss
 from segue.spec import ModelProfile, ModelSpec
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.harness import Harness, change, harness_env, wait_for
 from tests.hostileserver import FAULTS, MARKERS, HostileServer, vector_of

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+
 from segue import metrics
 from segue.devtools.corpus import scifact_documents
 from segue.devtools.modelkit import minilm_path
@@ -18,7 +19,6 @@ from segue.embedding import providers
 from segue.embedding.providers.openai import CANARY_TEXTS
 from segue.errors import InputRejected, ModelHalted
 from segue.spec import ModelSpec
-
 from tests.apiserver import FaultProxy
 
 SERVED = "minilm"  # as the session's infinity fixture serves them (tests/conftest.py)

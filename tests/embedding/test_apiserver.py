@@ -7,8 +7,8 @@ import base64
 import httpx
 import numpy as np
 import pytest
-from segue.devtools.modelkit import minilm_path
 
+from segue.devtools.modelkit import minilm_path
 from tests.apiserver import FaultProxy, InfinityServer, cls_pooled_copy
 
 SENTENCE = "A heron waits motionless at the edge of the reed bed."

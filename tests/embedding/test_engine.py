@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
+
 from segue.devtools.corpus import scifact_documents
 from segue.devtools.modelkit import build_tiny_transformer, distill_static, minilm_path
 from segue.embedding import providers
@@ -29,8 +31,6 @@ from segue.embedding.engine import (
     ModelSpec,
 )
 from segue.embedding.providers import OptionsError, inspect
-from transformers import AutoTokenizer
-
 from tests.modelfactory import tiny_static, tiny_transformer_a, tiny_transformer_b
 
 REPO = Path(__file__).resolve().parents[1]

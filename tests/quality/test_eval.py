@@ -18,6 +18,7 @@ import time
 import numpy as np
 import psycopg
 import pytest
+
 from segue.client.reader import SegueReader
 from segue.control import migration, registry
 from segue.devtools.corpus import bundled_scifact, scifact_documents, store_embedded
@@ -25,7 +26,6 @@ from segue.devtools.modelkit import distill_static, minilm_path
 from segue.embedding.engine import EmbeddingEngine
 from segue.quality.verdict import compare, decide, holm, p_below, slices_below
 from segue.storage import connections
-
 from tests.harness import ROOT, Harness
 
 DOCS = 300

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from segue.devtools.corpus import bundled_scifact
 from segue.quality.evalsets import (
     BEIR_QRELS_HEADER,

@@ -17,6 +17,7 @@ import jsonschema_rs
 import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
 from segue.control.dlq import decode_letter
 from segue.schemas.events import (
     DEAD_LETTER_ERROR_MAX_CHARS,

@@ -18,11 +18,11 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.types.json import Jsonb
+
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.storage import model_columns
-
 from tests import modelfactory
 from tests.harness import ROOT, Harness, change, run_segue, wait_for
 

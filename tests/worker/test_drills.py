@@ -18,9 +18,9 @@ import time
 import orjson
 import pytest
 from psycopg import sql
+
 from segue.control import registry
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.harness import Harness, change, wait_for
 from tests.ledger import Ledger

@@ -20,9 +20,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
+
 from segue.control import registry
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.harness import ROOT, Harness, change, free_port, wait_for
 

@@ -9,6 +9,7 @@ import hashlib
 import jsonschema_rs
 import psycopg
 import pytest
+
 from segue.errors import EngineStopped, ModelUnavailable
 from segue.schemas.events import (
     DEAD_LETTER_MAX_BYTES,

@@ -14,10 +14,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
 from psycopg import sql
+
 from segue.control import backfill, registry
 from segue.control.backfill import BackfillLimits, run_backfill
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.harness import Harness, change, wait_for
 

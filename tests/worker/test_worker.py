@@ -21,10 +21,10 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
+
 from segue.control import registry
 from segue.embedding.engine import EmbeddingEngine
 from segue.storage import connections, model_columns
-
 from tests import modelfactory
 from tests.conftest import NEW, OLD
 from tests.harness import change, free_port, wait_for

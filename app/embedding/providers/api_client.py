@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
+
 from segue import metrics
 from segue.errors import InputRejected, ProviderError
 from segue.ratelimit import per_second

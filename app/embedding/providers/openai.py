@@ -54,6 +54,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
 from segue import metrics
 from segue.embedding.providers.api_client import EmbeddingsClient, Limits, Rejections
 from segue.embedding.providers.base import (

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from segue.embedding.providers.base import (
     Prepared,
     checked_options,

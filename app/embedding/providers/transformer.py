@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from segue.embedding.providers.base import (
     OptionsError,
     Prepared,

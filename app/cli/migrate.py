@@ -1,0 +1,178 @@
+"""``segue migrate``: plan, start, pause, resume, cut over, roll back, finish and index a migration."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import click
+
+from segue.cli.common import (
+    OPTION_OPTION,
+    PROVIDER_OPTION,
+    console,
+    control,
+    database,
+    provider_options,
+)
+from segue.control import indexes, migration, registry
+from segue.embedding import providers
+from segue.settings import Settings
+from segue.spec import ModelSpec
+from segue.storage import connections
+
+if TYPE_CHECKING:
+    pass
+
+
+@click.group()
+def migrate() -> None:
+    """Run a migration: plan, start, pause, resume, cutover, rollback, finish."""
+
+
+@migrate.command("plan")
+@click.option("--to", "to_name", required=True, help="the new model (registered name, or any name with --source)")
+@click.option("--source", help="model source, when the model is not registered yet")
+@PROVIDER_OPTION
+@OPTION_OPTION
+@click.option("--sample", default=64, show_default=True, help="documents embedded to measure throughput")
+@click.pass_obj
+def migrate_plan(settings: Settings, to_name: str, source: str | None, provider: str | None,
+                 option_pairs: tuple[str, ...], sample: int) -> None:
+    """Measure the new model here and estimate documents, time, cost, storage and index memory."""
+    from segue.control.plan import plan
+    from segue.embedding.engine import EmbeddingEngine
+
+    def estimate(conn):
+        try:
+            spec = registry.get_model(conn, to_name).spec
+        except registry.RegistryError:
+            if source is None:
+                raise registry.RegistryError(f"model {to_name!r} is not registered; pass --source to plan it") from None
+            profile = providers.inspect(source, provider=provider, options=provider_options(option_pairs))
+            spec = ModelSpec.from_profile(0, to_name, source, profile)
+        todo = None
+        if spec.version:
+            current, total = migration.vector_counts(conn, spec.version)
+            todo = total - current
+        serving = [m.spec for m in registry.list_models(conn) if m.serving_reads and m.spec.name != to_name]
+        baseline = serving[0] if serving and providers.embeds(serving[0]) else None
+        engine = EmbeddingEngine.from_settings(settings)
+        try:
+            return plan(conn, engine, spec, sample=sample, gpu_hour_usd=settings.gpu_hour_usd,
+                        documents_to_embed=todo, index_policy=indexes.IndexPolicy.from_settings(settings),
+                        baseline=baseline)
+        finally:
+            engine.close()
+
+    for line in control(settings, estimate).lines():
+        console.print(line)
+
+
+@migrate.command("start")
+@click.option("--to", "to_name", required=True, help="the new model's name")
+@click.option("--from", "from_name", help="the old model (default: the one serving reads)")
+@click.option("--source", help="register the new model from this source first")
+@PROVIDER_OPTION
+@OPTION_OPTION
+@click.option("--min-coverage", type=float, help="coverage %% the cutover waits for [default: SEGUE_CUTOVER_MIN_COVERAGE_PCT]")
+@click.pass_obj
+def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None, provider: str | None,
+                  option_pairs: tuple[str, ...], min_coverage: float | None) -> None:
+    """Start a migration: NEW is dual-written from now on. One migration at a time.
+
+    With --source the model is registered and the migration recorded in one transaction:
+    if either fails, neither happened.
+    """
+    profile = (providers.inspect(source, provider=provider, options=provider_options(option_pairs))
+               if source is not None else None)
+
+    def register_and_start(conn):
+        with conn.transaction():
+            if profile is not None:
+                migration.ensure_none_active(conn)
+                registry.register_model(conn, to_name, source, profile=profile)
+            return migration.start(conn, to_name, from_name, cutover_min_coverage_pct=(
+                settings.cutover_min_coverage_pct if min_coverage is None else min_coverage))
+
+    started = control(settings, register_and_start)
+    console.print(f"migration {started.id} started: {started.from_name} → {started.to_name}; "
+                  "every change is dual-written; run segue backfill for the rest")
+
+
+@migrate.command("status")
+@click.pass_obj
+def migrate_status(settings: Settings) -> None:
+    """Show the migration, what a cutover would do now, the index and the progress (reads only)."""
+    from segue.cli.views import fetch_progress, progress_table
+    from segue.quality import evaluation
+
+    with connections.connect(settings, database(settings, read_only=True), read_only=True) as conn:
+        current = migration.active_migration(conn)
+        if current is None:
+            console.print("no migration in progress")
+        else:
+            check = migration.gate(conn, current)
+            console.print(f"migration {current.id}: {current.from_name} → {current.to_name}, [bold]{current.state}[/] "
+                          f"since {current.updated_at:%Y-%m-%d %H:%M:%S}")
+            console.print("cutover gate: " + ("open" if check.passed else "closed: " + "; ".join(check.reasons())))
+            console.print("latest verdict: " + evaluation.latest_line(conn, current))
+            console.print("HNSW index: " + indexes.describe(conn, current.to_version,
+                                                           indexes.IndexPolicy.from_settings(settings)))
+        console.print(progress_table(fetch_progress(conn)))
+
+
+@migrate.command("pause")
+@click.pass_obj
+def migrate_pause(settings: Settings) -> None:
+    """Pause the backfill; changes are still dual-written."""
+    console.print(f"migration {control(settings, migration.pause).id} paused")
+
+
+@migrate.command("resume")
+@click.pass_obj
+def migrate_resume(settings: Settings) -> None:
+    """Resume a paused migration."""
+    console.print(f"migration {control(settings, migration.resume).id} running")
+
+
+@migrate.command("cutover")
+@click.option("--force", is_flag=True, help="switch even though the gate is closed")
+@click.option("--reason", help="why the gate is forced (required with --force; logged)")
+@click.pass_obj
+def migrate_cutover(settings: Settings, force: bool, reason: str | None) -> None:
+    """Switch reads to the new model if coverage (the threshold set at start) and the latest verdict pass."""
+    if force and not reason:
+        raise click.UsageError("--force needs --reason")
+    done = control(settings, migration.cutover, force_reason=reason if force else None)
+    console.print(f"reads now use {done.to_name} (migration {done.id} cut over); rollback is instant until finish")
+
+
+@migrate.command("rollback")
+@click.pass_obj
+def migrate_rollback(settings: Settings) -> None:
+    """Switch reads back to the old model (still dual-written)."""
+    done = control(settings, migration.rollback)
+    console.print(f"reads back on {done.from_name} (migration {done.id} rolled back)")
+
+
+@migrate.command("finish")
+@click.option("--grace", default=3600.0, show_default=True, help="seconds reads must have used the new model")
+@click.pass_obj
+def migrate_finish(settings: Settings, grace: float) -> None:
+    """Retire the old model: stop writing it, drop its index and columns."""
+    done = control(settings, migration.finish, grace=timedelta(seconds=grace))
+    console.print(f"migration {done.id} finished: {done.from_name} retired, its columns and index dropped")
+
+
+@migrate.command("index")
+@click.option("--model", "name", help="model whose column to index (default: the migration's new model)")
+@click.pass_obj
+def migrate_index(settings: Settings, name: str | None) -> None:
+    """Build the HNSW index (CREATE INDEX CONCURRENTLY) once coverage passes the threshold."""
+
+    def build(conn):
+        version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
+        return indexes.build(conn, version, indexes.IndexPolicy.from_settings(settings))[1]
+
+    console.print(control(settings, build))

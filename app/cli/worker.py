@@ -1,0 +1,66 @@
+"""``segue worker``: a Faust worker that dual-writes changes and re-embeds read misses and the backfill."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import click
+
+from segue.cli.common import (
+    database,
+    log,
+)
+from segue.control import registry
+from segue.devtools import services
+from segue.settings import Settings
+from segue.spec import ModelSpec
+from segue.storage import connections
+
+if TYPE_CHECKING:
+    from segue.embedding.engine import EmbeddingEngine
+    from segue.worker.ops import WorkerState
+
+
+@click.command()
+@click.pass_obj
+def worker(settings: Settings) -> None:
+    """Run a Faust worker: dual-write changes, re-embed read misses."""
+    import faust
+
+    from segue.agents.worker import create_app
+    from segue.embedding.engine import EmbeddingEngine
+    from segue.worker import ops
+    from segue.worker.ops import WorkerState
+    from segue.worker.topics import ensure_topics
+
+    database_url = database(settings)
+    bootstrap = services.kafka_bootstrap(settings)
+    engine = EmbeddingEngine.from_settings(settings)
+    state = WorkerState(engine, database_url, bootstrap)
+    metrics_url = ops.serve(state, settings.metrics_host, settings.metrics_port)
+    log.info("metrics at %s/metrics, health at %s/healthz and %s/readyz", metrics_url, metrics_url, metrics_url)
+    asyncio.run(ensure_topics(settings, bootstrap))
+    with connections.connect(settings, database_url) as conn:
+        models = registry.live_models(conn)
+    if not models:
+        log.warning("no model is registered yet: documents are stored, vectors come once one is (segue models add)")
+    threading.Thread(target=_warm_up, args=(engine, models, state, settings), name="segue-warm-up", daemon=True).start()
+    app = create_app(settings, database_url=database_url, engine=engine, state=state, metrics_url=metrics_url)
+    faust.Worker(app, loglevel=settings.log_level, override_logging=False).execute_from_commandline()
+
+
+def _warm_up(engine: EmbeddingEngine, models: list[ModelSpec], state: WorkerState, settings: Settings) -> None:
+    """Load and warm the live models while Faust joins the consumer group (the worker is ready when both are done).
+
+    A model that cannot load is retried, as a batch that needs it would be; the worker stays not ready meanwhile.
+    """
+    from segue.worker.isolation import retry_forever
+
+    started = time.perf_counter()
+    asyncio.run(retry_forever(lambda: engine.ensure_loaded(models), what="loading the live models",
+                              backoff_s=settings.retry_backoff_s, label="models"))
+    state.models_warm = True
+    log.info("loaded and warmed %d live model(s) in %.2fs", len(models), time.perf_counter() - started)
