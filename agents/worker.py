@@ -34,8 +34,8 @@ from segue.schemas.events import (
 )
 from segue.settings import Settings
 from segue.spec import ModelSpec
-from segue.storage import connections
-from segue.storage.documents import ChangelogRow, Store
+from segue.storage import changelog, connections
+from segue.storage.documents import Store
 from segue.worker import heartbeat, sweeper
 from segue.worker.batches import Envelope
 from segue.worker.isolation import retry_forever
@@ -255,8 +255,8 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             active = migration.active_migration(conn)
             for name in metrics.MIGRATION_STATES:
                 metrics.MIGRATION_STATE.labels(name).set(int(name == (active.state if active else "none")))
-            for row in conn.execute("SELECT model, coverage_pct FROM migration_progress").fetchall():
-                metrics.COVERAGE.labels(row[0]).set(float(row[1] or 0) / 100)
+            for row in changelog.progress(conn):
+                metrics.COVERAGE.labels(row["model"]).set(float(row["coverage_pct"] or 0) / 100)
 
     billed_recorded: dict[int, int] = {}  # tokens per API model already recorded as 'billed' changelog rows
 
@@ -267,8 +267,8 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
                if tokens > billed_recorded.get(version, 0)}
         if due:
             async with heartbeat_store.transaction() as tx:
-                await tx.log([ChangelogRow(doc_id=None, model_version=version, action=Action.BILLED,
-                                           origin=Origin.CONTROL, tokens_used=tokens)
+                await tx.log([changelog.ChangelogRow(doc_id=None, model_version=version, action=Action.BILLED,
+                                                     origin=Origin.CONTROL, tokens_used=tokens)
                               for version, tokens in due.items()])
             billed_recorded.update({version: billed[version] for version in due})
 
@@ -286,6 +286,14 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             await asyncio.to_thread(migration_gauges)
         except Exception:  # noqa: BLE001 - the next beat tries again
             log.exception("reporting the worker's state failed")
+
+    @app.on_before_shutdown.connect
+    async def say_stopped(sender: faust.App, **kwargs) -> None:
+        """Write this worker's state as stopped (SIGTERM, Ctrl-C): segue status shows it stopped, not lost."""
+        try:
+            await heartbeat.stopped(await heartbeat_store.connection(), me)
+        except Exception:  # noqa: BLE001 - a worker that cannot say so is shown lost once silent
+            log.exception("recording that the worker stopped failed")
 
     @app.timer(WATCHDOG_INTERVAL_S)
     async def engine_watchdog() -> None:

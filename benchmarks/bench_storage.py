@@ -57,7 +57,8 @@ from segue.schemas.events import SourcePosition
 from segue.settings import Settings
 from segue.spec import ModelProfile, ModelSpec
 from segue.storage import connections, model_columns, upgrades
-from segue.storage.documents import ChangelogRow, DocumentRow, Store, VectorRow
+from segue.storage.changelog import ChangelogRow
+from segue.storage.documents import DocumentRow, Store, VectorRow
 
 OLD_DIM, NEW_DIM = 384, 768
 LOAD_BATCH = 64  # SEGUE_BATCH_SIZE

@@ -25,6 +25,7 @@ class Action(str, Enum):
     MIGRATION_CUT_OVER = "migration_cut_over"
     MIGRATION_ROLLED_BACK = "migration_rolled_back"
     MIGRATION_FINISHED = "migration_finished"
+    MIGRATION_ABORTED = "migration_aborted"
     INDEX_BUILT = "index_built"
     INDEX_FAILED = "index_failed"
     IMPORTED = "imported"

@@ -2,6 +2,8 @@
 
 Commands that only read (``status``, ``models list``, ``migrate status``) run no DDL and
 change no state, and none of the commands that do not embed imports model code (torch).
+Every command runs inside one error boundary (:class:`SegueGroup`): a failure a user can
+meet prints one line saying what happened and what to do, and exits 1.
 """
 
 from __future__ import annotations
@@ -28,19 +30,46 @@ from segue.cli import (  # noqa: E402
     status,
     worker,
 )
-from segue.cli.common import configure_logging  # noqa: E402
+from segue.cli.common import configure_logging, failure_line  # noqa: E402
 from segue.settings import load_settings  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class SegueGroup(click.Group):
+    """The one error boundary: a known failure becomes one line on stderr and exit status 1.
+
+    With ``segue --debug`` or ``SEGUE_LOG_LEVEL=debug`` it is raised instead, traceback and all.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            line = failure_line(error, ctx.obj)
+            if line is None or _debugging(ctx):
+                raise
+            raise click.ClickException(line) from None
+
+
+def _debugging(ctx: click.Context) -> bool:
+    settings = ctx.obj
+    level = settings.log_level if settings is not None else os.environ.get("SEGUE_LOG_LEVEL", "")
+    return bool(ctx.params.get("debug")) or level.lower() == "debug"
+
+
+@click.group(cls=SegueGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="log at debug level and show a failure's traceback")
+@click.version_option(package_name="segue", message="%(prog)s %(version)s")
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, debug: bool) -> None:
     """Segue: migrate a pgvector corpus between embedding models with zero downtime.
 
     Settings come from SEGUE_* environment variables; with SEGUE_KAFKA_URL and
-    SEGUE_DATABASE_URL unset, embedded services are started and used.
+    SEGUE_DATABASE_URL unset, the embedded services (segue services up) are used.
     """
-    ctx.obj = load_settings()
+    settings = load_settings()
+    ctx.obj = settings.model_copy(update={"log_level": "debug"}) if debug else settings
     configure_logging(ctx.obj)
 
 

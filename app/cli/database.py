@@ -21,11 +21,7 @@ def db_group() -> None:
 @click.pass_obj
 def db_upgrade(settings: Settings) -> None:
     """Apply the schema upgrade steps the database lacks (workers also do at start)."""
-    url = services.database_url(settings)
-    try:
-        applied = upgrades.upgrade(settings, url)
-    except upgrades.SchemaError as error:
-        raise click.ClickException(str(error)) from None
+    applied = upgrades.upgrade(settings, services.database_url(settings, start=False))
     if applied:
         console.print(f"applied {len(applied)} schema upgrade(s): {', '.join(applied)}")
     console.print(f"the database is at schema version {upgrades.latest_schema_version()}")

@@ -10,8 +10,8 @@ from rich.table import Table
 from segue.cli.common import (
     console,
     database,
+    kafka,
 )
-from segue.devtools import services
 from segue.settings import Settings
 from segue.storage import connections
 
@@ -32,7 +32,7 @@ def _letters(settings: Settings, reason: str | None, since: str | None, doc_id: 
         raise click.BadParameter(f"{since!r} is not an ISO date or time", param_hint="--since") from None
     if since_at is not None and since_at.tzinfo is None:
         since_at = since_at.astimezone()
-    return asyncio.run(read_letters(settings, services.kafka_bootstrap(settings), reason=reason, since=since_at,
+    return asyncio.run(read_letters(settings, kafka(settings), reason=reason, since=since_at,
                                     doc_id=doc_id))
 
 
@@ -76,7 +76,7 @@ def dlq_replay(settings: Settings, reason: str | None, since: str | None, doc_id
 
     letters = _letters(settings, reason, since, doc_id)
     with connections.connect(settings, database(settings)) as conn:
-        report = asyncio.run(replay(settings, conn, services.kafka_bootstrap(settings), letters, dry_run=dry_run))
+        report = asyncio.run(replay(settings, conn, kafka(settings), letters, dry_run=dry_run))
     verb = "would replay" if dry_run else "replayed"
     console.print(f"{verb} {len(report.replayed)} letter(s); {len(report.already)} replayed before; "
                   f"{len(report.failed_again)} failed again after a replay (fix the cause first); "

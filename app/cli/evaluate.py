@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from segue.cli.common import (
-    REFUSALS,
     console,
     database,
     duration,
@@ -17,9 +15,6 @@ from segue.cli.common import (
 from segue.control import migration, registry
 from segue.settings import Settings
 from segue.storage import connections
-
-if TYPE_CHECKING:
-    pass
 
 
 @click.command("eval")
@@ -121,7 +116,7 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
         while every:
             time.sleep(duration(every))
             run()
-    except (*REFUSALS, evaluation.EvaluationError, FileNotFoundError) as error:
+    except evaluation.EvaluationError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         pass

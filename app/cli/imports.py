@@ -8,11 +8,10 @@ import click
 import psycopg
 
 from segue.cli.common import (
-    REFUSALS,
     console,
     database,
+    kafka,
 )
-from segue.devtools import services
 from segue.settings import Settings
 from segue.storage import connections
 
@@ -68,7 +67,7 @@ def import_command(settings: Settings, source_url: str | None, table: str, id_co
     with connections.connect(settings, url) as conn:
         try:
             report = run_import(conn, source, model=model, page_size=page_size, rate=rate, console=console)
-        except (*REFUSALS, ImportRefused, psycopg.Error) as error:
+        except (ImportRefused, psycopg.Error) as error:
             raise refusal(error) from None
         for line in report.lines():
             console.print(line, markup=False)
@@ -89,9 +88,9 @@ async def _follow(settings: Settings, conn, source, **pacing: float) -> None:
 
     from segue.control.importer import follow
 
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap(settings), acks="all", linger_ms=20)
-    await producer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka(settings), acks="all", linger_ms=20)
     try:
+        await producer.start()
         await follow(conn, source, producer, settings.topic_document_changes, max_text_bytes=settings.max_text_bytes,
                      **pacing)
     finally:

@@ -1,18 +1,20 @@
-"""``segue migrate``: plan, start, pause, resume, cut over, roll back, finish and index a migration."""
+"""``segue migrate``: plan, start, pause, resume, cut over, roll back, finish, abort and index a migration."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import click
 
 from segue.cli.common import (
     OPTION_OPTION,
     PROVIDER_OPTION,
+    REFUSALS,
     console,
     control,
     database,
+    model_source,
     provider_options,
 )
 from segue.control import indexes, migration, registry
@@ -21,18 +23,16 @@ from segue.settings import Settings
 from segue.spec import ModelSpec
 from segue.storage import connections
 
-if TYPE_CHECKING:
-    pass
-
 
 @click.group()
 def migrate() -> None:
-    """Run a migration: plan, start, pause, resume, cutover, rollback, finish."""
+    """Run a migration: plan, start, pause, resume, cutover, rollback, finish, abort."""
 
 
 @migrate.command("plan")
 @click.option("--to", "to_name", required=True, help="the new model (registered name, or any name with --source)")
-@click.option("--source", help="model source, when the model is not registered yet")
+@click.option("--source", help="model source, when the model is not registered yet (a folder, a cached hub id, "
+                               "or bundled:NAME)")
 @PROVIDER_OPTION
 @OPTION_OPTION
 @click.option("--sample", default=64, show_default=True, help="documents embedded to measure throughput")
@@ -42,6 +42,8 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, provider:
     """Measure the new model here and estimate documents, time, cost, storage and index memory."""
     from segue.control.plan import plan
     from segue.embedding.engine import EmbeddingEngine
+
+    source = model_source(settings, source) if source is not None else None
 
     def estimate(conn):
         try:
@@ -72,10 +74,11 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, provider:
 @migrate.command("start")
 @click.option("--to", "to_name", required=True, help="the new model's name")
 @click.option("--from", "from_name", help="the old model (default: the one serving reads)")
-@click.option("--source", help="register the new model from this source first")
+@click.option("--source", help="register the new model from this source first (a folder, a cached hub id, or "
+                               "bundled:NAME)")
 @PROVIDER_OPTION
 @OPTION_OPTION
-@click.option("--min-coverage", type=float, help="coverage %% the cutover waits for [default: SEGUE_CUTOVER_MIN_COVERAGE_PCT]")
+@click.option("--min-coverage", type=float, help="coverage % the cutover waits for [default: SEGUE_CUTOVER_MIN_COVERAGE_PCT]")
 @click.pass_obj
 def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None, provider: str | None,
                   option_pairs: tuple[str, ...], min_coverage: float | None) -> None:
@@ -84,8 +87,14 @@ def migrate_start(settings: Settings, to_name: str, from_name: str | None, sourc
     With --source the model is registered and the migration recorded in one transaction:
     if either fails, neither happened.
     """
-    profile = (providers.inspect(source, provider=provider, options=provider_options(option_pairs))
-               if source is not None else None)
+    if source is not None:  # before the model loads (seconds): a second migration is refused at once
+        control(settings, migration.ensure_none_active)
+    source = model_source(settings, source) if source is not None else None
+    try:
+        profile = (providers.inspect(source, provider=provider, options=provider_options(option_pairs))
+                   if source is not None else None)
+    except REFUSALS as error:  # a wrong --option: one line, not a traceback
+        raise click.ClickException(str(error)) from None
 
     def register_and_start(conn):
         with conn.transaction():
@@ -119,7 +128,7 @@ def migrate_status(settings: Settings) -> None:
             console.print("latest verdict: " + evaluation.latest_line(conn, current))
             console.print("HNSW index: " + indexes.describe(conn, current.to_version,
                                                            indexes.IndexPolicy.from_settings(settings)))
-        console.print(progress_table(fetch_progress(conn)))
+        console.print(progress_table(fetch_progress(conn), width=console.width))
 
 
 @migrate.command("pause")
@@ -144,8 +153,18 @@ def migrate_cutover(settings: Settings, force: bool, reason: str | None) -> None
     """Switch reads to the new model if coverage (the threshold set at start) and the latest verdict pass."""
     if force and not reason:
         raise click.UsageError("--force needs --reason")
-    done = control(settings, migration.cutover, force_reason=reason if force else None)
+
+    def cut_over(conn):
+        done = migration.cutover(conn, force_reason=reason if force else None)
+        return done, migration.gate(conn, done)
+
+    done, check = control(settings, cut_over)
     console.print(f"reads now use {done.to_name} (migration {done.id} cut over); rollback is instant until finish")
+    if force and not check.passed:
+        console.print(f"forced past a closed gate ({'; '.join(check.reasons())}); the reason is logged in "
+                      f"migration_changelog: {reason}", markup=False)
+    elif force:
+        console.print("the gate was open: nothing was forced (and --reason was not logged)")
 
 
 @migrate.command("rollback")
@@ -165,14 +184,29 @@ def migrate_finish(settings: Settings, grace: float) -> None:
     console.print(f"migration {done.id} finished: {done.from_name} retired, its columns and index dropped")
 
 
+@migrate.command("abort")
+@click.pass_obj
+def migrate_abort(settings: Settings) -> None:
+    """Abandon the migration before its cutover: retire the new model, drop its index and columns."""
+    done = control(settings, migration.abort)
+    console.print(f"migration {done.id} aborted: {done.to_name} retired, its columns and index dropped; "
+                  f"reads stay on {done.from_name}")
+
+
 @migrate.command("index")
 @click.option("--model", "name", help="model whose column to index (default: the migration's new model)")
+@click.option("--now", is_flag=True, help="build even below SEGUE_INDEX_MIN_COVERAGE_PCT (later vectors are "
+                                          "inserted into the graph one by one)")
 @click.pass_obj
-def migrate_index(settings: Settings, name: str | None) -> None:
-    """Build the HNSW index (CREATE INDEX CONCURRENTLY) once coverage passes the threshold."""
+def migrate_index(settings: Settings, name: str | None, now: bool) -> None:
+    """Build the HNSW index (CREATE INDEX CONCURRENTLY) once coverage passes the threshold (or --now).
+
+    Below the threshold it says so and exits 1, building nothing.
+    """
+    policy = indexes.IndexPolicy.from_settings(settings)
 
     def build(conn):
         version = registry.get_model(conn, name).spec.version if name else migration.require_active(conn).to_version
-        return indexes.build(conn, version, indexes.IndexPolicy.from_settings(settings))[1]
+        return indexes.build(conn, version, replace(policy, min_coverage_pct=0.0) if now else policy)[1]
 
     console.print(control(settings, build))

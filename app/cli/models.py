@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -13,14 +12,12 @@ from segue.cli.common import (
     PROVIDER_OPTION,
     console,
     control,
+    model_source,
     provider_options,
 )
 from segue.control import registry
 from segue.embedding import providers
 from segue.settings import Settings
-
-if TYPE_CHECKING:
-    pass
 
 
 @click.group()
@@ -30,7 +27,8 @@ def models() -> None:
 
 @models.command("add")
 @click.argument("name")
-@click.option("--source", help="local model folder or a cached hub id")
+@click.option("--source", help="a local model folder, a cached hub id, or a bundled model: bundled:minilm-static-256 "
+                               "or bundled:all-minilm-l6-v2")
 @click.option("--base-url", help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (provider openai)")
 @click.option("--model", "api_model", help="the endpoint's model name, e.g. text-embedding-3-small")
 @click.option("--dimensions", type=int, help="vector width the endpoint is asked for (text-embedding-3 models)")
@@ -55,8 +53,10 @@ def models_add(settings: Settings, name: str, source: str | None, base_url: str 
         api = {"model": api_model, "dimensions": dimensions, "api_key_env": api_key_env}
         options |= {key: value for key, value in api.items() if value is not None}
     elif source is None or api_model or dimensions or api_key_env:
-        raise click.UsageError("give --source (a local model folder or hub id), or --base-url with --model, "
-                               "--dimensions and --api-key-env (a model behind an API)")
+        raise click.UsageError("give --source (a local model folder, a hub id or bundled:NAME), or --base-url with "
+                               "--model, --dimensions and --api-key-env (a model behind an API)")
+    else:
+        source = model_source(settings, source)
     spec = control(settings, registry.register_model, name=name, source=source, provider=provider,
                     options=options)
     console.print(
@@ -82,7 +82,8 @@ def models_bind(settings: Settings, name: str, source: str, provider: str | None
 
     engine = EmbeddingEngine.from_settings(settings)
     try:
-        spec, cosine = control(settings, registry.bind_model, engine=engine, name=name, source=source,
+        spec, cosine = control(settings, registry.bind_model, engine=engine, name=name,
+                                source=model_source(settings, source),
                                 provider=provider, options=provider_options(option_pairs))
     finally:
         engine.close()

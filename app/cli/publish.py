@@ -10,35 +10,35 @@ import click
 
 from segue.cli.common import (
     console,
+    kafka,
 )
-from segue.devtools import services
 from segue.settings import Settings
 
 
 @click.command("publish")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--id-field", required=True, help="the field holding the document id")
-@click.option("--text-field", "text_fields", multiple=True, required=True,
-              help="the field holding the text (several are joined by a blank line)")
+@click.option("--id-field", help="the field holding the document id [default: id, or _id where the records have "
+                                 "_id and no id, as BEIR corpora do]")
+@click.option("--text-field", "text_fields", multiple=True, default=("text",), show_default=True,
+              help="the field holding the text (repeatable: several are joined by a blank line)")
 @click.option("--version-field", help="an integer field; without one, the time of publication is the version")
 @click.option("--metadata-field", "metadata_fields", multiple=True, help="a field kept in metadata (repeatable)")
 @click.pass_obj
-def publish_command(settings: Settings, path: Path, id_field: str, text_fields: tuple[str, ...],
+def publish_command(settings: Settings, path: Path, id_field: str | None, text_fields: tuple[str, ...],
                     version_field: str | None, metadata_fields: tuple[str, ...]) -> None:
     """Publish a JSONL, CSV or Parquet file of documents as document changes (each checked first)."""
-    from aiokafka.errors import KafkaError
-
-    from segue.control.publish import Fields, PublishRefused, publish
+    from segue.control.publish import Fields, PublishRefused, publish, records
     from segue.worker.topics import ensure_topics
 
-    bootstrap = services.kafka_bootstrap(settings)
+    bootstrap = kafka(settings)
     try:
+        if id_field is None:
+            first = next((record for _, record in records(path) if isinstance(record, dict)), {})
+            id_field = "_id" if "_id" in first and "id" not in first else "id"
         asyncio.run(ensure_topics(settings, bootstrap))
         report = asyncio.run(publish(path, Fields(id_field, text_fields, version_field, metadata_fields),
                                      bootstrap=bootstrap, topic=settings.topic_document_changes,
                                      max_text_bytes=settings.max_text_bytes, console=console))
-    except KafkaError as error:
-        raise click.ClickException(f"cannot reach the broker at {bootstrap}: {error}") from None
     except PublishRefused as error:
         raise click.ClickException(str(error)) from None
     console.print(f"sent {report.sent} document change(s) to {settings.topic_document_changes} in "

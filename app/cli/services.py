@@ -15,10 +15,11 @@ from segue.settings import Settings, redact
 @click.argument("action", type=click.Choice(["up", "down", "status"]))
 @click.pass_obj
 def services_command(settings: Settings, action: str) -> None:
-    """Manage the embedded PostgreSQL and Kafka broker (up, down, status)."""
-    try:
-        result = {"up": services.up, "down": services.down, "status": services.status}[action](settings)
-    except services.ServiceError as error:
-        raise click.ClickException(str(error)) from None
+    """Manage the embedded PostgreSQL and Kafka broker (up, down, status).
+
+    Only ``up`` starts them; ``status`` also tries external services (SEGUE_* URLs) and says
+    whether they answer.
+    """
+    result = {"up": services.up, "down": services.down, "status": services.status}[action](settings)
     for s in result:
-        console.print(f"{s.name:<11} {'running' if s.running else 'stopped':<8} {redact(s.address or '')}  {s.detail}")
+        console.print(f"{s.name:<11} {s.state:<11} {redact(s.address or '')}  {s.detail}", markup=False)

@@ -11,10 +11,11 @@ import click
 
 from segue.cli.common import (
     database,
+    kafka,
+    kafka_logs,
     log,
 )
 from segue.control import registry
-from segue.devtools import services
 from segue.settings import Settings
 from segue.spec import ModelSpec
 from segue.storage import connections
@@ -37,19 +38,22 @@ def worker(settings: Settings) -> None:
     from segue.worker.topics import ensure_topics
 
     database_url = database(settings)
-    bootstrap = services.kafka_bootstrap(settings)
+    bootstrap = kafka(settings)
+    asyncio.run(ensure_topics(settings, bootstrap))
+    kafka_logs(settings)
+    with connections.connect(settings, database_url) as conn:
+        models = registry.live_models(conn)
     engine = EmbeddingEngine.from_settings(settings)
     state = WorkerState(engine, database_url, bootstrap)
     metrics_url = ops.serve(state, settings.metrics_host, settings.metrics_port)
     log.info("metrics at %s/metrics, health at %s/healthz and %s/readyz", metrics_url, metrics_url, metrics_url)
-    asyncio.run(ensure_topics(settings, bootstrap))
-    with connections.connect(settings, database_url) as conn:
-        models = registry.live_models(conn)
     if not models:
         log.warning("no model is registered yet: documents are stored, vectors come once one is (segue models add)")
     threading.Thread(target=_warm_up, args=(engine, models, state, settings), name="segue-warm-up", daemon=True).start()
     app = create_app(settings, database_url=database_url, engine=engine, state=state, metrics_url=metrics_url)
-    faust.Worker(app, loglevel=settings.log_level, override_logging=False).execute_from_commandline()
+    faust_worker = faust.Worker(app, loglevel=settings.log_level, override_logging=False)
+    faust_worker.spinner = None  # its terminal spinner would write escape codes into the log
+    faust_worker.execute_from_commandline()
 
 
 def _warm_up(engine: EmbeddingEngine, models: list[ModelSpec], state: WorkerState, settings: Settings) -> None:

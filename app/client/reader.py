@@ -57,13 +57,12 @@ from segue.client.search import (
     reciprocal_rank_fusion,
 )
 from segue.control import migration, registry
-from segue.devtools import services
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.quality.shadow import TOP_K, QueryLog
 from segue.settings import Settings, load_settings
 from segue.spec import ModelSpec
-from segue.storage import connections
+from segue.storage import connections, model_columns
 
 log = logging.getLogger("segue.client.reader")
 
@@ -92,6 +91,10 @@ def route_by_query_shape(query_text: str, candidates: list[ModelSpec]) -> ModelS
     words = len(query_text.split())
     short = words <= 6 or (query_text.rstrip().endswith("?") and words <= 12)
     return min(candidates, key=lambda spec: spec.dim) if short else candidates[0]
+
+
+class _OutdatedView(Exception):
+    """A model of the reader's view was retired since it was read."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class SegueReader:
         read_model: str | None = None,
         pool_size: int = 8,
     ):
-        """Connect to ``database_url`` (default: the settings' database, embedded if unset).
+        """Connect to ``database_url`` (default: ``SEGUE_DATABASE_URL``; a reader starts no embedded service).
 
         ``engine`` None: the reader creates (and closes) its own, loading models on first use.
         ``mode`` is the default for :meth:`search`; ``routing_policy`` picks the model in routing
@@ -147,7 +150,10 @@ class SegueReader:
         """
         _check_mode(mode)
         self._settings = settings or load_settings()
-        self._url = database_url or services.database_url(self._settings)
+        self._url = database_url or self._settings.database_url
+        if not self._url:
+            raise ValueError("SegueReader needs a database: pass database_url= or set SEGUE_DATABASE_URL "
+                             "(segue services status prints the embedded one)")
         self._mode = mode
         self._policy = routing_policy or route_by_query_shape
         self._serving_ttl_s = serving_ttl_s
@@ -297,16 +303,20 @@ class SegueReader:
     def _incomplete(self, spec: ModelSpec) -> bool:
         """Whether some document lacks a current vector for ``spec`` (from the exact counters)."""
         with self._connection() as conn:
-            current, total = migration.vector_counts(conn, spec.version)
+            counts = model_columns.vector_counts(conn, spec.version)
+        if counts is None:  # retired since the view was read: its column is gone too
+            raise _OutdatedView(spec.name)
+        current, total = counts
         return total > current
 
     # -- serving state ------------------------------------------------------------------------
 
     def _with_view(self, run: Callable[[_View], SearchResult]) -> SearchResult:
-        """Run with the current view; once more with a fresh one if a finished migration dropped a column."""
+        """Run with the current view; once more with a fresh one if a finished or aborted migration retired a model
+        of it (its column dropped)."""
         try:
             return run(self._current_view())
-        except errors.UndefinedColumn:
+        except (errors.UndefinedColumn, _OutdatedView):
             return run(self._current_view(refresh=True))
 
     def _current_view(self, *, refresh: bool = False) -> _View:

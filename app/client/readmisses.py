@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 
-from segue.devtools import services
 from segue.ratelimit import per_second
 from segue.schemas.events import encode_read_miss
 from segue.settings import Settings
@@ -127,7 +126,7 @@ class ReadMissPublisher:
         self._start_lock = self._start_lock or asyncio.Lock()  # made on the loop it guards
         async with self._start_lock:
             if self._producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap(self._settings),
+                producer = AIOKafkaProducer(bootstrap_servers=self._settings.kafka_bootstrap,
                                             client_id="segue-reader", linger_ms=5)
                 try:
                     await producer.start()

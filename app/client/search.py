@@ -14,11 +14,9 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from segue.spec import ModelSpec
-from segue.storage import model_columns
+from segue.storage import documents
 
 RRF_K = 60  # the reciprocal rank fusion constant: score = sum of 1 / (RRF_K + rank)
 
@@ -90,20 +88,6 @@ def nearest(conn: psycopg.Connection, spec: ModelSpec, query: np.ndarray, k: int
     column instead of using an HNSW index (the ground truth an index's recall is measured
     against); otherwise PostgreSQL may use the index, as readers do.
     """
-    where = [sql.SQL("{} = content_sha256").format(model_columns.sha_column(spec.version))]
-    params: dict[str, Any] = {"query": query, "k": k}
-    if lacking is not None:
-        where.append(sql.SQL("{} IS DISTINCT FROM content_sha256").format(model_columns.sha_column(lacking.version)))
-    if filters:
-        where.append(sql.SQL("metadata @> %(filters)s::jsonb"))
-        params["filters"] = Jsonb(filters)
-    statement = sql.SQL(
-        "SELECT doc_id, body, metadata, {column} <=> %(query)s AS distance FROM documents"
-        " WHERE {where} ORDER BY distance LIMIT %(k)s"
-    ).format(column=model_columns.vector_column(spec.version), where=sql.SQL(" AND ").join(where))
-    with conn.transaction():
-        if exact:
-            conn.execute("SET LOCAL enable_indexscan = off")
-        rows = conn.execute(statement, params).fetchall()
-    rows.sort(key=lambda row: (row[3], row[0]))  # deterministic among equal distances
+    rows = documents.nearest(conn, spec.version, query, k, filters=filters,
+                             lacking_version=lacking.version if lacking else None, exact=exact)
     return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name) for doc_id, body, metadata, distance in rows]

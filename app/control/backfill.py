@@ -6,7 +6,7 @@ workers consume behind read misses and live changes), and advances the watermark
 only after the broker acknowledged the page, so a killed backfill resumes where it
 stopped and at worst re-publishes one page (re-embedding is idempotent). Bounded by a
 rate (docs/s) and a budget (documents, or GPU-seconds at a measured throughput);
-stops when the migration is paused.
+stops when the migration is paused, or its model retired (an aborted migration).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psycopg
 from aiokafka import AIOKafkaProducer
-from psycopg import sql
+from psycopg import errors
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,7 +33,7 @@ from segue.ratelimit import per_second
 from segue.schemas.events import encode_read_miss
 from segue.settings import Settings
 from segue.spec import ModelSpec
-from segue.storage import model_columns
+from segue.storage import documents
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BackfillLimits:
 @dataclass(frozen=True)
 class BackfillOutcome:
     published: int
-    stopped: str  # "complete", "budget" or "paused"
+    stopped: str  # "complete", "budget", "paused" or "retired"
     watermark: str | None
     seconds: float
     tokens: int = 0  # counted for a dollar budget: the tokens of the documents published
@@ -75,6 +75,8 @@ class BackfillOutcome:
             return f"{head}; backfill complete: every document was enqueued"
         if self.stopped == "paused":
             return f"{head}; stopped: the migration is paused (resume continues after {self.watermark!r})"
+        if self.stopped == "retired":
+            return f"{head}; stopped: the model was retired (its migration was aborted)"
         budget = f"{limits.max_docs} documents" if limits.max_docs is not None else ""
         if limits.max_gpu_seconds is not None:
             gpu = f"{limits.max_gpu_seconds:g} GPU-seconds ≈ {limits.doc_budget()} documents at {limits.throughput:.1f} docs/s"
@@ -101,18 +103,6 @@ def _watermark(conn: psycopg.Connection, model: ModelSpec) -> str | None:
             )
             return None
         return row[0]
-
-
-def _page(conn: psycopg.Connection, model: ModelSpec, after: str | None, size: int,
-          with_body: bool) -> list[tuple[str, str | None]]:
-    """The next (doc_id, body) pairs lacking a current vector after ``after`` (bodies only ``with_body``)."""
-    return conn.execute(
-        sql.SQL(
-            "SELECT doc_id, {} FROM documents WHERE doc_id > %s AND {} IS DISTINCT FROM content_sha256"
-            " ORDER BY doc_id LIMIT %s"
-        ).format(sql.SQL("body" if with_body else "NULL"), model_columns.sha_column(model.version)),
-        (after or "", size),
-    ).fetchall()
 
 
 def _affordable(page: list[tuple[str, str]], limits: BackfillLimits, spent_tokens: int) -> list[int]:
@@ -159,17 +149,17 @@ async def run_backfill(
     todo = total - current
     planned = todo if budget is None else min(todo, budget)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
-    await producer.start()
     pace = per_second(limits.rate) if limits.rate else None
     published = tokens = 0
     started = time.perf_counter()
     stopped = "complete"
     progress = Progress(
-        TextColumn(f"backfill {model.name}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn(f"backfill {model.name}: enqueued"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:.1f} docs/s"), TimeRemainingColumn(),
         console=console, disable=console is None, transient=False,
     )
     try:
+        await producer.start()
         with progress:
             task = progress.add_task("backfill", total=planned, rate=0.0)
             while True:
@@ -180,7 +170,11 @@ async def run_backfill(
                 if size <= 0:
                     stopped = "budget"
                     break
-                page = _page(conn, model, after, size, with_body=limits.max_usd is not None)
+                try:
+                    page = documents.lacking(conn, model.version, after, size, with_body=limits.max_usd is not None)
+                except errors.UndefinedColumn:  # an abort retired the model and dropped its column meanwhile
+                    stopped = "retired"
+                    break
                 if not page:
                     conn.execute("UPDATE backfill_progress SET finished_at = now(), updated_at = now()"
                                  " WHERE model_version = %s", (model.version,))

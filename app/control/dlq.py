@@ -96,8 +96,8 @@ async def read_letters(settings: Settings, bootstrap: str, *, reason: str | None
                        since: datetime | None = None, doc_id: str | None = None) -> list[StoredLetter]:
     """Every dead letter on the topic (oldest first), filtered by reason, failure time and doc_id."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.topics()  # fetches the metadata partitions_for_topic reads
         partitions = [TopicPartition(settings.topic_dead_letters, p)
                       for p in sorted(consumer.partitions_for_topic(settings.topic_dead_letters) or [])]
@@ -151,8 +151,8 @@ async def _publish(settings: Settings, conn: psycopg.Connection, bootstrap: str,
                    letters: Sequence[StoredLetter]) -> None:
     """Send each letter's original to its source topic, recording it replayed once the broker has it."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
     try:
+        await producer.start()
         for letter in letters:
             delivery = await producer.send(
                 letter.source_topic, key=letter.key, value=letter.payload,

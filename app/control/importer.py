@@ -43,7 +43,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -57,7 +56,7 @@ from rich.progress import (
 from segue.control import registry
 from segue.embedding.providers import ADOPTED
 from segue.ratelimit import per_second
-from segue.schemas.changelog import Action, Origin
+from segue.schemas.changelog import Action
 from segue.schemas.events import (
     MAX_DOC_ID_CHARS,
     MAX_VERSION,
@@ -66,7 +65,7 @@ from segue.schemas.events import (
     encode_change,
 )
 from segue.spec import ModelProfile, ModelSpec
-from segue.storage import model_columns
+from segue.storage import changelog, documents
 
 log = logging.getLogger("segue.control.importer")
 
@@ -381,7 +380,7 @@ def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, p
         spec = adopt_model(conn, source_conn, source, model, table) if model else None
         newest = sql.SQL("SELECT max({}) FROM {}").format(_version(source, table), table.name)
         watermark = _watermark(conn, source.identity, lambda: _fetch(source_conn, newest, ())[0][0])
-        _stage_in_memory(conn)
+        documents.stage_imports_in_memory(conn)
         if not table.columns[source.id_column].not_null:
             (no_id,) = _fetch(source_conn, sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
                 table.name, _name(source.id_column)), ())[0]
@@ -410,12 +409,10 @@ def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, p
         with conn.transaction():
             conn.execute("UPDATE import_progress SET finished_at = now(), updated_at = now() WHERE source = %s",
                          (source.identity,))
-            conn.execute(
-                "INSERT INTO migration_changelog (model_version, action, origin, detail) VALUES (%s, %s, %s, %s)",
-                (spec.version if spec else None, Action.IMPORTED.value, Origin.CONTROL.value,
-                 Jsonb({"source": source.identity, "read": report.read, "written": report.written,
-                        "superseded": report.superseded, "skipped": report.skipped,
-                        "vectors_not_adopted": report.vectors_not_adopted})))
+            changelog.log_control(conn, Action.IMPORTED, model_version=spec.version if spec else None,
+                                  detail={"source": source.identity, "read": report.read, "written": report.written,
+                                          "superseded": report.superseded, "skipped": report.skipped,
+                                          "vectors_not_adopted": report.vectors_not_adopted})
     return report
 
 
@@ -439,46 +436,19 @@ def _watermark(conn: psycopg.Connection, identity: str, newest_version: Callable
         return row[0]
 
 
-def _stage_in_memory(conn: psycopg.Connection) -> None:
-    """Give this session room to hold a staged page in memory (only possible before its first temporary table)."""
-    if conn.execute("SELECT pg_my_temp_schema() = 0").fetchone()[0]:
-        conn.execute("SET temp_buffers = '256MB'")
-
-
 def _page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page: _SourcePage,
           report: ImportReport) -> None:
-    """Stage one page and write it, with its watermark, in one transaction; counts it in ``report``.
+    """Write one page (:func:`segue.storage.documents.write_import_page`) and its watermark in one transaction;
+    counts it in ``report``.
 
-    A staged row (s) is written unless it is unusable, loses to another row of its id, or
-    its document was deleted at a newer version (t); deleted at its own version, it is
-    written again and its tombstone goes: the source is the truth, and this undoes a delete
-    published by ``--follow``.
+    A row is written unless it is unusable, loses to another row of its id, or its document
+    was deleted at a newer version; deleted at its own version, it is written again: the
+    source is the truth, and this undoes a delete published by ``--follow``.
     """
     with conn.transaction():
-        conn.execute("SET LOCAL work_mem = '256MB'")  # the page is sorted by doc_id in memory, not on disk
-        conn.execute("CREATE TEMP TABLE segue_import (doc_id text, body text, version int8, metadata jsonb,"
-                     " vec vector, ord int8) ON COMMIT DROP")
-        with conn.cursor() as cursor, cursor.copy("COPY segue_import FROM STDIN (FORMAT BINARY)") as into:
-            into.write(page.data)
-        skipped = sql.SQL(
-            "CASE {unusable} WHEN row_number() OVER (PARTITION BY s.doc_id ORDER BY s.body IS NULL, s.version IS NULL,"
-            " s.version DESC, s.ord DESC) > 1 THEN {duplicate} WHEN s.version < t.version THEN {deleted} END"
-        ).format(unusable=_unusable("s"), duplicate=sql.Literal(DUPLICATE_ID), deleted=sql.Literal(DELETED_NEWER))
-        vector_missed = sql.SQL("NULL::text")
-        if spec is not None:
-            vector_missed = sql.SQL(
-                "CASE WHEN s.vec IS NULL THEN 'no vector' WHEN vector_dims(s.vec) <> {dim}"
-                " THEN {mismatch} WHEN vector_norm(s.vec) = 0 THEN 'all-zero vector' END").format(
-                dim=sql.Literal(spec.dim), mismatch=sql.Literal(f"dimension mismatch (not {spec.dim})"))
-        outcomes = conn.execute(sql.SQL(  # what each row (c, by its ord) comes to, kept narrow: no text, no vector
-            "WITH classified AS MATERIALIZED (SELECT s.ord, s.doc_id, {skipped} AS skipped,"
-            "   {vector_missed} AS vector_missed FROM segue_import s LEFT JOIN document_tombstones t"
-            "   ON t.doc_id = s.doc_id),"
-            " written AS ({write}),"
-            " restored AS (DELETE FROM document_tombstones t USING written w WHERE t.doc_id = w.doc_id)"
-            " SELECT c.skipped, CASE WHEN w.doc_id IS NOT NULL THEN c.vector_missed END, count(*), count(w.doc_id)"
-            " FROM classified c LEFT JOIN written w ON c.skipped IS NULL AND w.doc_id = c.doc_id GROUP BY 1, 2"
-        ).format(skipped=skipped, vector_missed=vector_missed, write=_write(source, spec))).fetchall()
+        outcomes = documents.write_import_page(conn, page.data, label=f"import:{source.identity}", adopt=spec,
+                                               unusable=_unusable("s"), duplicate=DUPLICATE_ID,
+                                               deleted_newer=DELETED_NEWER)
         for skipped_because, vector_missed_because, rows, written in outcomes:
             report.read += rows
             if skipped_because is not None:
@@ -490,37 +460,6 @@ def _page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page
                 report.vectors_not_adopted[vector_missed_because] += written
         conn.execute("UPDATE import_progress SET watermark = %s, rows_read = rows_read + %s, updated_at = now()"
                      " WHERE source = %s", (page.last, sum(rows for _, _, rows, _ in outcomes), source.identity))
-
-
-def _write(source: Source, spec: ModelSpec | None) -> sql.Composed:
-    """The upsert of the staged rows (s) not skipped (c), with the change pipeline's version rules, returning the
-    doc_ids written."""
-    columns = [sql.Identifier(c) for c in ("doc_id", "body", "version", "content_sha256", "metadata", "source_topic",
-                                           "source_partition", "source_offset")]
-    values = [sql.SQL("s.doc_id, s.body, s.version, sha256(convert_to(s.body, 'UTF8')), s.metadata, {}, 0, s.ord")
-              .format(sql.Literal(f"import:{source.identity}"))]
-    updates = [sql.SQL("body = excluded.body, version = excluded.version, content_sha256 = excluded.content_sha256,"
-                       " metadata = excluded.metadata, updated_at = now(), source_topic = excluded.source_topic,"
-                       " source_partition = excluded.source_partition, source_offset = excluded.source_offset")]
-    newer = sql.SQL("d.version < excluded.version")
-    if spec is not None:
-        v, h = model_columns.vector_column(spec.version), model_columns.sha_column(spec.version)
-        good = sql.SQL("vector_dims(s.vec) = {dim} AND vector_norm(s.vec) > 0").format(dim=sql.Literal(spec.dim))
-        columns += [v, h]
-        values.append(sql.SQL("CASE WHEN {good} THEN s.vec::vector({dim}) END,"
-                              " CASE WHEN {good} THEN sha256(convert_to(s.body, 'UTF8')) END")
-                      .format(good=good, dim=sql.Literal(spec.dim)))
-        updates.append(sql.SQL("{v} = CASE WHEN excluded.{h} IS NULL THEN d.{v} ELSE excluded.{v} END,"
-                               " {h} = coalesce(excluded.{h}, d.{h})").format(v=v, h=h))
-        # Resuming, or adopting the vectors of documents already imported at this version: same content, no vector.
-        newer = sql.SQL("({newer} OR (d.version = excluded.version AND d.content_sha256 = excluded.content_sha256"
-                        " AND d.{h} IS NULL AND excluded.{h} IS NOT NULL))").format(newer=newer, h=h)
-    return sql.SQL(
-        "INSERT INTO documents AS d ({columns}) SELECT {values} FROM segue_import s JOIN classified c USING (ord)"
-        " WHERE c.skipped IS NULL ORDER BY s.doc_id ON CONFLICT (doc_id) DO UPDATE SET {updates} WHERE {newer}"
-        " RETURNING d.doc_id"
-    ).format(columns=sql.SQL(", ").join(columns), values=sql.SQL(", ").join(values),
-             updates=sql.SQL(", ").join(updates), newer=newer)
 
 
 Record = tuple[str, bytes | None]  # a document-changes record: (doc_id, value); a None value is a tombstone
@@ -631,13 +570,7 @@ def _reconcile(conn: psycopg.Connection, source_conn: psycopg.Connection, source
     published, skipped, deleted_at_their_version, after = 0, Counter(), 0, None
     while page := _fetch(source_conn, versions, (after, after, page_size)):
         after = page[-1][0]
-        compared = conn.execute(
-            "SELECT s.doc_id, s.version = t.version AND d.doc_id IS NULL FROM unnest(%s::text[], %s::int8[])"
-            " AS s (doc_id, version) LEFT JOIN documents d ON d.doc_id = s.doc_id"
-            " LEFT JOIN document_tombstones t ON t.doc_id = s.doc_id WHERE s.version IS NULL"
-            " OR (s.version > coalesce(d.version, -1) AND s.version > coalesce(t.version, -1))"
-            " OR (s.version = t.version AND d.doc_id IS NULL)",
-            ([doc_id for doc_id, _ in page], [version for _, version in page])).fetchall()
+        compared = documents.behind(conn, page)
         deleted_at_their_version += sum(1 for _, deleted in compared if deleted)
         candidates = [doc_id for doc_id, deleted in compared if not deleted]
         records, page_skipped = _changes(_fetch(source_conn, wanted, (candidates,)) if candidates else [],
@@ -654,8 +587,7 @@ def _reconcile(conn: psycopg.Connection, source_conn: psycopg.Connection, source
         return [doc_id for doc_id in doc_ids if doc_id not in found]
 
     stored_after = ""
-    while stored := [d for (d,) in conn.execute("SELECT doc_id FROM documents WHERE doc_id > %s ORDER BY doc_id"
-                                                " LIMIT %s", (stored_after, page_size)).fetchall()]:
+    while stored := documents.doc_ids_after(conn, stored_after, page_size):
         stored_after = stored[-1]
         theirs = [doc_id for doc_id in stored if _could_be_id(doc_id, column)]
         known += len(theirs)

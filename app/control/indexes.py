@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from segue.control import registry
 from segue.control.migration import MigrationError, active_migration, coverage_pct
-from segue.schemas.changelog import Action, Origin
-from segue.storage import model_columns
+from segue.schemas.changelog import Action
+from segue.storage import changelog, model_columns
 from segue.storage.locks import Lock, held, held_if_free
 from segue.worker.isolation import is_transient
 
@@ -64,25 +62,37 @@ class IndexFailures:
         return f"{head}; last error: {self.last_error}"
 
 
+class IndexWaits(MigrationError):
+    """Coverage is below the policy's threshold: the index is not built yet."""
+
+
 def index_failures(conn: psycopg.Connection, version: int) -> IndexFailures:
     """Failed HNSW builds of model ``version`` recorded in the changelog."""
-    count, last_error = conn.execute(
-        "SELECT count(*), (array_agg(error ORDER BY id DESC))[1] FROM migration_changelog"
-        " WHERE action = %s AND model_version = %s",
-        (Action.INDEX_FAILED.value, version),
-    ).fetchone()
-    return IndexFailures(count, last_error)
+    return IndexFailures(*changelog.index_failures(conn, version))
 
 
 def describe(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> str:
     """One line on model ``version``'s HNSW index: built, building, waiting, or failing and why (reads only)."""
     name = model_columns.index_name(version).as_string(conn)
-    valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
+    valid = model_columns.index_valid(conn, version)
     failures = index_failures(conn, version)
-    if valid is not None and valid[0]:
+    if valid:
         return f"{name} is built"
-    state = (f"{name} is being built (or was interrupted)" if valid is not None
-             else f"{name} waits for {policy.min_coverage_pct:g}% coverage")
+    if valid is not None:
+        state = f"{name} is being built (or was interrupted)"
+    else:
+        covered = coverage_pct(conn, version)
+        active = active_migration(conn)
+        if covered < policy.min_coverage_pct:
+            state = f"{name} waits for {policy.min_coverage_pct:g}% coverage (now {covered:.1f}%)"
+        elif failures.stopped(policy):
+            state = f"{name} is not built (coverage {covered:.1f}%)"
+        elif active is not None and active.state == "paused" and active.to_version == version:
+            state = (f"{name} is not built: coverage {covered:.1f}% is enough, but workers build no index while the "
+                     "migration is paused (segue migrate resume, or build it now: segue migrate index)")
+        else:
+            state = (f"{name} is not built yet: coverage {covered:.1f}% is enough, and a worker builds it within "
+                     "SEGUE_SWEEPER_INTERVAL_S (or build it now: segue migrate index)")
     return state if failures.count == 0 else f"{state}; {failures.describe(policy)}"
 
 
@@ -100,7 +110,10 @@ def build_when_covered(conn: psycopg.Connection, policy: IndexPolicy) -> str | N
     with held_if_free(conn, Lock.INDEX_BUILD) as mine:
         if not mine:
             return None
-        built, message = _build_locked(conn, active.to_version, policy)
+        try:
+            built, message = _build_locked(conn, active.to_version, policy)
+        except IndexWaits:
+            return None
         return message if built else None
 
 
@@ -108,7 +121,8 @@ def build(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> tuple[
     """CREATE INDEX CONCURRENTLY an HNSW index on a model's column once coverage allows.
 
     Waits for any other builder; runs outside a transaction (connections from ``connections.connect``
-    autocommit). Tries even after workers gave up. Returns (built, message).
+    autocommit). Tries even after workers gave up. Returns (built, message): not built when the
+    index exists already; below the policy's coverage it raises :class:`IndexWaits`.
     """
     with held(conn, Lock.INDEX_BUILD):
         return _build_locked(conn, version, policy)
@@ -124,42 +138,31 @@ def _build_locked(conn: psycopg.Connection, version: int, policy: IndexPolicy) -
     if spec is None:
         raise MigrationError(f"model version {version} is not live")
     name = model_columns.index_name(version).as_string(conn)
-    valid = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)).fetchone()
-    if valid is not None and valid[0]:
+    valid = model_columns.index_valid(conn, version)
+    if valid:
         return False, f"the HNSW index {name} already exists"
     if valid is not None:  # left invalid by an interrupted concurrent build
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(model_columns.index_name(version)))
+        model_columns.drop_index_concurrently(conn, version)
     covered = coverage_pct(conn, version)
     if covered < policy.min_coverage_pct:
-        return False, (f"coverage {covered:.2f}% < {policy.min_coverage_pct:.2f}%: the index waits "
-                       "(it would be built on a moving target)")
-    (rows,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
+        raise IndexWaits(f"coverage of {spec.name} is {covered:.2f}% < {policy.min_coverage_pct:g}%: the HNSW index "
+                         "waits, not built (built now, it would take every later vector one insert at a time); "
+                         "build it anyway: segue migrate index --now")
+    rows = model_columns.document_count(conn)
     memory_mb = build_memory_mb(rows, spec.dim, policy)
     settings = {"m": policy.m, "ef_construction": policy.ef_construction, "maintenance_work_mem_mb": memory_mb,
                 "coverage_pct": round(covered, 3)}
-    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
     try:
-        conn.execute(
-            sql.SQL(
-                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON documents USING hnsw ({} vector_cosine_ops)"
-                " WITH (m = {}, ef_construction = {})"
-            ).format(model_columns.index_name(version), model_columns.vector_column(version), sql.Literal(policy.m),
-                     sql.Literal(policy.ef_construction))
-        )
+        model_columns.create_index(conn, version, m=policy.m, ef_construction=policy.ef_construction,
+                                   memory_mb=memory_mb)
     except psycopg.Error as error:
         if conn.broken or is_transient(error):  # the database, not the build, failed: not counted
             raise
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(model_columns.index_name(version)))
-        conn.execute(
-            "INSERT INTO migration_changelog (model_version, action, origin, error, detail) VALUES (%s, %s, %s, %s, %s)",
-            (version, Action.INDEX_FAILED.value, Origin.CONTROL.value, f"{type(error).__name__}: {error}"[:4000],
-             Jsonb(settings)),
-        )
+        model_columns.drop_index_concurrently(conn, version)
+        changelog.log_control(conn, Action.INDEX_FAILED, model_version=version, detail=settings,
+                              error=f"{type(error).__name__}: {error}")
         raise MigrationError(f"building the HNSW index {name} failed: {error} ("
                              f"{index_failures(conn, version).describe(policy)})") from error
-    conn.execute(
-        "INSERT INTO migration_changelog (model_version, action, origin, detail) VALUES (%s, %s, %s, %s)",
-        (version, Action.INDEX_BUILT.value, Origin.CONTROL.value, Jsonb(settings)),
-    )
+    changelog.log_control(conn, Action.INDEX_BUILT, model_version=version, detail=settings)
     return True, (f"HNSW index {name} (m={policy.m}, ef_construction={policy.ef_construction}) "
                   f"built with maintenance_work_mem={memory_mb}MB for {rows} rows × {spec.dim}-d")

@@ -1,4 +1,4 @@
-"""The migration lifecycle: start, pause, resume, the cutover gate, cutover, rollback, finish.
+"""The migration lifecycle: start, pause, resume, the cutover gate, cutover, rollback, finish, abort.
 
 Every transition is one transaction that updates ``migrations``, flips ``serving``
 where reads move, and appends a ``control`` row to ``migration_changelog``. The gate
@@ -9,6 +9,7 @@ uses the coverage threshold recorded when the migration started.
     running | ready | rolled_back → cut_over   (gated; --force with a reason bypasses)
     cut_over → rolled_back     (reads back on the old model; dual-write continues)
     cut_over → finished        (after the grace period: the old model is retired)
+    running | paused | ready | rolled_back → aborted   (the new model is retired)
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import errors, sql
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
+from psycopg import errors
 
 from segue.control import registry
-from segue.schemas.changelog import Action, Origin
-from segue.storage import model_columns, upgrades
+from segue.schemas.changelog import Action
+from segue.storage import changelog, migrations, model_columns, upgrades
+from segue.storage import registry as storage_registry
 
 ACTIVE = ("running", "paused", "ready", "cut_over", "rolled_back")
+ABORTABLE = ("running", "paused", "ready", "rolled_back")  # every state where reads do not use the new model
 
 
 class MigrationError(RuntimeError):
@@ -91,27 +92,19 @@ class Gate:
         return why
 
 
-_SELECT = (
-    "SELECT g.*, f.name AS from_name, t.name AS to_name FROM migrations g"
-    " JOIN embedding_models f ON f.version = g.from_version JOIN embedding_models t ON t.version = g.to_version"
-)
-
-
 def _migration(row: dict) -> Migration:
     return Migration(**{k: row[k] for k in Migration.__dataclass_fields__})
 
 
 def active_migration(conn: psycopg.Connection) -> Migration | None:
-    """The migration that is not finished, if any."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(_SELECT + " WHERE g.state <> 'finished'").fetchone()
+    """The migration that has not ended (finished or aborted), if any."""
+    row = migrations.active(conn)
     return _migration(row) if row else None
 
 
 def get_migration(conn: psycopg.Connection, migration_id: int) -> Migration:
     """A migration by id."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(_SELECT + " WHERE g.id = %s", (migration_id,)).fetchone()
+    row = migrations.get(conn, migration_id)
     if row is None:
         raise MigrationError(f"no migration {migration_id}")
     return _migration(row)
@@ -126,11 +119,9 @@ def require_active(conn: psycopg.Connection) -> Migration:
 
 
 def _log(conn: psycopg.Connection, migration: Migration, action: Action, detail: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO migration_changelog (model_version, action, origin, event_id, detail) VALUES (%s, %s, %s, %s, %s)",
-        (migration.to_version, action.value, Origin.CONTROL.value, f"migration-{migration.id}",
-         Jsonb({"migration_id": migration.id, "from": migration.from_name, "to": migration.to_name, **detail})),
-    )
+    changelog.log_control(conn, action, model_version=migration.to_version, event_id=f"migration-{migration.id}",
+                          detail={"migration_id": migration.id, "from": migration.from_name, "to": migration.to_name,
+                                  **detail})
 
 
 def _transition(
@@ -150,7 +141,7 @@ def _transition(
     """
     with conn.transaction():
         migration = require_active(conn)
-        conn.execute("SELECT 1 FROM migrations WHERE id = %s FOR UPDATE", (migration.id,))
+        migrations.lock(conn, migration.id)
         migration = require_active(conn)
         if migration.state not in allowed:
             raise MigrationError(
@@ -158,15 +149,9 @@ def _transition(
             )
         if check is not None:
             detail = {**(detail or {}), **check(migration)}
-        conn.execute(
-            "UPDATE migrations SET state = %s, updated_at = now(),"
-            " cut_over_at = CASE WHEN %s = 'cut_over' THEN now() ELSE cut_over_at END,"
-            " finished_at = CASE WHEN %s = 'finished' THEN now() ELSE finished_at END WHERE id = %s",
-            (state, state, state, migration.id),
-        )
+        migrations.set_state(conn, migration.id, state)
         if read_version is not None:
-            version = getattr(migration, read_version)
-            conn.execute("UPDATE serving SET read_model_version = %s, updated_at = now()", (version,))
+            storage_registry.serve_reads(conn, getattr(migration, read_version))
         _log(conn, migration, action, {"previous_state": migration.state, **(detail or {})})
     return get_migration(conn, migration.id)
 
@@ -177,7 +162,7 @@ def ensure_none_active(conn: psycopg.Connection) -> None:
     if current is not None:
         raise MigrationError(
             f"migration {current.id} ({current.from_name} → {current.to_name}) is {current.state}; "
-            "one migration at a time: finish it first"
+            "one migration at a time: finish or abort it first"
         )
 
 
@@ -201,11 +186,7 @@ def start(conn: psycopg.Connection, to_name: str, from_name: str | None = None, 
         raise MigrationError(f"{to_name!r} already serves reads; migrate to another model")
     try:
         with conn.transaction():
-            (migration_id,) = conn.execute(
-                "INSERT INTO migrations (from_version, to_version, state, settings) VALUES (%s, %s, 'running', %s)"
-                " RETURNING id",
-                (source.spec.version, to.spec.version, Jsonb(settings)),
-            ).fetchone()
+            migrations.insert(conn, source.spec.version, to.spec.version, settings)
             migration = require_active(conn)
             _log(conn, migration, Action.MIGRATION_STARTED, {"settings": settings})
     except errors.UniqueViolation:
@@ -226,10 +207,7 @@ def resume(conn: psycopg.Connection) -> Migration:
 
 def vector_counts(conn: psycopg.Connection, version: int) -> tuple[int, int]:
     """(current vectors of model ``version``, documents), from the exact counters."""
-    row = conn.execute(
-        "SELECT v.current, c.documents FROM vector_counters v CROSS JOIN corpus_counters c WHERE v.model_version = %s",
-        (version,),
-    ).fetchone()
+    row = model_columns.vector_counts(conn, version)
     if row is None:
         raise MigrationError(f"model version {version} has no vector counters (retired?)")
     return row
@@ -245,12 +223,7 @@ def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
     """Evaluate the cutover gate, reading only: coverage of the new model against the threshold recorded at
     start, and the latest verdict ``segue eval`` recorded for this migration's two models. A verdict reached
     on a column covered less than that threshold does not count."""
-    verdict = conn.execute(
-        "SELECT verdict, metric, (detail->'coverage'->>'new')::float FROM model_evaluations"
-        " WHERE migration_id = %s AND kind = 'labelled' AND old_version = %s AND new_version = %s"
-        " ORDER BY evaluated_at DESC, id DESC LIMIT 1",
-        (migration.id, migration.from_version, migration.to_version),
-    ).fetchone()
+    verdict = migrations.latest_verdict(conn, migration.id, migration.from_version, migration.to_version)
     return Gate(
         coverage_pct=coverage_pct(conn, migration.to_version),
         min_coverage_pct=migration.cutover_min_coverage_pct,
@@ -308,7 +281,7 @@ def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
     migration = require_active(conn)
     if migration.state != "cut_over":
         raise MigrationError(f"migration {migration.id} is {migration.state}; finish needs cut_over")
-    waited = conn.execute("SELECT now() - %s::timestamptz", (migration.cut_over_at,)).fetchone()[0]
+    waited = migrations.elapsed_since(conn, migration.cut_over_at)
     if waited < grace:
         raise MigrationError(
             f"reads moved to {migration.to_name} {waited} ago; the grace period is {grace} "
@@ -317,12 +290,32 @@ def finish(conn: psycopg.Connection, *, grace: timedelta) -> Migration:
     old = migration.from_version
 
     def retire() -> Migration:
-        conn.execute("UPDATE embedding_models SET state = 'retired', retired_at = now() WHERE version = %s", (old,))
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(model_columns.index_name(old)))
-        conn.execute(sql.SQL("ALTER TABLE documents DROP COLUMN IF EXISTS {}, DROP COLUMN IF EXISTS {}").format(
-            model_columns.vector_column(old), model_columns.sha_column(old)))
-        conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (old,))
-        model_columns.install_vector_counters(conn)
+        storage_registry.retire(conn, old)
+        model_columns.drop(conn, old)
         return _transition(conn, ("cut_over",), "finished", Action.MIGRATION_FINISHED, {"retired": migration.from_name})
 
     return upgrades.run_ddl(conn, retire, what=f"retiring model {migration.from_name!r}")
+
+
+def abort(conn: psycopg.Connection) -> Migration:
+    """Abandon the migration before its cutover: retire the new model, drop its index, columns and counters.
+
+    Refused once reads use the new model (cut over: roll back first). Readers and workers
+    that still have the new model in view retry without it: its column is dropped in one
+    transaction, which waits for the queries using it to end (a short lock wait, retried).
+    """
+    migration = require_active(conn)
+    if migration.state == "cut_over":
+        raise MigrationError(f"migration {migration.id} is cut over: reads use {migration.to_name}; "
+                             f"roll them back to {migration.from_name} first (segue migrate rollback), then abort")
+
+    def retire_new(locked: Migration) -> dict[str, Any]:
+        if any(m.serving_reads and m.spec.version == locked.to_version for m in registry.list_models(conn)):
+            raise MigrationError(f"reads use {locked.to_name}: roll them back first (segue migrate rollback)")
+        storage_registry.retire(conn, locked.to_version)
+        model_columns.drop(conn, locked.to_version)
+        return {"retired": locked.to_name}
+
+    return upgrades.run_ddl(
+        conn, lambda: _transition(conn, ABORTABLE, "aborted", Action.MIGRATION_ABORTED, check=retire_new),
+        what=f"retiring model {migration.to_name!r}")

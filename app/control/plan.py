@@ -10,9 +10,10 @@ import numpy as np
 import psycopg
 
 from segue.control import indexes
-from segue.devtools.corpus import scifact_documents
+from segue.control.migration import MigrationError
 from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec
+from segue.storage import documents, model_columns
 
 HASH_BYTES = 32 + 4  # sha256 in a bytea (with its varlena header)
 HNSW_MAX_DIMS = 2000  # pgvector's HNSW index on the vector type
@@ -119,7 +120,9 @@ class MigrationPlan:
 
     def _cost_lines(self) -> list[str]:
         if self.price_per_million_tokens is None:
-            return [f"estimated cost: ${self.cost_usd:,.2f} at ${self.gpu_hour_usd:g}/GPU-hour"]
+            hardware = "CPU" if self.device == "cpu" else "GPU"  # what the time was measured on
+            return [f"estimated cost: ${self.cost_usd:,.2f} at ${self.gpu_hour_usd:g}/{hardware}-hour "
+                    "(SEGUE_GPU_HOUR_USD)"]
         lines = [f"estimated cost: ${self.cost_usd:,.2f} at ${self.price_per_million_tokens:g} per 1M tokens "
                  "(synchronous API)"]
         if self.batch_price_per_million_tokens is not None:
@@ -130,14 +133,11 @@ class MigrationPlan:
 
 
 def sample_texts(conn: psycopg.Connection, size: int) -> list[str]:
-    """Real bodies from the store (a random sample), or the bundled corpus when it is empty."""
-    rows = conn.execute("SELECT body FROM documents TABLESAMPLE SYSTEM (10) LIMIT %s", (size,)).fetchall()
-    if len(rows) < size:
-        rows = conn.execute("SELECT body FROM documents LIMIT %s", (size,)).fetchall()
-    texts = [body for (body,) in rows]
-    if len(texts) < size:
-        texts += [d.text for d in scifact_documents(size - len(texts))]
-    return texts
+    """Real bodies from the store (a random sample), repeated up to ``size`` when the corpus is smaller."""
+    texts = documents.sample_bodies(conn, size)
+    if not texts:
+        raise MigrationError("there are no documents to measure the model on: publish or import some first")
+    return (texts * (size // len(texts) + 1))[:size]
 
 
 def measure_throughput(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> float:
@@ -162,8 +162,8 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     throughput = measure_throughput(engine, model, texts)
     tokens = engine.count_tokens(model, texts)
     used = sum(min(count, model.max_tokens) if model.max_tokens else count for count in tokens)
-    (documents,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
-    todo = documents if documents_to_embed is None else documents_to_embed
+    stored = model_columns.document_count(conn)
+    todo = stored if documents_to_embed is None else documents_to_embed
     price = model.config.get("price_per_million_tokens")
     batch_price = model.config.get("batch_price_per_million_tokens")
     if model.provider == "openai":
@@ -183,8 +183,8 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         seconds=seconds,
         cost_usd=(tokens_to_embed / 1e6 * price) if price is not None else seconds / 3600 * gpu_hour_usd,
         gpu_hour_usd=gpu_hour_usd,
-        documents=documents,
-        storage_bytes=round(documents * vector_storage_bytes(model.dim, shape.tuple_bytes)),
+        documents=stored,
+        storage_bytes=round(stored * vector_storage_bytes(model.dim, shape.tuple_bytes)),
         out_of_line=out_of_line(model.dim, shape.tuple_bytes),
         wal_bytes=fill_wal_bytes(todo, model.dim, shape.tuple_bytes, not_hot=not_hot),
         wal_max_bytes=wal_max,
@@ -192,7 +192,7 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         dead_bytes=round(todo * shape.tuple_bytes),
         bloat_bytes=fill_bloat_bytes(todo, shape.tuple_bytes, not_hot),
         not_hot_share=not_hot,
-        hnsw_memory_bytes=indexes.hnsw_memory_bytes(documents, model.dim),
+        hnsw_memory_bytes=indexes.hnsw_memory_bytes(stored, model.dim),
         index_memory_cap_mb=index_policy.max_memory_mb,
         max_tokens=model.max_tokens,
         truncated_in_sample=_truncated(model, tokens),
@@ -266,12 +266,8 @@ def table_shape(conn: psycopg.Connection) -> TableShape:
 
     Without statistics yet (no ANALYZE), a tuple is taken to fill its share of the heap: no room.
     """
-    rows, heap, widths = conn.execute(
-        "SELECT c.documents, pg_relation_size('documents'),"
-        " (SELECT sum(s.avg_width * (1 - s.null_frac)) FROM pg_stats s"
-        "   WHERE s.schemaname = current_schema() AND s.tablename = 'documents')"
-        " FROM corpus_counters c"
-    ).fetchone()
+    rows = model_columns.document_count(conn)
+    heap, widths = documents.heap_stats(conn)
     if not rows:
         return TableShape(0, heap, 0.0)
     tuple_bytes = float(widths) + TUPLE_OVERHEAD_BYTES if widths else heap / rows

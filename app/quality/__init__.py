@@ -1,1 +1,1 @@
-"""TBD"""
+"""Quality verdicts: labelled sets, the evaluation and its statistics, shadow queries and drift, the HTML report."""

@@ -16,7 +16,6 @@ import ir_measures
 import numpy as np
 import psycopg
 from ir_measures import RR, P, R, nDCG
-from psycopg.types.json import Jsonb
 
 from segue.client.search import nearest
 from segue.control import migration
@@ -25,7 +24,7 @@ from segue.embedding.engine import EmbeddingEngine
 from segue.quality.evalsets import LabelledSet
 from segue.quality.verdict import Comparison, compare, decide, slices_below
 from segue.spec import ModelSpec
-from segue.storage import model_columns
+from segue.storage import documents, migrations, model_columns
 
 PRIMARY = nDCG @ 10
 MEASURES = [nDCG @ 10, R @ 100, RR @ 10, P @ 10]
@@ -124,10 +123,11 @@ def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, 
             "evaluating a column that is not fully current is refused: " + ", ".join(
                 f"{name} covers {pct:.2f}%" for name, pct in partial.items()) + " (--allow-partial to do it anyway)")
     judged = labelled.judged()
-    present = _present(conn, {d for q in judged for d, r in labelled.qrels[q].items() if r > 0})
+    present = documents.existing(conn, {d for q in judged for d, r in labelled.qrels[q].items() if r > 0})
     queries = [q for q in judged if any(r > 0 and d in present for d, r in labelled.qrels[q].items())]
     if not queries:
-        raise EvaluationError(f"no query of {labelled.name} has a judged document in the corpus")
+        raise EvaluationError(f"no query of {labelled.name} has a judged document in the corpus: its qrels name "
+                              "doc_ids Segue does not hold (if your doc_ids carry a prefix, give it: --doc-id-prefix)")
     qrels = [ir_measures.Qrel(q, d, r) for q in queries for d, r in labelled.qrels[q].items()]
     runs = [_run(conn, engine, spec, labelled, queries, qrels, coverage[spec.name]) for spec in (old, new)]
     comparisons = {NAMES[m]: _compare(runs[0], runs[1], NAMES[m], queries, options) for m in MEASURES}
@@ -156,29 +156,19 @@ def store(conn: psycopg.Connection, evaluation: Evaluation) -> int:
     ours = active is not None and (active.from_version, active.to_version) == (
         evaluation.old.spec.version, evaluation.new.spec.version)
     primary = evaluation.comparisons["ndcg@10"]
-    (evaluation_id,) = conn.execute(
-        "INSERT INTO model_evaluations (migration_id, kind, old_version, new_version, metric, old_value, new_value,"
-        " verdict, detail) VALUES (%s, 'labelled', %s, %s, 'ndcg@10', %s, %s, %s, %s) RETURNING id",
-        (active.id if ours else None, evaluation.old.spec.version, evaluation.new.spec.version, primary.old_mean,
-         primary.new_mean, evaluation.verdict, Jsonb(evaluation.detail())),
-    ).fetchone()
-    return evaluation_id
+    return migrations.record_labelled(
+        conn, migration_id=active.id if ours else None, old_version=evaluation.old.spec.version,
+        new_version=evaluation.new.spec.version, metric="ndcg@10", old_value=primary.old_mean,
+        new_value=primary.new_mean, verdict=evaluation.verdict, detail=evaluation.detail())
 
 
 def latest_line(conn: psycopg.Connection, active: migration.Migration) -> str:
     """The active migration's latest labelled verdict, in one line."""
-    row = conn.execute(
-        "SELECT verdict, evaluated_at, detail->>'why' FROM model_evaluations WHERE migration_id = %s"
-        " AND kind = 'labelled' ORDER BY evaluated_at DESC, id DESC LIMIT 1", (active.id,)).fetchone()
+    row = migrations.latest_verdict_summary(conn, active.id)
     if row is None:
         return "no verdict yet (segue eval)"
     verdict, at, why = row
     return f"{verdict} ({at:%Y-%m-%d %H:%M}): {why}"
-
-
-def _present(conn: psycopg.Connection, doc_ids: set[str]) -> set[str]:
-    rows = conn.execute("SELECT doc_id FROM documents WHERE doc_id = ANY(%s)", (sorted(doc_ids),)).fetchall()
-    return {doc_id for (doc_id,) in rows}
 
 
 def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, labelled: LabelledSet,
@@ -192,18 +182,12 @@ def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, lab
     for metric in ir_measures.iter_calc(MEASURES, qrels, run):
         scores[NAMES[metric.measure]][metric.query_id] = float(metric.value)
     recall = None
-    if _has_valid_index(conn, spec):
+    if model_columns.index_valid(conn, spec.version):
         overlaps = [len({h.doc_id for h in nearest(conn, spec, v, 10)} & {h.doc_id for h in exact[q][:10]})
                     / max(min(10, len(exact[q])), 1) for q, v in zip(queries, vectors) if q not in unembedded]
         recall = float(np.mean(overlaps)) if overlaps else None
     top1 = {q: hits[0].score for q, hits in exact.items() if hits}
     return ModelRun(spec, scores, top1, recall, coverage_pct, unembedded)
-
-
-def _has_valid_index(conn: psycopg.Connection, spec: ModelSpec) -> bool:
-    row = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-                       (model_columns.index_name(spec.version).as_string(conn),)).fetchone()
-    return bool(row and row[0])
 
 
 def _compare(old: ModelRun, new: ModelRun, measure: str, queries: list[str], options: Options) -> Comparison:

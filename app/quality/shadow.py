@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import psycopg
-from psycopg.types.json import Jsonb
 
 from segue.client.search import SearchHit, nearest
 from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec
+from segue.storage import migrations
 
 RBO_PERSISTENCE = 0.9  # the weight rank-biased overlap gives each next rank
 TOP_K = 10
@@ -99,12 +99,8 @@ def compare(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, n
 
 def store(conn: psycopg.Connection, result: dict, old: ModelSpec, new: ModelSpec, migration_id: int | None) -> int:
     """Record a shadow comparison as evidence (no verdict)."""
-    (evaluation_id,) = conn.execute(
-        "INSERT INTO model_evaluations (migration_id, kind, old_version, new_version, metric, new_value, detail)"
-        " VALUES (%s, 'shadow', %s, %s, 'overlap@10', %s, %s) RETURNING id",
-        (migration_id, old.version, new.version, result.get("overlap_at_10"), Jsonb(result)),
-    ).fetchone()
-    return evaluation_id
+    return migrations.record_shadow(conn, migration_id=migration_id, old_version=old.version, new_version=new.version,
+                                    metric="overlap@10", new_value=result.get("overlap_at_10"), detail=result)
 
 
 def drifting(conn: psycopg.Connection, *, max_shift: float) -> list[tuple]:

@@ -1,6 +1,9 @@
-"""Connections to PostgreSQL: Segue's schema on the search_path, pgvector's types registered, autocommit."""
+"""Connections to PostgreSQL: Segue's schema on the search_path, pgvector's types registered, autocommit; binary COPY."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector, register_vector_async
@@ -48,3 +51,15 @@ async def connect_async(settings: Settings, url: str) -> psycopg.AsyncConnection
     await conn.execute(_search_path(settings.db_schema))
     await register_vector_async(conn)
     return conn
+
+
+async def copy_binary(conn: psycopg.AsyncConnection, table: str, columns: Sequence[tuple[str, str]],
+                      rows: Iterable[Sequence[Any]]) -> None:
+    """Stream ``rows`` into ``table`` with a binary COPY; ``columns`` are (name, PostgreSQL type) pairs."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns)
+    )
+    async with conn.cursor() as cur, cur.copy(statement) as copy:
+        copy.set_types([type_name for _, type_name in columns])
+        for row in rows:
+            await copy.write_row(row)

@@ -1,15 +1,20 @@
-"""The columns each registered model owns on ``documents``, and the triggers that keep the counters exact.
+"""The columns each registered model owns on ``documents``, their HNSW index, and the counters kept on them.
 
 Each registered model version N owns two columns on ``documents``:
-``embedding_vN vector(dim)`` and ``embedding_vN_sha256 bytea``. The statement-level
-triggers that keep ``vector_counters`` exact are generated here from the list of
-live models and regenerated whenever that list changes.
+``embedding_vN vector(dim)`` and ``embedding_vN_sha256 bytea``, and may own an HNSW
+index on the first. ``vector_counters`` holds its current and stale vectors and
+``corpus_counters`` the documents; the statement-level triggers that keep them exact
+are generated here from the list of live models and regenerated whenever that list
+changes. Adding and dropping columns is DDL: callers run it through
+:func:`segue.storage.upgrades.run_ddl`.
 """
 
 from __future__ import annotations
 
 import psycopg
 from psycopg import sql
+
+from segue.storage import registry
 
 
 def vector_column(version: int) -> sql.Identifier:
@@ -27,10 +32,59 @@ def sha_column(version: int) -> sql.Identifier:
     return sql.Identifier(f"embedding_v{version}_sha256")
 
 
-def live_versions(conn: psycopg.Connection) -> list[int]:
-    """Versions of the models that are not retired, oldest first."""
-    rows = conn.execute("SELECT version FROM embedding_models WHERE state = 'live' ORDER BY version").fetchall()
-    return [row[0] for row in rows]
+def add(conn: psycopg.Connection, version: int, dim: int) -> None:
+    """Add model ``version``'s two columns and its counters, and regenerate the triggers (it must be live)."""
+    conn.execute(sql.SQL("ALTER TABLE documents ADD COLUMN {} vector({}), ADD COLUMN {} bytea").format(
+        vector_column(version), sql.Literal(dim), sha_column(version)))
+    conn.execute("INSERT INTO vector_counters (model_version) VALUES (%s)", (version,))
+    install_vector_counters(conn)
+
+
+def drop(conn: psycopg.Connection, version: int) -> None:
+    """Drop model ``version``'s index, columns and counters, and regenerate the triggers (it must be retired)."""
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index_name(version)))
+    conn.execute(sql.SQL("ALTER TABLE documents DROP COLUMN IF EXISTS {}, DROP COLUMN IF EXISTS {}").format(
+        vector_column(version), sha_column(version)))
+    conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (version,))
+    install_vector_counters(conn)
+
+
+def index_valid(conn: psycopg.Connection, version: int) -> bool | None:
+    """Whether model ``version``'s HNSW index is usable: None when there is none, False when a build left it
+    invalid (interrupted, or under way)."""
+    row = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                       (index_name(version).as_string(conn),)).fetchone()
+    return None if row is None else row[0]
+
+
+def create_index(conn: psycopg.Connection, version: int, *, m: int, ef_construction: int, memory_mb: int) -> None:
+    """CREATE INDEX CONCURRENTLY model ``version``'s HNSW index with ``memory_mb`` of maintenance_work_mem
+    (an autocommit connection, outside a transaction)."""
+    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON documents USING hnsw ({} vector_cosine_ops)"
+            " WITH (m = {}, ef_construction = {})"
+        ).format(index_name(version), vector_column(version), sql.Literal(m), sql.Literal(ef_construction))
+    )
+
+
+def drop_index_concurrently(conn: psycopg.Connection, version: int) -> None:
+    """DROP INDEX CONCURRENTLY model ``version``'s HNSW index, if it exists (an invalid one a build left)."""
+    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
+
+
+def vector_counts(conn: psycopg.Connection, version: int) -> tuple[int, int] | None:
+    """(current vectors of model ``version``, documents), from the exact counters; None once it is retired."""
+    return conn.execute(
+        "SELECT v.current, c.documents FROM vector_counters v CROSS JOIN corpus_counters c WHERE v.model_version = %s",
+        (version,),
+    ).fetchone()
+
+
+def document_count(conn: psycopg.Connection) -> int:
+    """Documents stored, from the exact counter."""
+    return conn.execute("SELECT documents FROM corpus_counters").fetchone()[0]
 
 
 def _signed_counts(rows: str, sign: int, versions: list[int]) -> sql.Composed:
@@ -78,7 +132,7 @@ def install_vector_counters(conn: psycopg.Connection) -> None:
     is left alone, and a trigger is created only when missing (its function's name never
     changes), so no lock on ``documents`` is taken when nothing changed.
     """
-    versions = live_versions(conn)
+    versions = registry.live_versions(conn)
     for op, sources in _TRIGGER_SOURCES.items():
         name = f"segue_count_documents_{op.lower()}"
         body = sql.SQL("BEGIN {} RETURN NULL; END").format(_counter_body(sources, versions)).as_string(conn)

@@ -1,9 +1,13 @@
-"""Versioned schema upgrades: ordered SQL steps applied once each, under an advisory lock, with short lock waits.
+"""Versioned schema upgrades: ordered table changes applied once each, views and functions applied again when they
+change; under an advisory lock, with short lock waits.
 
-The schema is a list of ordered upgrade steps (``schemas/upgrades/NNNN_name.sql``);
-``schema_migrations`` records the ones applied. :func:`upgrade` applies the missing
-ones under an advisory lock, each once and in its own transaction with a short lock
-timeout (retried), and does nothing at all on an up-to-date database: no DDL, no lock.
+Tables change in ordered upgrade steps (``schemas/upgrades/NNNN_name.sql``), frozen once
+shipped; ``schema_migrations`` records the ones applied. Views and functions are declared
+whole in ``schemas/idempotent/NN_name.sql``, each safe to run again; ``schema_idempotent``
+records the checksum of each as last applied. :func:`upgrade` applies the missing steps,
+then every idempotent file if a step ran, else those whose checksum changed, each in its
+own transaction with a short lock timeout (retried), under an advisory lock; on an
+up-to-date database it does nothing at all: no DDL, no lock.
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ class UpgradeStep:
         return hashlib.sha256(self.statements.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Definition:
+    """Views or functions declared whole, safe to apply again: ``schemas/idempotent/NN_name.sql``."""
+
+    name: str
+    statements: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.statements.encode()).hexdigest()
+
+
 @cache
 def upgrade_steps() -> tuple[UpgradeStep, ...]:
     """Every shipped upgrade step, in order."""
@@ -65,6 +81,14 @@ def upgrade_steps() -> tuple[UpgradeStep, ...]:
     return tuple(steps)
 
 
+@cache
+def definitions() -> tuple[Definition, ...]:
+    """Every idempotent file, in the order they apply (by name)."""
+    files = resources.files("segue.schemas").joinpath("idempotent").iterdir()
+    return tuple(sorted((Definition(f.name, f.read_text()) for f in files if re.fullmatch(r"\d{2}_\w+\.sql", f.name)),
+                        key=lambda definition: definition.name))
+
+
 def latest_schema_version() -> int:
     """The schema version this code needs."""
     return upgrade_steps()[-1].version
@@ -77,16 +101,29 @@ def schema_version(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
 
 
+def stale_definitions(conn: psycopg.Connection) -> list[Definition]:
+    """The idempotent files whose checksum differs from the one last applied to the database (all, before any was)."""
+    applied: dict[str, str] = {}
+    if conn.execute("SELECT to_regclass('schema_idempotent')").fetchone()[0] is not None:
+        applied = dict(conn.execute("SELECT name, checksum FROM schema_idempotent").fetchall())
+    return [d for d in definitions() if applied.get(d.name) != d.checksum]
+
+
 def require_schema(settings: Settings, url: str) -> None:
     """Raise :class:`SchemaError` unless the database is at this code's schema version (reads only)."""
     with connect_plain(settings, url) as conn:
         found = schema_version(conn)
+        stale = stale_definitions(conn) if found else []
     wanted = latest_schema_version()
+    upgrade_it = "run `segue db upgrade` (workers also upgrade it when they start)"
     if found < wanted:
         what = "holds no Segue schema yet" if found == 0 else f"is at schema version {found}, this Segue needs {wanted}"
-        raise SchemaError(f"the database {what}: run `segue db upgrade` (workers also upgrade it when they start)")
+        raise SchemaError(f"the database {what}: {upgrade_it}")
     if found > wanted:
         raise SchemaError(f"the database is at schema version {found}, newer than this Segue ({wanted}): upgrade Segue")
+    if stale:
+        raise SchemaError(f"the database's views and functions are not this Segue's ({', '.join(d.name for d in stale)}):"
+                          f" {upgrade_it}")
 
 
 def run_ddl(conn: psycopg.Connection, work: Callable[[], T], *, what: str) -> T:
@@ -116,29 +153,39 @@ def run_ddl(conn: psycopg.Connection, work: Callable[[], T], *, what: str) -> T:
 
 
 def upgrade(settings: Settings, url: str) -> list[str]:
-    """Bring the database to this code's schema version; returns the steps applied (none if current).
+    """Bring the database to this code's schema; returns the steps and idempotent files applied (none if current).
 
     Needs the ``vector`` extension: created here when missing, which takes a role
     allowed to (an administrator can create it beforehand for a role that is not).
     """
     with connect_plain(settings, url) as conn:
         current = schema_version(conn)
-        if current == latest_schema_version():
-            return []
         if current > latest_schema_version():
             raise SchemaError(
                 f"the database is at schema version {current}, newer than this Segue ({latest_schema_version()})")
+        if current == latest_schema_version() and not stale_definitions(conn):
+            return []
         with held(conn, Lock.SCHEMA):
             _create_prerequisites(conn, settings.db_schema)
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
                 " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_idempotent (name text PRIMARY KEY, checksum text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
             applied = []
             for step in upgrade_steps()[schema_version(conn):]:
                 run_ddl(conn, lambda step=step: _apply_step(conn, step), what=f"schema upgrade {step.version}")
                 applied.append(f"{step.version:04d}_{step.name}")
                 log.info("applied schema upgrade %04d_%s", step.version, step.name)
+            # After a step, all of them: a step may have dropped what a view or a function used.
+            for definition in definitions() if applied else stale_definitions(conn):
+                run_ddl(conn, lambda definition=definition: _apply_definition(conn, definition),
+                        what=f"applying idempotent/{definition.name}")
+                applied.append(f"idempotent/{definition.name}")
+                log.info("applied idempotent/%s", definition.name)
             run_ddl(conn, lambda: install_vector_counters(conn), what="installing the counter triggers")
             return applied
 
@@ -161,3 +208,10 @@ def _apply_step(conn: psycopg.Connection, step: UpgradeStep) -> None:
     conn.execute(step.statements)
     conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                  (step.version, step.name, step.checksum))
+
+
+def _apply_definition(conn: psycopg.Connection, definition: Definition) -> None:
+    conn.execute(definition.statements)
+    conn.execute("INSERT INTO schema_idempotent (name, checksum) VALUES (%s, %s) ON CONFLICT (name)"
+                 " DO UPDATE SET checksum = excluded.checksum, applied_at = now()",
+                 (definition.name, definition.checksum))

@@ -1,1 +1,1 @@
-"""TBD"""
+"""The worker plane: what a Faust worker runs around the agents — processors, batches, retries, sweeper, heartbeat, ops endpoints, topics."""

@@ -1,7 +1,9 @@
 """Worker heartbeats in SQL: each worker upserts its row every few seconds; ``segue status`` reads them.
 
-A worker whose last beat is older than ``lost_after_s`` is lost (killed, partitioned
-away, stuck); rows of workers gone for a day are deleted by the beats of the others.
+A worker that stops (SIGTERM, Ctrl-C) writes the state ``stopped``, which later beats of it
+never overwrite; one whose last beat is older than ``lost_after_s`` without that is lost
+(killed, partitioned away, stuck). Rows of workers gone for a day are deleted by the beats
+of the others.
 """
 
 from __future__ import annotations
@@ -46,19 +48,27 @@ async def beat(conn: psycopg.AsyncConnection, b: Beat) -> None:
             " ON CONFLICT (worker_id) DO UPDATE SET last_beat = now(), state = excluded.state,"
             " partitions = excluded.partitions, lag = excluded.lag, models = excluded.models,"
             " device = excluded.device, events_per_s = excluded.events_per_s, metrics_url = excluded.metrics_url,"
-            " halted = excluded.halted",
+            " halted = excluded.halted WHERE workers.state <> 'stopped'",
             (b.worker_id, socket.gethostname(), os.getpid(), b.started_at, b.state, Jsonb(b.partitions),
              Jsonb(b.lag), Jsonb(b.models), b.device, b.events_per_s, b.metrics_url, Jsonb(b.halted)),
         )
         await conn.execute("DELETE FROM workers WHERE last_beat < now() - interval '1 day'")
 
 
+async def stopped(conn: psycopg.AsyncConnection, worker_id: str) -> None:
+    """Record that worker ``worker_id`` stopped: ``segue status`` shows it stopped, not lost."""
+    await conn.execute("UPDATE workers SET state = 'stopped', last_beat = now(), partitions = '[]', lag = '{}'"
+                       " WHERE worker_id = %s", (worker_id,))
+
+
 def list_workers(conn: psycopg.Connection, *, lost_after_s: float) -> list[dict]:
-    """Every worker row, with ``live`` (beat within ``lost_after_s``) and ``silent_s``, live ones first."""
+    """Every worker row, with ``live`` (beat within ``lost_after_s``, not stopped) and ``silent_s``, live ones
+    first."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
             "SELECT *, extract(epoch FROM now() - last_beat) AS silent_s,"
-            " last_beat > now() - make_interval(secs => %s) AS live"
-            " FROM workers ORDER BY last_beat > now() - make_interval(secs => %s) DESC, host, pid",
+            " last_beat > now() - make_interval(secs => %s) AND state <> 'stopped' AS live"
+            " FROM workers ORDER BY last_beat > now() - make_interval(secs => %s) AND state <> 'stopped' DESC,"
+            " host, pid",
             (lost_after_s, lost_after_s),
         ).fetchall()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from psycopg import errors
 
 from segue import metrics
 from segue.embedding import providers
@@ -32,8 +33,8 @@ from segue.schemas.events import (
 )
 from segue.settings import Settings
 from segue.spec import ModelSpec
+from segue.storage.changelog import ChangelogRow
 from segue.storage.documents import (
-    ChangelogRow,
     DeleteRow,
     DocumentRow,
     Store,
@@ -108,7 +109,7 @@ class _Processor:
         isolation retries (an outage of that model), never dead-letters.
         """
         models = await self.store.computed_models()
-        await self.engine.unload(keep=[m.version for m in models])
+        await self.engine.unload(retired=[m.version for m in await self.store.retired_models()])
         await self.engine.ensure_loaded(models)
         return models
 
@@ -389,13 +390,18 @@ class ReadMissProcessor(_Processor):
         live = await self.store.live_models()
         models = {m.name: m for m in live if providers.embeds(m)}
         adopted = {m.name for m in live if not providers.embeds(m)}
+        retired = {m.name: m for m in await self.store.retired_models()}
         events: list[ReadMissEvent] = []
         invalid: list[DeadLetter] = []
+        gone: list[ReadMissEvent] = []
         for envelope in envelopes:
             try:
                 miss = decode_read_miss(envelope.value)
             except InvalidEvent as error:
                 invalid.append(DeadLetter(envelope, error.reason, str(error), self.origin))
+                continue
+            if miss.model in retired:
+                gone.append(ReadMissEvent(envelope, miss, retired[miss.model]))
                 continue
             model = models.get(miss.model)
             if model is None:
@@ -407,6 +413,7 @@ class ReadMissProcessor(_Processor):
                 continue
             events.append(ReadMissEvent(envelope, miss, model))
         await self._dead_letter(invalid)
+        await self._retired(gone)
         for model in models.values():
             mine = [e for e in events if e.model.version == model.version]
             if mine:
@@ -428,6 +435,14 @@ class ReadMissProcessor(_Processor):
         )
 
     async def _apply(self, events: Sequence[ReadMissEvent]) -> None:
+        try:
+            await self._reembed(events)
+        except errors.UndefinedColumn:  # the model's column was dropped since the batch came: is it retired?
+            if events[0].model.version in {m.version for m in await self.store.live_models()}:
+                raise
+            await self._retired(events)
+
+    async def _reembed(self, events: Sequence[ReadMissEvent]) -> None:
         model = events[0].model
         await self.engine.ensure_loaded([model])
         stored = await self.store.fetch(sorted({e.miss.doc_id for e in events}), [model], with_body=True)
@@ -475,6 +490,13 @@ class ReadMissProcessor(_Processor):
             DeadLetter(e.envelope, DeadLetterReason.INPUT_REJECTED, f"model {model.name!r}: {rejected[e.miss.doc_id]}",
                        self.origin, model.version, e.miss.event_id)
             for e in known if e.miss.doc_id in rejected])
+
+    async def _retired(self, events: Sequence[ReadMissEvent]) -> None:
+        """Asked of a model retired since (a finished or an aborted migration): nothing to do, and nothing wrong."""
+        if events:
+            async with self.store.transaction() as tx:
+                await tx.log([self._row(e, Action.SUPERSEDED) for e in events])
+            self._committed([(e.envelope, Action.SUPERSEDED) for e in events], {})
 
     async def _record_halted(self, events: Sequence[ReadMissEvent], stored: Mapping[str, StoredDocument],
                              error: ModelHalted) -> None:

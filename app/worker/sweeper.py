@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import psycopg
-from psycopg import sql
 
 from segue.spec import ModelSpec
-from segue.storage import model_columns
+from segue.storage import documents
 from segue.storage.documents import Store
 from segue.storage.locks import Lock, take_for_transaction
 
@@ -69,27 +68,8 @@ async def _sweep_model(cur: psycopg.AsyncCursor, model: ModelSpec, max_age_s: fl
     after, resting = await cur.fetchone()
     if resting:
         return None
-    await cur.execute(
-        sql.SQL(
-            "WITH page AS (SELECT doc_id, updated_at, {h} IS DISTINCT FROM content_sha256 AS lacking"
-            "  FROM documents WHERE doc_id > %(after)s ORDER BY doc_id LIMIT %(scan)s)"
-            " SELECT (SELECT count(*) FROM page), (SELECT max(doc_id) FROM page),"
-            " array(SELECT p.doc_id FROM page p"
-            "  JOIN embedding_models m ON m.version = %(v)s"
-            "  LEFT JOIN serving s ON true"
-            "  LEFT JOIN backfill_progress b ON b.model_version = %(v)s"
-            "  WHERE p.lacking AND p.updated_at < now() - make_interval(secs => %(age)s)"
-            "  AND (s.read_model_version = m.version OR p.updated_at >= m.created_at"
-            "       OR p.doc_id <= b.watermark OR b.finished_at IS NOT NULL)"
-            "  AND NOT EXISTS (SELECT 1 FROM migration_changelog c WHERE c.doc_id = p.doc_id"
-            "       AND c.action IN ('failed', 'dead_lettered') AND c.model_version = %(v)s"
-            "       AND c.at > now() - make_interval(secs => %(quiet)s))"
-            "  ORDER BY p.doc_id)"
-        ).format(h=model_columns.sha_column(model.version)),
-        {"after": after or "", "scan": scan_rows, "v": model.version, "age": max_age_s,
-         "quiet": retry_failed_after_s},
-    )
-    scanned, last, doc_ids = await cur.fetchone()
+    scanned, last, doc_ids = await documents.lost_reembeds(cur, model.version, after=after, scan=scan_rows,
+                                                           max_age_s=max_age_s, quiet_s=retry_failed_after_s)
     if scanned < scan_rows:  # the pass reached the end of the corpus
         await cur.execute(
             "UPDATE sweeper_progress SET cursor = NULL, passes = passes + 1, enqueued = enqueued + %s,"

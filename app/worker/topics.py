@@ -21,8 +21,8 @@ def topic_names(settings: Settings) -> list[str]:
 async def ensure_topics(settings: Settings, bootstrap: str) -> list[str]:
     """Create the missing topics with the configured partitions; returns the ones created."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="segue-admin")
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         missing = [name for name in topic_names(settings) if name not in existing]
         if missing:

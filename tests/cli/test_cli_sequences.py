@@ -1,25 +1,37 @@
 """The README's command sequences, run as a user and as an operator would: subprocesses of the installed ``segue``.
 
-* "Using it" on embedded services: services up, models add, worker, publish, migrate
-  plan / start / status, backfill, cutover refused then forced with a reason, rollback,
-  cutover, finish, services down.
+* "Using it", verbatim: the block is read from README.md and each command run as written,
+  in a folder holding ``./my-data`` (a BEIR set cut from the bundled SciFact), on embedded
+  services, with the bundled models. ``segue worker`` runs in the background, and the test
+  waits between commands where a user would (the corpus embedded before the plan).
 * Production start-up: external ``SEGUE_*`` URLs, an empty HOME and no data directory,
   and a database role that is not a superuser (the ``vector`` extension created
-  beforehand by an administrator); its password never printed or logged.
+  beforehand by an administrator); its password never printed or logged. It runs the
+  lifecycle with tiny models: models add, worker, publish, migrate plan / start / status,
+  backfill, cutover refused then forced with a reason, rollback, cutover, finish.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import shlex
 import signal
+import subprocess
+from importlib import resources
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from segue.devtools import services
+from segue.devtools.modelkit import distill_static, minilm_path
+from segue.settings import Settings
 from segue.storage import connections, upgrades
 from tests import modelfactory
-from tests.harness import Harness, change, harness_env, run_segue, wait_for
+from tests.harness import ROOT, SEGUE, Harness, change, harness_env, wait_for
 
 pytestmark = pytest.mark.drill
 
@@ -78,21 +90,103 @@ def run_lifecycle(h: Harness, conn: psycopg.Connection, env: dict[str, str], mod
     return printed
 
 
-def test_the_readme_sequence_on_embedded_services(tmp_path, model_cache):
+def readme_commands() -> list[list[str]]:
+    """The commands of README.md's "Using it" block, each split as a shell would (comments dropped)."""
+    section = (ROOT / "README.md").read_text().split("\n## Using it\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [words for line in block.splitlines() if (words := shlex.split(line, comments=True))]
+
+
+def write_beir_set(folder: Path, queries: int, documents: int) -> tuple[int, int]:
+    """A BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) from the bundled SciFact: the first ``queries``
+    judged queries, their judged abstracts and others up to ``documents``; (documents, queries) written."""
+    scifact = resources.files("segue.devtools").joinpath("data/scifact")
+    qrels = [line.split("\t") for line in scifact.joinpath("qrels.tsv").read_text().splitlines()[1:]]
+    with scifact.joinpath("corpus.jsonl.gz").open("rb") as raw, gzip.open(raw, "rt") as lines:
+        corpus = {record["_id"]: record for record in map(json.loads, lines)
+                  if len(record["text"].encode()) < 3000}  # under the harness's limit on a text
+    chosen: dict[str, set[str]] = {}
+    for query_id, doc_id, _ in qrels:
+        if doc_id in corpus and (query_id in chosen or len(chosen) < queries):
+            chosen.setdefault(query_id, set()).add(doc_id)
+    judged = {doc_id for docs in chosen.values() for doc_id in docs}
+    kept = sorted(judged) + [doc_id for doc_id in corpus if doc_id not in judged][: documents - len(judged)]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(corpus[d]) + "\n" for d in kept))
+    wanted = [json.loads(line) for line in scifact.joinpath("queries.jsonl").read_text().splitlines()]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in wanted if q["_id"] in chosen))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t1\n" for q, docs in chosen.items() for d in sorted(docs)))
+    return len(kept), len(chosen)
+
+
+def test_the_readme_using_it_block_as_written(tmp_path, model_cache):
+    commands = readme_commands()
+    assert [c[:3] for c in commands] == [
+        ["segue", "services", "up"], ["segue", "db", "upgrade"], ["segue", "models", "add"], ["segue", "worker"],
+        ["segue", "publish", "./my-data/corpus.jsonl"], ["segue", "migrate", "plan"], ["segue", "migrate", "start"],
+        ["segue", "backfill", "--rate"], ["segue", "migrate", "status"], ["segue", "migrate", "index"],
+        ["segue", "eval", "--beir"], ["segue", "migrate", "cutover"], ["segue", "migrate", "rollback"],
+        ["segue", "migrate", "cutover"], ["segue", "migrate", "finish"]], "the README's block changed: update this test"
+    docs, queries = write_beir_set(tmp_path / "my-data", queries=40, documents=100)
+    assert queries == 40 and docs == 100
     env = harness_env(tmp_path / "segue")
-    (tmp_path / "segue").mkdir()
-    h = None
+    # The demo's old model, distilled once per test session (as the quality tests do), where the CLI caches it.
+    static = distill_static(str(minilm_path()), model_cache / "minilm-static-256", dims=256)
+    (tmp_path / "segue" / "models").mkdir(parents=True)
+    (tmp_path / "segue" / "models" / "minilm-static-256").symlink_to(static, target_is_directory=True)
+    worker = None
+
+    def segue(words: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([SEGUE, *words[1:]], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert "Traceback" not in done.stderr and "pyrate_limiter" not in done.stderr, done.stderr
+        if check:
+            assert done.returncode == 0, f"{shlex.join(words)} exited {done.returncode}:\n{done.stderr}"
+        return done
+
+    (up, upgrade, add, start_worker, publish, plan, start, backfill, migrate_status, index, evaluate, cutover,
+     rollback, forced, finish) = commands
     try:
-        started = run_segue("services", "up", env=env).stdout
-        assert "postgresql  running" in started and "kafka       running" in started
-        h = Harness(tmp_path / "segue", env)  # attaches to what `services up` started
-        with connections.connect(h.settings, h.database_url) as conn:
-            run_lifecycle(h, conn, env, model_cache, docs=40)
-        stopped = h.segue("services", "down").stdout
-        assert "postgresql  stopped" in stopped and "kafka       stopped" in stopped
+        assert "postgresql  running" in segue(up).stdout
+        assert "the database is at schema version" in segue(upgrade).stdout
+        settings = Settings(data_dir=tmp_path / "segue", embedded_kafka_port=int(env["SEGUE_EMBEDDED_KAFKA_PORT"]))
+        conn = connections.connect(settings, services.database_url(settings, start=False))
+        assert "registered minilm-static as v1: static, 256-d" in segue(add).stdout
+        log = open(tmp_path / "worker.log", "wb")
+        worker = subprocess.Popen([SEGUE, *start_worker[1:]], env=env, cwd=tmp_path, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        assert f"sent {docs} document change(s)" in segue(publish).stdout  # _id and text, BEIR's fields
+        wait_for(lambda: coverage(conn, "minilm-static") == 100.0 and conn.execute(
+            "SELECT count(*) FROM documents").fetchone()[0] == docs, timeout=180, what="the corpus on the old model")
+        assert f"documents to embed: {docs}" in segue(plan).stdout
+        assert "migration 1 started: minilm-static → minilm-l6" in segue(start).stdout
+        waited = segue(backfill).stdout
+        assert "backfill complete" in waited and f"every document has a current minilm-l6 vector ({docs}/{docs})" \
+            in waited
+        shown = segue(migrate_status).stdout
+        assert "migration 1: minilm-static → minilm-l6, running" in shown and "waits" not in shown
+        indexed = segue(index).stdout
+        assert "built with maintenance_work_mem" in indexed or "already exists" in indexed  # or a worker built it
+        verdict = segue(evaluate).stdout
+        assert verdict.startswith("pass:"), verdict
+        assert "reads now use minilm-l6" in segue(cutover).stdout
+        assert "reads back on minilm-static" in segue(rollback).stdout
+        assert "the gate was open: nothing was forced" in segue(forced).stdout
+        refused = segue(finish, check=False)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+        assert "the grace period is 1 day" in refused.stderr and "rollback stays possible" in refused.stderr
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        row = next(ln for ln in segue(["segue", "status"]).stdout.splitlines() if f":{worker.pid}:" in ln)
+        assert " stopped " in row  # said so on its way out: neither live nor lost
+        logged = (tmp_path / "worker.log").read_text()
+        assert "\x1b[" not in logged and "\b" not in logged  # no terminal spinner in a log
+        conn.close()
     finally:
-        if h is not None:
-            h.close()
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        subprocess.run([SEGUE, "services", "down"], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 * only ``segue`` is installed (host services have their own ``app`` packages);
 * importing the reader, the contract, the registry or the CLI loads no torch, and neither
-  do the commands that only read or switch state;
+  do the commands that only read or switch state; the reader imports no tooling;
 * the changelog's ``Action``/``Origin`` enums are exactly what the SQL CHECKs allow;
 * a read-only session cannot write.
 """
@@ -61,6 +61,15 @@ def test_importing_the_core_loads_no_model_code():
     assert loaded == "[]"
 
 
+def test_the_client_imports_no_tooling():
+    loaded = python(
+        "import sys\n"
+        "import segue.client.reader\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['segue', 'devtools'], ['segue', 'cli'])))"
+    )
+    assert loaded == "[]"
+
+
 COMMAND_SCRIPT = """
 import sys
 from segue.cli import main
@@ -104,7 +113,7 @@ def test_read_only_commands_run_on_a_session_that_cannot_write(harness):
 
 MODULES = sorted(
     f"segue.{path.relative_to(ROOT / 'app').with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
-    for path in (ROOT / "app").rglob("*.py")
+    for path in (ROOT / "app").rglob("*.py") if path.name != "__main__.py"  # that one runs the command line
 ) + ["segue.agents.worker", "segue.schemas.events", "segue.schemas.changelog"]
 
 

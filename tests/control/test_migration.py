@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from segue.client.reader import SegueReader
 from segue.control import indexes, migration, registry
 from segue.control.backfill import BackfillLimits, run_backfill
 from segue.control.plan import (
@@ -112,6 +114,15 @@ def test_a_second_migrate_start_is_refused_before_registering(mh, model_cache):
     assert registry_and_columns(mh) == before
 
 
+def test_a_second_migrate_start_is_refused_before_the_model_is_read(mh, tmp_path):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    refused = mh.segue("migrate", "start", "--to", "gamma-c", "--source", str(not_a_model), check=False)
+    # Refused for the migration in progress, not for the folder: the rule is checked before the model is loaded.
+    assert refused.returncode == 1 and "one migration at a time: finish or abort it first" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_plan_measures_throughput_and_estimates_cost(mh):
     spec = beta(mh)
     engine = EmbeddingEngine(device="cpu")
@@ -193,8 +204,8 @@ def test_cutover_and_index_wait_for_coverage(mh):
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == 1
         policy = indexes.IndexPolicy(min_coverage_pct=95.0, m=8, ef_construction=32, max_memory_mb=1024,
                                        max_failures=3)
-        built, message = indexes.build(conn, beta(mh).version, policy)
-        assert not built and "the index waits" in message
+        with pytest.raises(indexes.IndexWaits, match="the HNSW index waits, not built"):
+            indexes.build(conn, beta(mh).version, policy)
         assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%%hnsw'").fetchone()[0] == 0
 
 
@@ -368,3 +379,175 @@ def test_pause_stops_the_backfill_and_a_forced_cutover_logs_its_reason(mh, model
         assert any("no quality verdict" in why for why in detail["gate_failures"])
         assert migration.rollback(conn).state == "rolled_back"
         assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == beta(mh).version
+
+
+def control_rows(h, migration_id: int) -> list[tuple]:
+    return h.sql("SELECT action, detail->>'previous_state', detail->>'retired' FROM migration_changelog"
+                 " WHERE origin = 'control' AND event_id = %s ORDER BY id", (f"migration-{migration_id}",))
+
+
+def assert_dropped(h, spec) -> None:
+    """``spec`` is retired: its columns, index and counters are gone, and migration_progress leaves it out."""
+    _, columns = registry_and_columns(h)
+    assert {f"embedding_v{spec.version}", f"embedding_v{spec.version}_sha256"}.isdisjoint(columns)
+    assert h.scalar("SELECT state FROM embedding_models WHERE version = %s", (spec.version,)) == "retired"
+    assert h.scalar("SELECT count(*) FROM vector_counters WHERE model_version = %s", (spec.version,)) == 0
+    assert h.scalar("SELECT count(*) FROM pg_indexes WHERE indexname = %s",
+                    (f"documents_embedding_v{spec.version}_hnsw",)) == 0
+    assert spec.name not in {model for (model,) in h.sql("SELECT model FROM migration_progress")}
+
+
+def assert_written_by_beta_alone(h, doc_id: str) -> None:
+    """A change published now is written with beta's vector alone."""
+    h.publish_changes([(doc_id, change(doc_id, "only beta again", 1))])
+    wait_for(lambda: h.scalar("SELECT count(*) FROM migration_changelog WHERE doc_id = %s", (doc_id,)),
+             what=f"{doc_id}, a change after the abort")
+    assert h.scalar("SELECT array_agg(model_version) FROM migration_changelog WHERE doc_id = %s",
+                    (doc_id,)) == [beta(h).version]
+
+
+def test_abort_from_rolled_back_retires_the_new_model(mh):
+    with conn_of(mh) as conn:
+        current = migration.active_migration(conn)
+        delta = registry.get_model(conn, "delta").spec
+    assert (current.state, current.to_name) == ("rolled_back", "delta")
+    aborted = mh.segue("migrate", "abort").stdout
+    assert f"migration {current.id} aborted: delta retired" in aborted and f"reads stay on {BETA}" in aborted
+    assert "no migration in progress" in mh.segue("migrate", "status").stdout
+    with conn_of(mh) as conn:
+        assert migration.get_migration(conn, current.id).state == "aborted"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == beta(mh).version
+    assert_dropped(mh, delta)
+    assert control_rows(mh, current.id)[-1] == ("migration_aborted", "rolled_back", "delta")
+    assert_written_by_beta_alone(mh, "after-abort")
+    total = mh.scalar("SELECT count(*) FROM documents")
+    assert mh.sql("SELECT model, total_documents, current_vectors FROM migration_progress") == [(BETA, total, total)]
+
+
+@pytest.mark.parametrize("state", ["running", "paused"])
+def test_abort_from_running_or_paused(mh, model_cache, state):
+    name = f"epsilon-{state}"
+    with conn_of(mh) as conn:
+        registry.register_model(conn, name, str(modelfactory.tiny_static(model_cache)))
+        started = migration.start(conn, name, cutover_min_coverage_pct=100.0)
+        if state == "paused":
+            migration.pause(conn)
+        spec = registry.get_model(conn, name).spec
+    doc_id = f"during-{state}"
+    mh.publish_changes([(doc_id, change(doc_id, "dual-written until the abort", 1))])
+    wait_for(lambda: mh.scalar(sql.SQL("SELECT {} FROM documents WHERE doc_id = %s").format(
+        model_columns.sha_column(spec.version)), (doc_id,)), what=f"{doc_id} to be dual-written")
+    with conn_of(mh) as conn:
+        aborted = migration.abort(conn)
+        assert (aborted.id, aborted.state) == (started.id, "aborted")
+        assert migration.active_migration(conn) is None
+    assert_dropped(mh, spec)
+    assert control_rows(mh, started.id)[-1] == ("migration_aborted", state, name)
+    # The worker, which wrote the new model until then, writes the old one alone and frees the new one.
+    assert_written_by_beta_alone(mh, f"after-abort-{state}")
+    assert f"unloaded retired model version(s) {spec.version}" in mh.worker_log(mh.workers[-1])
+
+
+def test_an_abort_stops_a_running_backfill_and_settles_its_records(mh, model_cache):
+    with conn_of(mh) as conn:
+        registry.register_model(conn, "theta", str(modelfactory.tiny_static(model_cache)))
+        migration.start(conn, "theta", cutover_min_coverage_pct=100.0)
+        theta = registry.get_model(conn, "theta").spec
+    limits = BackfillLimits(rate=20.0)  # 5 documents a page: about 4 pages a second
+    outcome = {}
+
+    def backfill() -> None:
+        with conn_of(mh) as conn:
+            outcome["run"] = asyncio.run(run_backfill(mh.settings, conn, mh.bootstrap, theta, limits, page_size=5))
+
+    running = threading.Thread(target=backfill)
+    running.start()
+    wait_for(lambda: mh.scalar("SELECT watermark FROM backfill_progress WHERE model_version = %s", (theta.version,)),
+             what="the backfill to commit a page")
+    with conn_of(mh) as conn:
+        migration.abort(conn)
+    running.join()
+    assert outcome["run"].stopped == "retired" and 0 < outcome["run"].published < CORPUS
+    assert "stopped: the model was retired" in outcome["run"].describe(limits)
+    # Records for it still queued are settled as superseded, not dead-lettered.
+    late = ["doc-0001", "doc-0002", "doc-0003"]
+    mh.publish(mh.settings.topic_backfill, [(i, encode_read_miss(i, "theta", "late-theta")) for i in late])
+    mh.publish_read_misses([(late[0], encode_read_miss(late[0], "theta", "late-theta"))])
+    wait_for(lambda: mh.scalar("SELECT count(*) FROM migration_changelog WHERE event_id = 'late-theta'") == 4,
+             what="the records for the retired model")
+    assert mh.sql("SELECT DISTINCT action, model_version FROM migration_changelog WHERE event_id = 'late-theta'") == [
+        ("superseded", theta.version)]
+    assert_dropped(mh, theta)
+
+
+def test_abort_is_refused_after_cutover_where_rollback_is_the_way(mh, model_cache):
+    with conn_of(mh) as conn:
+        registry.register_model(conn, "zeta", str(modelfactory.tiny_static(model_cache)))
+        migration.start(conn, "zeta", cutover_min_coverage_pct=100.0)
+        cut = migration.cutover(conn, force_reason="trying zeta out")
+        zeta = registry.get_model(conn, "zeta").spec
+    refused = mh.segue("migrate", "abort", check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "reads use zeta" in refused.stderr and "segue migrate rollback" in refused.stderr
+    with conn_of(mh) as conn:
+        assert migration.active_migration(conn).state == "cut_over"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == zeta.version
+    _, columns = registry_and_columns(mh)
+    assert f"embedding_v{zeta.version}" in columns
+    # The way out the refusal names: roll back, then abort.
+    with conn_of(mh) as conn:
+        migration.rollback(conn)
+        assert migration.abort(conn).state == "aborted"
+        assert conn.execute("SELECT read_model_version FROM serving").fetchone()[0] == beta(mh).version
+    assert_dropped(mh, zeta)
+    assert [action for action, _, _ in control_rows(mh, cut.id)] == [
+        "migration_started", "migration_cut_over", "migration_rolled_back", "migration_aborted"]
+
+
+def test_readers_never_fail_on_the_column_an_abort_drops(mh, model_cache):
+    with conn_of(mh) as conn:
+        registry.register_model(conn, "eta", str(modelfactory.tiny_static(model_cache)))
+        migration.start(conn, "eta", cutover_min_coverage_pct=100.0)
+        eta = registry.get_model(conn, "eta").spec
+    ids = [f"reader-{n}" for n in range(5)]
+    mh.publish_changes([(i, change(i, f"proteins fold and cells divide, reader {n}", 1)) for n, i in enumerate(ids)])
+    current = sql.SQL("SELECT count(*) FROM documents WHERE doc_id = ANY(%s) AND {} = content_sha256").format(
+        model_columns.sha_column(eta.version))
+    wait_for(lambda: mh.scalar(current, (ids,)) == len(ids), what="the reader documents on eta")
+    query = "proteins fold"
+    engine = EmbeddingEngine(device="cpu")
+    readers = {mode: SegueReader(mh.settings, database_url=mh.database_url, engine=engine, mode=mode,
+                                 serving_ttl_s=3600, read_miss_rate=0) for mode in ("parallel", "routing")}
+    searched, failures, stop = [], [], threading.Event()
+
+    def search_all_along() -> None:  # a reader re-reading what serves every 0.1 s, searching without a pause
+        with SegueReader(mh.settings, database_url=mh.database_url, engine=engine, mode="parallel",
+                         serving_ttl_s=0.1, read_miss_rate=0) as reader:
+            while not stop.is_set():
+                try:
+                    searched.append(reader.search(query, k=5).models)
+                except Exception as error:  # noqa: BLE001 - every failure is the test's finding
+                    failures.append(error)
+
+    try:
+        # Their views (kept for an hour) name eta as the migration's other model.
+        assert readers["parallel"].search(query, k=5).models == (BETA, "eta")
+        assert readers["routing"].search(query, k=5).mode == "routing"
+        searching = threading.Thread(target=search_all_along)
+        searching.start()
+        wait_for(lambda: (BETA, "eta") in searched, what="searches on both columns")
+        with conn_of(mh) as conn:
+            migration.abort(conn)
+        wait_for(lambda: searched[-1] == (BETA,), what="searches after the abort")
+        stop.set()
+        searching.join()
+        assert failures == []
+        # The stale views find eta's column gone (or its counters) and look again.
+        assert readers["parallel"].search(query, k=5).models == (BETA,)
+        assert readers["routing"].search(query, k=5).models == (BETA,)
+    finally:
+        stop.set()
+        for reader in readers.values():
+            reader.close()
+        engine.close()
+    assert_dropped(mh, eta)

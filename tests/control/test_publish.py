@@ -1,6 +1,6 @@
 """``segue publish FILE``: files of documents onto the document-changes topic, as a user runs it.
 
-The bundled SciFact corpus (``segue/data/scifact/corpus.jsonl.gz``, the copy of
+The bundled SciFact corpus (``segue/devtools/data/scifact/corpus.jsonl.gz``, the copy of
 ``../shared/data/scifact``) is published by the installed ``segue`` and embedded by the session's
 real worker with every live model. JSONL, CSV and Parquet files with malformed rows publish exactly
 their good records (read back from the topic) and name each bad line or row with its reason; the
@@ -29,7 +29,7 @@ from segue.control import registry
 from segue.storage import connections, model_columns
 from tests.harness import free_port, wait_for
 
-SCIFACT = resources.files("segue").joinpath("data/scifact/corpus.jsonl.gz")
+SCIFACT = resources.files("segue.devtools").joinpath("data/scifact/corpus.jsonl.gz")
 
 
 # -- the topic ------------------------------------------------------------------------------
@@ -375,4 +375,4 @@ def test_a_broker_that_cannot_be_reached_is_one_line_not_a_traceback(harness, tm
     unreachable = {**harness.env, "SEGUE_KAFKA_URL": f"kafka://127.0.0.1:{port}"}
     done = harness.segue("publish", str(path), *FIELDS, env=unreachable, check=False)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(f"Error: cannot reach the broker at 127.0.0.1:{port}: ")
+    assert done.stderr.strip().splitlines()[-1].startswith(f"Error: cannot reach the Kafka broker at 127.0.0.1:{port} ")

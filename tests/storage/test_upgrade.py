@@ -4,7 +4,9 @@ The database is built as Segue built it before this change: the schema of
 ``schemas/schema.sql`` at the last landed commit (kept byte for byte as upgrade step
 0001), models registered with the old registry columns, documents with vectors on
 two models, changelog rows, a migration in progress. Then ``segue db upgrade`` runs,
-and every row, vector and counter must be as it was, and a worker must run on it.
+and every row, vector and counter must be as it was, its schema must be a new database's
+(tables, constraints, indexes, views, functions, triggers), a changed view is applied again
+alone, and a worker must run on it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from psycopg.types.json import Jsonb
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec
-from segue.storage import model_columns
+from segue.storage import model_columns, upgrades
 from tests import modelfactory
 from tests.harness import ROOT, Harness, change, run_segue, wait_for
 
@@ -130,6 +132,63 @@ def test_upgrading_keeps_every_row_vector_and_counter(legacy):
     assert documents_options == ["fillfactor=70"]  # 0008: room on each page for HOT updates
     listed = run_segue("models", "list", env=env).stdout
     assert "old-static" in listed and "new-tiny" in listed
+
+
+def catalog(url: str) -> dict:
+    """What the schema declares, the registered models' columns and generated counter functions aside."""
+    with psycopg.connect(url) as conn:
+        return {
+            "columns": conn.execute(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+                " WHERE table_schema = 'public' AND column_name NOT LIKE 'embedding\\_v%' ORDER BY 1, 2").fetchall(),
+            "constraints": conn.execute(
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
+                " WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2").fetchall(),
+            "indexes": conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+                                    " AND indexname NOT LIKE 'documents\\_embedding\\_v%' ORDER BY 1").fetchall(),
+            "views": conn.execute("SELECT viewname, definition FROM pg_views WHERE schemaname = 'public'"
+                                  " ORDER BY 1").fetchall(),
+            "functions": conn.execute("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE 'segue\\_%'"
+                                      " AND proname NOT LIKE 'segue\\_count\\_documents\\_%' ORDER BY 1").fetchall(),
+            "triggers": conn.execute("SELECT tgrelid::regclass::text, tgname, tgfoid::regproc::text FROM pg_trigger"
+                                     " WHERE NOT tgisinternal ORDER BY 1, 2").fetchall(),
+            "steps": conn.execute("SELECT version, name, checksum FROM schema_migrations ORDER BY 1").fetchall(),
+            "idempotent": conn.execute("SELECT name, checksum FROM schema_idempotent ORDER BY 1").fetchall(),
+        }
+
+
+def test_an_upgraded_database_ends_as_a_new_one(legacy):
+    h, url, _ = legacy
+    h.conn.execute("CREATE DATABASE fresh")
+    fresh = url.replace("/legacy?", "/fresh?")
+    applied = run_segue("db", "upgrade", env={**h.env, "SEGUE_DATABASE_URL": fresh}).stdout
+    assert "0010_abort" in applied and "idempotent/02_migration_progress.sql" in applied
+    new, upgraded = catalog(fresh), catalog(url)
+    assert {"migration_progress", "migration_progress_by_origin", "model_spend", "query_drift"} <= {
+        name for name, _ in new["views"]}
+    assert len(new["idempotent"]) == len(upgrades.definitions()) and new["steps"][-1][1] == "abort"
+    for part in new:
+        assert upgraded[part] == new[part], part
+
+
+def test_a_changed_view_is_applied_again_and_only_it(legacy):
+    h, url, _ = legacy
+    env = {**h.env, "SEGUE_DATABASE_URL": url}
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP VIEW model_spend")  # what a newer definition would replace
+        conn.execute("UPDATE schema_idempotent SET checksum = 'older' WHERE name = '04_model_spend.sql'")
+        (before,) = conn.execute("SELECT max(applied_at) FROM schema_idempotent"
+                                 " WHERE name <> '04_model_spend.sql'").fetchone()
+    refused = run_segue("models", "list", env=env, check=False)  # a read-only command runs no DDL: it says so
+    assert refused.returncode == 1 and "04_model_spend.sql" in refused.stderr and "segue db upgrade" in refused.stderr
+    upgraded = run_segue("db", "upgrade", env=env).stdout
+    assert "applied 1 schema upgrade(s): idempotent/04_model_spend.sql" in upgraded
+    assert "applied" not in run_segue("db", "upgrade", env=env).stdout
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM model_spend").fetchone()[0] == 2
+        (after,) = conn.execute("SELECT max(applied_at) FROM schema_idempotent"
+                                " WHERE name <> '04_model_spend.sql'").fetchone()
+    assert after == before  # the others were left alone
 
 
 def test_a_worker_runs_on_the_upgraded_database(legacy):

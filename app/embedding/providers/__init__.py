@@ -1,9 +1,11 @@
 """Embedding providers: one module per kind of model, behind one interface (see ``base``).
 
-``PROVIDERS`` names them; a module is imported only when a model of its kind is
-inspected or loaded, so importing this package loads no model code (no torch). To add
-a provider, write one module here with ``inspect`` and ``load`` (see ``base``) and add
-its name to ``PROVIDERS``.
+``PROVIDERS`` names them (one per options model); a module is imported only when a model of its kind is
+inspected or loaded, so importing this package loads no model code (no torch). A
+model's options are validated by its provider's pydantic model (``options``) before
+the provider sees them. To add a provider, write one module here with ``inspect`` and
+``load`` (see ``base``) and add its options model, whose ``provider`` field names it,
+to ``options.AnyOptions``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from types import ModuleType
 from typing import Any
 
 from segue.embedding.providers.base import Embedder, OptionsError, resolve_source
+from segue.embedding.providers.options import BY_PROVIDER
+from segue.embedding.providers.options import parse as parse_options
 from segue.spec import ModelProfile, ModelSpec
 
-PROVIDERS = ("transformer", "static", "openai")
+PROVIDERS = tuple(BY_PROVIDER)  # ("transformer", "static", "openai")
 ADOPTED = "adopted"  # vectors adopted from an existing table (segue import): stored, never computed here
 
 __all__ = ["ADOPTED", "PROVIDERS", "Embedder", "OptionsError", "detect", "embeds", "inspect", "load", "shown_config"]
@@ -32,10 +36,14 @@ def shown_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != "canary_vectors"}
 
 
-def _module(name: str) -> ModuleType:
+def _known(name: str) -> str:
     if name not in PROVIDERS:
         raise OptionsError(f"no provider named {name!r} (providers: {', '.join(PROVIDERS)})")
-    return importlib.import_module(f"segue.embedding.providers.{name}")
+    return name
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"segue.embedding.providers.{_known(name)}")
 
 
 def detect(source: str) -> str:
@@ -46,8 +54,13 @@ def detect(source: str) -> str:
 
 
 def inspect(source: str, *, provider: str | None = None, options: Mapping[str, Any] | None = None) -> ModelProfile:
-    """Profile the model at ``source`` with ``provider`` (default: :func:`detect`) and its ``options``."""
-    return _module(provider or detect(source)).inspect(source, options or {})
+    """Profile the model at ``source`` with ``provider`` (default: :func:`detect`) and its ``options``.
+
+    The options are validated first: a wrong one is an :class:`OptionsError` naming it and what it takes.
+    """
+    name = _known(provider or detect(source))
+    checked = parse_options(name, options or {})  # before the provider's module (and torch) is imported
+    return _module(name).inspect(source, checked)
 
 
 def load(spec: ModelSpec, device: str | None) -> Embedder:

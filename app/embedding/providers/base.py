@@ -4,6 +4,7 @@ A provider is one module in this package with two functions:
 
 * ``inspect(source, options) -> ModelProfile`` — at registration: load the model once and
   say what it is (dim, input limit, the settings that shape its vectors, its fingerprint);
+  ``options`` is the provider's pydantic model, already validated (see ``options``);
 * ``load(spec, device) -> Embedder`` — in a worker or reader: the registered model, ready.
 
 An :class:`Embedder` only turns texts into vectors, in two steps: ``prepare`` (tokenization,
@@ -59,15 +60,6 @@ class Embedder(Protocol):
 
     def close(self) -> None:
         """Free what the model holds (device memory)."""
-
-
-def checked_options(provider: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` over ``defaults``; an unknown option is an :class:`OptionsError`."""
-    unknown = set(options) - set(defaults)
-    if unknown:
-        accepted = ", ".join(sorted(defaults)) or "none"
-        raise OptionsError(f"provider {provider!r} takes no option {', '.join(sorted(unknown))} (it takes: {accepted})")
-    return {**defaults, **options}
 
 
 def resolve_source(source: str) -> Path:

@@ -2,8 +2,9 @@
 
 OpenAI itself, and the self-hosted servers that speak its API (TEI, vLLM, Ollama,
 Infinity). The source is the endpoint's base URL (``https://api.openai.com/v1``);
-options, set at registration (``segue models add NAME --provider openai --model M
---base-url URL``, others with ``--option KEY=VALUE``):
+options (:class:`~segue.embedding.providers.options.OpenAIOptions`), set at registration
+(``segue models add NAME --provider openai --model M --base-url URL``, others with
+``--option KEY=VALUE``):
 
 * ``model`` (required) and ``dimensions`` (sent when set: text-embedding-3 models shorten
   their vectors);
@@ -49,7 +50,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,13 +58,8 @@ import numpy as np
 
 from segue import metrics
 from segue.embedding.providers.api_client import EmbeddingsClient, Limits, Rejections
-from segue.embedding.providers.base import (
-    OptionsError,
-    Prepared,
-    checked_options,
-    fingerprint,
-    resolve_source,
-)
+from segue.embedding.providers.base import OptionsError, Prepared, fingerprint, resolve_source
+from segue.embedding.providers.options import OpenAIOptions, from_config
 from segue.errors import ModelHalted, ProviderError
 from segue.spec import ModelProfile, ModelSpec
 
@@ -85,36 +81,15 @@ CANARY_TEXTS = (
 PROBE_TEXT = CANARY_TEXTS[-1]  # sent alone to tell an endpoint that refuses everything from a refused input
 # OpenAI's list prices in USD per 1M input tokens (the Batch API costs half).
 LIST_PRICES = {"text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13, "text-embedding-ada-002": 0.10}
-DEFAULTS: dict[str, Any] = {
-    "model": None,
-    "dimensions": None,
-    "api_key_env": None,
-    "encoding_format": "base64",
-    "tokenizer": "tiktoken:cl100k_base",
-    "max_tokens_per_input": 8191,
-    "truncate": "end",
-    "max_inputs_per_request": 2048,
-    "max_tokens_per_request": 300_000,
-    "requests_per_minute": 3000,
-    "tokens_per_minute": 1_000_000,
-    "concurrency": 4,
-    "timeout_s": 60.0,
-    "outage_after_s": 60.0,
-    "price_per_million_tokens": None,
-    "batch_price_per_million_tokens": None,
-    "canary_every_s": 3600.0,
-}
-POSITIVE = ("max_tokens_per_input", "max_inputs_per_request", "max_tokens_per_request", "requests_per_minute",
-            "tokens_per_minute", "concurrency", "timeout_s", "outage_after_s", "canary_every_s")
 IDENTITY = ("model", "dimensions", "max_tokens_per_input", "truncate", "tokenizer")
 
 
-def inspect(source: str, options: Mapping[str, Any]) -> ModelProfile:
+def inspect(source: str, options: OpenAIOptions) -> ModelProfile:
     """Embed the canary texts at ``source`` and profile the model: its dim, and the canaries as its identity."""
-    settings = _options(options, source)
-    if settings["api_key_env"] and not os.environ.get(settings["api_key_env"]):
-        raise OptionsError(f"the API key is read from ${settings['api_key_env']}, which is not set")
-    probe = ApiEmbedder(None, source, settings, label=settings["model"], canaries=None)
+    settings = _settings(options, source)
+    if settings.api_key_env and not os.environ.get(settings.api_key_env):
+        raise OptionsError(f"the API key is read from ${settings.api_key_env}, which is not set")
+    probe = ApiEmbedder(None, source, settings, label=settings.model, canaries=None)
     try:
         vectors, _, rejected = probe.submit(list(CANARY_TEXTS), 0).result()
     finally:
@@ -124,14 +99,14 @@ def inspect(source: str, options: Mapping[str, Any]) -> ModelProfile:
     if unusable:
         i = min(unusable)
         raise OptionsError(f"{source} gives no usable vector for the canary text {CANARY_TEXTS[i]!r}: {unusable[i]}")
-    if settings["dimensions"] and vectors.shape[1] != settings["dimensions"]:
-        raise OptionsError(f"{source} answered {vectors.shape[1]}-d vectors for dimensions={settings['dimensions']}")
+    if settings.dimensions and vectors.shape[1] != settings.dimensions:
+        raise OptionsError(f"{source} answered {vectors.shape[1]}-d vectors for dimensions={settings.dimensions}")
     return _profile(source, settings, _unit(vectors))
 
 
 def load(spec: ModelSpec, device: str | None) -> ApiEmbedder:
     """The registered model, ready to send requests (``device`` does not apply: the endpoint computes)."""
-    settings = _options({key: spec.config[key] for key in DEFAULTS if key in spec.config}, spec.source)
+    settings = _settings(from_config(NAME, spec.config), spec.source)
     canaries = _decode_canaries(spec.config["canary_vectors"], spec.dim)
     return ApiEmbedder(_profile(spec.source, settings, canaries), spec.source, settings, label=spec.name,
                        canaries=canaries)
@@ -142,7 +117,7 @@ class ApiEmbedder:
 
     remote = True  # the engine awaits submit() instead of running embed() on its model thread
 
-    def __init__(self, profile: ModelProfile | None, source: str, settings: dict[str, Any], *, label: str,
+    def __init__(self, profile: ModelProfile | None, source: str, settings: OpenAIOptions, *, label: str,
                  canaries: np.ndarray | None):
         self.profile = profile
         self._host = _host(source)
@@ -154,16 +129,16 @@ class ApiEmbedder:
         self._checked_at: float | None = None
         self._down_until = 0.0
         self._down_error: ProviderError | None = None
-        self._tokenizer = _Tokenizer(settings["tokenizer"])
+        self._tokenizer = _Tokenizer(settings.tokenizer)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"segue-api-{label}", daemon=True)
         self._thread.start()
         self._client = EmbeddingsClient(
-            base_url=source, model=settings["model"], dimensions=settings["dimensions"],
-            api_key=os.environ.get(settings["api_key_env"]) if settings["api_key_env"] else None,
-            encoding_format=settings["encoding_format"], label=label, dim=profile.dim if profile else None,
+            base_url=source, model=settings.model, dimensions=settings.dimensions,
+            api_key=os.environ.get(settings.api_key_env) if settings.api_key_env else None,
+            encoding_format=settings.encoding_format, label=label, dim=profile.dim if profile else None,
             probe=(PROBE_TEXT, self._tokenizer.count([PROBE_TEXT])[0]),
-            limits=Limits(**{field: settings[field] for field in (
+            limits=Limits(**{field: getattr(settings, field) for field in (
                 "max_inputs_per_request", "max_tokens_per_request", "requests_per_minute", "tokens_per_minute",
                 "concurrency", "timeout_s", "outage_after_s")}))
         self._canary_lock = asyncio.Lock()
@@ -222,7 +197,7 @@ class ApiEmbedder:
     def _halt_refused(self, error: ProviderError) -> None:
         """Halt the model for an answer no retry can change (a refused key, an endpoint that refuses everything)."""
         if error.kind == "auth":
-            variable = self._settings["api_key_env"]
+            variable = self._settings.api_key_env
             where = f"the API key in ${variable}" if variable else "requests without a key (no --api-key-env)"
             self._halt("auth", f"model {self._label!r}: the endpoint refused {where} ({error}); Segue stopped "
                                "writing this model: set a valid key and restart the worker")
@@ -235,8 +210,8 @@ class ApiEmbedder:
     def _fit(self, texts: list[str], totals: list[int]) -> tuple[list[int], list[str], list[int], Rejections]:
         """The texts to send, cut to the input limit by the registered policy: (their indexes, the texts, the
         tokens each is sent with, the texts refused here because ``truncate=refuse``)."""
-        limit = self._settings["max_tokens_per_input"]
-        refuse = self._settings["truncate"] == "refuse"
+        limit = self._settings.max_tokens_per_input
+        refuse = self._settings.truncate == "refuse"
         rejected = {i: f"too_long: a text of {count} tokens is over model {self._label!r}'s {limit}-token input limit"
                        " (truncate=refuse)" for i, count in enumerate(totals) if count > limit and refuse}
         sent = [i for i in range(len(texts)) if i not in rejected]
@@ -248,7 +223,7 @@ class ApiEmbedder:
         if self._canaries is None:
             return
         async with self._canary_lock:
-            due = self._checked_at is None or time.monotonic() - self._checked_at >= self._settings["canary_every_s"]
+            due = self._checked_at is None or time.monotonic() - self._checked_at >= self._settings.canary_every_s
             if not due or self.halted:
                 return
             texts = list(CANARY_TEXTS)
@@ -259,7 +234,7 @@ class ApiEmbedder:
         if not lowest >= CANARY_MIN_COSINE:  # NaN (a canary without a usable vector) fails too
             self._halt("canary_drift", (
                 f"model {self._label!r}: the endpoint's vectors for the canary texts changed (lowest cosine "
-                f"{lowest:.4f} < {CANARY_MIN_COSINE}): the model behind {self._settings['model']!r} at {self._host} "
+                f"{lowest:.4f} < {CANARY_MIN_COSINE}): the model behind {self._settings.model!r} at {self._host} "
                 "is not the one registered. Segue stopped writing it. Register it again under a new name (segue models "
                 "add NEW-NAME --provider openai --model … --base-url …) and migrate to it (segue migrate start "
                 "--to NEW-NAME)"))
@@ -318,41 +293,29 @@ def _host(source: str) -> str:
     return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
-def _options(options: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _settings(options: OpenAIOptions, source: str) -> OpenAIOptions:
+    """``options`` checked against the base URL, with the defaults that depend on it and on the model's name."""
     parts = urlsplit(source)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise OptionsError(f"--base-url {source!r} is not an http(s) URL such as https://api.openai.com/v1")
     if parts.username is not None or parts.password is not None:
         raise OptionsError("the base URL carries credentials (user:password@): remove them, and give the API key "
                            "in an environment variable named by --api-key-env (it is never stored)")
-    merged = checked_options(NAME, options, DEFAULTS)
-    if merged["api_key_env"] is None and urlsplit(source).hostname == "api.openai.com":
-        merged["api_key_env"] = "OPENAI_API_KEY"
-    if not merged["model"] or not isinstance(merged["model"], str):
-        raise OptionsError("provider openai needs the API's model name (--model, e.g. text-embedding-3-small)")
-    for key in POSITIVE:
-        if not isinstance(merged[key], (int, float)) or isinstance(merged[key], bool) or merged[key] <= 0:
-            raise OptionsError(f"{key} must be a positive number, not {merged[key]!r}")
-    if merged["dimensions"] is not None and (not isinstance(merged["dimensions"], int) or merged["dimensions"] < 1):
-        raise OptionsError(f"dimensions must be a positive integer, not {merged['dimensions']!r}")
-    if merged["encoding_format"] not in ("float", "base64"):
-        raise OptionsError(f"encoding_format must be float or base64, not {merged['encoding_format']!r}")
-    if merged["truncate"] not in ("end", "refuse"):
-        raise OptionsError(f"truncate must be end or refuse, not {merged['truncate']!r}")
-    if merged["max_tokens_per_input"] > merged["max_tokens_per_request"]:
-        raise OptionsError("max_tokens_per_input cannot exceed max_tokens_per_request")
-    list_price = LIST_PRICES.get(merged["model"])
-    if merged["price_per_million_tokens"] is None and list_price is not None:
-        merged["price_per_million_tokens"] = list_price
-        merged["batch_price_per_million_tokens"] = merged["batch_price_per_million_tokens"] or list_price / 2
-    return merged
+    defaults: dict[str, Any] = {}
+    if options.api_key_env is None and parts.hostname == "api.openai.com":
+        defaults["api_key_env"] = "OPENAI_API_KEY"
+    list_price = LIST_PRICES.get(options.model)
+    if options.price_per_million_tokens is None and list_price is not None:
+        defaults["price_per_million_tokens"] = list_price
+        defaults["batch_price_per_million_tokens"] = options.batch_price_per_million_tokens or list_price / 2
+    return options.model_copy(update=defaults)
 
 
-def _profile(source: str, settings: dict[str, Any], canaries: np.ndarray) -> ModelProfile:
+def _profile(source: str, settings: OpenAIOptions, canaries: np.ndarray) -> ModelProfile:
     """The profile of an API model: its identity hashes the canary vectors with what shapes them."""
-    identity = {"kind": NAME, "host": urlsplit(source).netloc, **{key: settings[key] for key in IDENTITY}}
-    config = {**settings, "canary_vectors": base64.b64encode(canaries.astype("<f4").tobytes()).decode()}
-    return ModelProfile(provider=NAME, dim=int(canaries.shape[1]), max_tokens=settings["max_tokens_per_input"],
+    identity = {"kind": NAME, "host": urlsplit(source).netloc, **{key: getattr(settings, key) for key in IDENTITY}}
+    config = {**settings.model_dump(), "canary_vectors": base64.b64encode(canaries.astype("<f4").tobytes()).decode()}
+    return ModelProfile(provider=NAME, dim=int(canaries.shape[1]), max_tokens=settings.max_tokens_per_input,
                         config=config, fingerprint=fingerprint({"canaries": canaries.astype(np.float32)}, {},
                                                                identity))
 

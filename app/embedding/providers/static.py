@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segue.embedding.providers.base import (
-    Prepared,
-    checked_options,
-    fingerprint,
-    resolve_source,
-)
+from segue.embedding.providers.base import Prepared, fingerprint, resolve_source
+from segue.embedding.providers.options import StaticOptions
 from segue.spec import ModelProfile, ModelSpec
 
 NAME = "static"
@@ -35,9 +31,8 @@ def is_static_folder(folder: Path) -> bool:
     )
 
 
-def inspect(source: str, options: Mapping[str, Any]) -> ModelProfile:
-    """Load the model at ``source`` and profile it."""
-    checked_options(NAME, options, {})
+def inspect(source: str, options: StaticOptions) -> ModelProfile:
+    """Load the model at ``source`` and profile it (a static model takes no options)."""
     return _read(resolve_source(source))[0]
 
 

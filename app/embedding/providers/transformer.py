@@ -2,7 +2,8 @@
 
 The source is a transformers folder, or a sentence-transformers folder (``modules.json``
 with Transformer, Pooling and Normalize modules) from which pooling, normalisation and
-the token limit are read. Options, each part of the model's identity:
+the token limit are read. Options (:class:`~segue.embedding.providers.options.TransformerOptions`),
+each part of the model's identity:
 
 * ``dtype`` — ``float32`` (default), ``float16`` or ``bfloat16``: the weights' type on every device;
 * ``attention`` — ``sdpa`` (default) or ``eager``;
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue.embedding.providers.base import (
-    OptionsError,
-    Prepared,
-    checked_options,
-    fingerprint,
-    resolve_source,
-)
+from segue.embedding.providers.base import Prepared, fingerprint, resolve_source
+from segue.embedding.providers.options import DTYPES, TransformerOptions, from_config
 from segue.spec import ModelProfile, ModelSpec
 
 NAME = "transformer"
-DEFAULTS = {"dtype": "float32", "attention": "sdpa", "prefix": ""}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ATTENTION = ("sdpa", "eager")
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 POOLINGS = ("mean", "cls", "max")
 ST_POOLING_FLAGS = {
     "pooling_mode_mean_tokens": "mean",
@@ -46,14 +40,14 @@ ST_POOLING_FLAGS = {
 }
 
 
-def inspect(source: str, options: Mapping[str, Any]) -> ModelProfile:
+def inspect(source: str, options: TransformerOptions) -> ModelProfile:
     """Load the model at ``source`` once and profile it."""
-    return _read(resolve_source(source), _options(options)).profile
+    return _read(resolve_source(source), options).profile
 
 
 def load(spec: ModelSpec, device: str | None) -> TransformerEmbedder:
     """The registered model on ``device`` (None: cuda when present, else cpu) in its registered dtype."""
-    options = _options({key: spec.config[key] for key in DEFAULTS if key in spec.config})
+    options = from_config(NAME, spec.config)
     read = _read(resolve_source(spec.source), options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
@@ -61,8 +55,8 @@ def load(spec: ModelSpec, device: str | None) -> TransformerEmbedder:
         # process may use; tokenizer threads would only add contention.
         torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    read.model.to(device=device, dtype=DTYPES[options["dtype"]])
-    return TransformerEmbedder(read.profile, read.model, read.tokenizer, read.pooling, options["prefix"], device)
+    read.model.to(device=device, dtype=TORCH_DTYPES[options.dtype])
+    return TransformerEmbedder(read.profile, read.model, read.tokenizer, read.pooling, options.prefix, device)
 
 
 class TransformerEmbedder:
@@ -132,17 +126,6 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
     return hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
 
 
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    merged = checked_options(NAME, options, DEFAULTS)
-    if merged["dtype"] not in DTYPES:
-        raise OptionsError(f"dtype must be one of {', '.join(DTYPES)}, not {merged['dtype']!r}")
-    if merged["attention"] not in ATTENTION:
-        raise OptionsError(f"attention must be one of {', '.join(ATTENTION)}, not {merged['attention']!r}")
-    if not isinstance(merged["prefix"], str):
-        raise OptionsError(f"prefix must be text, not {merged['prefix']!r}")
-    return merged
-
-
 @dataclass(frozen=True)
 class _Read:
     profile: ModelProfile
@@ -151,7 +134,7 @@ class _Read:
     pooling: str
 
 
-def _read(folder: Path, options: dict[str, Any]) -> _Read:
+def _read(folder: Path, options: TransformerOptions) -> _Read:
     """Load the folder on the CPU in float32 and profile it with ``options``."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -163,7 +146,7 @@ def _read(folder: Path, options: dict[str, Any]) -> _Read:
     model_dir = folder / by_type["Transformer"]["path"] if "Transformer" in by_type else folder
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model, info = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=options["attention"],
+    model, info = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=options.attention,
                                             output_loading_info=True)
     model.eval()
     # Weights missing from the checkpoint are freshly random: only an unused pooler head may be.
@@ -179,10 +162,10 @@ def _read(folder: Path, options: dict[str, Any]) -> _Read:
     dim = int(pooling_config.get("word_embedding_dimension") or pooling_config.get("embedding_dimension")
               or model.config.hidden_size)
     identity = {"kind": NAME, "dim": dim, "pooling": pooling, "normalize": normalize, "max_tokens": int(max_tokens)}
-    identity |= {key: value for key, value in options.items() if value != DEFAULTS[key]}
+    identity |= options.model_dump(exclude_defaults=True)
     weights = {name: value for name, value in model.state_dict().items() if name not in random_init}
     profile = ModelProfile(provider=NAME, dim=dim, max_tokens=int(max_tokens),
-                           config={"pooling": pooling, "normalize": normalize, **options},
+                           config={"pooling": pooling, "normalize": normalize, **options.model_dump()},
                            fingerprint=fingerprint(weights, tokenizer.get_vocab(), identity))
     return _Read(profile, model, tokenizer, pooling)
 
