@@ -24,8 +24,9 @@ from tests.harness import ROOT, SEGUE, run_segue
 MODEL_CODE = ("torch", "transformers", "model2vec")
 
 
-def python(code: str, *, env: dict | None = None, cwd: str = "/") -> str:
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+def python(code: str, *, argv: list[str] = (), env: dict | None = None, cwd: str = "/") -> str:
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -117,19 +118,39 @@ MODULES = sorted(
 ) + ["segue.agents.worker", "segue.schemas.events", "segue.schemas.changelog"]
 
 
+TORCH_CHECK = """
+import importlib, os, sys
+for module in sys.argv[1:]:
+    read, write = os.pipe()
+    if os.fork() == 0:
+        try:
+            importlib.import_module(module)
+            os.write(write, str("torch" in sys.modules).encode())
+        except BaseException as error:
+            os.write(write, repr(error).replace(" ", "_").encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        brings_torch = answer.read()
+    os.wait()
+    print(module, brings_torch)
+    if brings_torch == "False":
+        importlib.import_module(module)
+"""
+
+
 def test_no_module_brings_both_torch_and_the_database_driver():
-    """Model code and database code meet only in the worker's wiring, at run time, never on import."""
-    script = (
-        "import importlib, sys\n"
-        "importlib.import_module(sys.argv[1])\n"
-        "print('torch' in sys.modules, 'psycopg' in sys.modules)"
-    )
-    both = []
-    for module in MODULES:
-        done = subprocess.run([sys.executable, "-c", script, module], capture_output=True, text=True, timeout=120,
-                              cwd="/")
-        assert done.returncode == 0, f"{module}: {done.stderr}"
-        if done.stdout.split() == ["True", "True"]:
-            both.append(module)
+    """Model code and database code meet only in the worker's wiring, at run time, never on import.
+
+    One interpreter forks a child per module to import it, and imports each module that brought no torch
+    itself, so later children find it loaded (a fresh interpreter per module took 35 s): nothing loaded
+    beforehand brings torch, so torch in a child means that module brings it. Only the modules that bring
+    torch are then imported alone, each in a fresh interpreter, to look for psycopg.
+    """
+    checked = dict(line.split() for line in python(TORCH_CHECK, argv=MODULES).splitlines())
+    assert set(checked) == set(MODULES) and set(checked.values()) <= {"True", "False"}, checked
+    torch_modules = [module for module, brings_torch in checked.items() if brings_torch == "True"]
+    assert "segue.embedding.providers.transformer" in torch_modules and "segue.cli" in checked
+    both = [module for module in torch_modules
+            if python(f"import {module}, sys; print('psycopg' in sys.modules)") == "True"]
     assert both == []
-    assert "segue.embedding.providers.transformer" in MODULES and "segue.cli" in MODULES
