@@ -43,10 +43,9 @@ class SchemaError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class UpgradeStep:
-    """One ordered schema change: ``schemas/upgrades/NNNN_name.sql``."""
+class SqlFile:
+    """One file of SQL statements shipped in ``schemas/``, named and checksummed as the database records it."""
 
-    version: int
     name: str
     statements: str
 
@@ -56,15 +55,14 @@ class UpgradeStep:
 
 
 @dataclass(frozen=True)
-class Definition:
+class UpgradeStep(SqlFile):
+    """One ordered schema change: ``schemas/upgrades/NNNN_name.sql``."""
+
+    version: int
+
+
+class Definition(SqlFile):
     """Views or functions declared whole, safe to apply again: ``schemas/idempotent/NN_name.sql``."""
-
-    name: str
-    statements: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.statements.encode()).hexdigest()
 
 
 @cache
@@ -74,7 +72,7 @@ def upgrade_steps() -> tuple[UpgradeStep, ...]:
     for entry in resources.files("segue.schemas").joinpath("upgrades").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
-            steps.append(UpgradeStep(int(match[1]), match[2], entry.read_text()))
+            steps.append(UpgradeStep(name=match[2], statements=entry.read_text(), version=int(match[1])))
     steps.sort(key=lambda step: step.version)
     if [step.version for step in steps] != list(range(1, len(steps) + 1)):
         raise SchemaError(f"upgrade steps must be numbered 1, 2, … without gaps: {[s.version for s in steps]}")
