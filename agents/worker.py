@@ -20,7 +20,7 @@ import faust
 
 from segue import metrics
 from segue.agents.transport import SegueApp
-from segue.control import indexes, migration
+from segue.control import bridging, indexes, migration
 from segue.embedding.engine import EmbeddingEngine
 from segue.errors import EngineStopped
 from segue.quality import shadow
@@ -234,6 +234,10 @@ def create_app(settings: Settings, *, database_url: str, engine: EmbeddingEngine
             after = migration.refresh(conn)
             done = [f"migration {after.id} is ready for cutover"] if before and after.state != before.state else []
             built = indexes.build_when_covered(conn, index_policy)
+            refit = bridging.refit_when_due(conn, settings)
+            if refit is not None:
+                done.append(f"adapter {refit.adapter_id} fitted on {refit.fitted.pairs} pairs: held-out retention "
+                            f"{refit.fitted.retention:.1%} ({'usable' if refit.passed else 'refused'})")
             purged = shadow.purge(conn, retention_days=settings.query_log_retention_days)
             return done + ([built] if built else []) + ([f"purged {purged} logged queries"] if purged else [])
 

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     query_log_retention_days: float = Field(30.0, gt=0, description="logged queries older than this are deleted")
     drift_low_score: float = Field(0.3, description="a top-1 cosine similarity below this counts as a poor match")
     drift_max_shift: float = Field(0.05, ge=0, description="status flags a query centroid moved more than this")
+    adapter_min_retention: float = Field(
+        0.3, ge=0, le=1, description="held-out neighbour retention (chance-corrected) an adapter needs before readers "
+                                     "may bridge with it")
+    adapter_refit_every: int = Field(
+        1_000, ge=0, description="workers fit the migration's adapter again each time the new model has this many more "
+                                 "current vectors (0: only segue adapter fit)")
+    adapter_max_pairs: int = Field(
+        20_000, ge=50, description="documents current in both models an adapter is fitted on")
 
     metrics_host: str = Field("127.0.0.1", description="address the worker's /metrics, /healthz and /readyz bind to")
     metrics_port: int = Field(9464, ge=1, le=65535, description="their port; a second worker takes the next free one")

@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist's workers inherit COLUMNS=80/LINES=24 from execnet; the CLI processes the tests run must
+# lay out their tables as they do in any pipe, however the suite is run.
+for name in ("COLUMNS", "LINES"):
+    os.environ.pop(name, None)
 
 from tests import modelfactory  # noqa: E402
 from tests.harness import Harness  # noqa: E402

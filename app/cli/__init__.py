@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import click  # noqa: E402
 
 from segue.cli import (  # noqa: E402
+    adapter,
     backfill,
     database,
     demo,
@@ -75,5 +76,5 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 for command in (worker.worker, models.models, status.status, migrate.migrate, backfill.backfill,
                 services.services_command, evaluate.eval_command, imports.import_command, publish.publish_command,
-                dlq.dlq, database.db_group, demo.demo):
+                dlq.dlq, database.db_group, demo.demo, adapter.adapter_group):
     main.add_command(command)

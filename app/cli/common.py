@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from segue import errors
-from segue.control import migration, registry
+from segue.control import bridging, migration, registry
 from segue.devtools import services
 from segue.embedding import providers
 from segue.embedding.providers.base import resolve_source
@@ -26,7 +26,7 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
 log = logging.getLogger("segue.cli")
 
 REFUSALS = (migration.MigrationError, registry.RegistryError, upgrades.SchemaError, providers.OptionsError,
-            errors.ProviderError, services.ServiceError)
+            errors.ProviderError, services.ServiceError, bridging.BridgeRefused)
 BUNDLED = "bundled:"  # --source bundled:NAME names a model Segue ships (see segue.devtools.modelkit.BUNDLED_MODELS)
 
 

@@ -27,6 +27,8 @@ from segue.storage import connections
 @click.option("--doc-id-prefix", default="", help="put before the judged document ids to make Segue doc_ids")
 @click.option("--slice-by", help="a query metadata field to report results by (Holm-corrected)")
 @click.option("--allow-partial", is_flag=True, help="evaluate even though a column is not fully current")
+@click.option("--bridged", is_flag=True, help="judge what bridged readers get at the new model's current coverage "
+                                              "(through the migration's adapter: segue adapter fit)")
 @click.option("--margin", type=float, help="non-inferiority margin on nDCG@10 [default: SEGUE_EVAL_MARGIN]")
 @click.option("--required-gain", type=float, help="nDCG@10 gain a pass needs [default: SEGUE_EVAL_REQUIRED_GAIN]")
 @click.option("--shadow", is_flag=True, help="also replay logged reader queries on both models (evidence)")
@@ -36,7 +38,7 @@ from segue.storage import connections
 @click.pass_obj
 def eval_command(settings: Settings, models: str | None, beir: str | None, split: str, trec_topics: str | None,
                  trec_qrels: str | None, scifact: bool, doc_id_prefix: str, slice_by: str | None, allow_partial: bool,
-                 margin: float | None, required_gain: float | None, shadow: bool, shadow_queries: int,
+                 bridged: bool, margin: float | None, required_gain: float | None, shadow: bool, shadow_queries: int,
                  report: str | None, every: str | None) -> None:
     """Is the new model better on your data? A verdict with statistics, stored for the cutover gate.
 
@@ -44,6 +46,8 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
     (exactly, and through the HNSW index when there is one, to report its recall), scores
     nDCG@10, Recall@100, MRR@10 and P@10 per query, and compares them with a paired bootstrap
     interval and randomization test against a non-inferiority margin (or a required gain).
+    With --bridged the new side is what bridged readers get now: a pass may open the cutover
+    gate before the new model covers every document.
     """
     from segue.devtools.corpus import bundled_scifact
     from segue.embedding.engine import EmbeddingEngine
@@ -66,7 +70,7 @@ def eval_command(settings: Settings, models: str | None, beir: str | None, split
     options = evaluation.Options(
         margin=settings.eval_margin if margin is None else margin,
         required_gain=settings.eval_required_gain if required_gain is None else required_gain,
-        allow_partial=allow_partial, slice_by=slice_by)
+        allow_partial=allow_partial, slice_by=slice_by, bridged=bridged)
 
     def run_once(conn, engine) -> None:
         if models:

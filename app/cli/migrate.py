@@ -17,7 +17,7 @@ from segue.cli.common import (
     model_source,
     provider_options,
 )
-from segue.control import indexes, migration, registry
+from segue.control import bridging, indexes, migration, registry
 from segue.embedding import providers
 from segue.settings import Settings
 from segue.spec import ModelSpec
@@ -128,6 +128,8 @@ def migrate_status(settings: Settings) -> None:
             console.print("latest verdict: " + evaluation.latest_line(conn, current))
             console.print("HNSW index: " + indexes.describe(conn, current.to_version,
                                                            indexes.IndexPolicy.from_settings(settings)))
+            new, old = bridging.migration_models(conn)
+            console.print("bridged reads: " + bridging.describe(conn, new, old), markup=False)
         console.print(progress_table(fetch_progress(conn), width=console.width))
 
 

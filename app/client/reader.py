@@ -15,6 +15,16 @@ and searches in one of three modes:
     embedding) while the counters say every document has a current read-model vector.
 ``parallel``
     Both models of the active migration rank their current vectors; RRF merges them.
+``bridged``
+    What readers get from the migration's *new* model before its column is complete: the
+    query is embedded by the new model only; documents with a current new vector are ranked
+    in the new space, the others on the old column with the query carried there by the
+    migration's adapter (:mod:`segue.control.bridging`), their scores calibrated onto the new
+    model's scale, and the two lists merged by score. Hits the adapter found trigger read
+    misses for the new model. The old model never embeds a query, so this works for an
+    adopted old model too. Without an adapter that passed, it searches as ``incremental``
+    (and says why once). ``incremental`` reading the new model (after a cutover, or pinned
+    with ``read_model``) uses the adapter the same way once one passed.
 ``routing``
     A policy (default :func:`route_by_query_shape`) picks one model per query: the read
     model, or the other model if the counters say its column is complete (a half-filled
@@ -54,19 +64,20 @@ from segue.client.search import (
     SearchHit,
     check_query,
     nearest,
+    nearest_bridged,
     reciprocal_rank_fusion,
 )
-from segue.control import migration, registry
+from segue.control import bridging, migration, registry
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.quality.shadow import TOP_K, QueryLog
 from segue.settings import Settings, load_settings
 from segue.spec import ModelSpec
-from segue.storage import connections, model_columns
+from segue.storage import adapters, connections, model_columns
 
 log = logging.getLogger("segue.client.reader")
 
-MODES = ("incremental", "parallel", "routing")
+MODES = ("incremental", "parallel", "routing", "bridged")
 
 RoutingPolicy = Callable[[str, list[ModelSpec]], ModelSpec]
 
@@ -106,13 +117,25 @@ class _Query:
 
 
 @dataclass(frozen=True)
+class _Bridge:
+    """The active migration's new and old models, and the adapter between them (None: ``refusal`` says why)."""
+
+    new: ModelSpec
+    old: ModelSpec
+    adapter: adapters.StoredAdapter | None
+    refusal: str | None
+
+
+@dataclass(frozen=True)
 class _View:
-    """What readers use, as of ``loaded_at``: the read model, the other model, the live models by name."""
+    """What readers use, as of ``loaded_at``: the read model, the other model, the live models by name, and the
+    bridge between the active migration's models."""
 
     read: ModelSpec
     other: ModelSpec | None
     live: dict[str, ModelSpec]
     loaded_at: float
+    bridge: _Bridge | None = None
 
     @property
     def candidates(self) -> list[ModelSpec]:
@@ -166,6 +189,7 @@ class SegueReader:
                                     kwargs={"autocommit": True, "application_name": "segue-reader"},
                                     configure=self._configure, open=True)
         self._view: _View | None = None
+        self._refusals_said: set[str] = set()
         self._closed = False
         self._owns_engine = engine is None
         self._engine = engine or EmbeddingEngine.from_settings(self._settings)
@@ -195,7 +219,8 @@ class SegueReader:
         _check_mode(mode)
         _check_request(k, filters)
         query = _Query(query_text, dict(vectors or {}))
-        run = {"incremental": self._incremental, "parallel": self._parallel, "routing": self._routing}[mode]
+        run = {"incremental": self._incremental, "parallel": self._parallel, "routing": self._routing,
+               "bridged": self._bridged}[mode]
         result = self._with_view(lambda view: run(view, query, k, filters))
         if self._query_log.sampled():
             self._log_query(query)
@@ -230,6 +255,9 @@ class SegueReader:
 
     def _incremental(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
         read, other = view.read, view.other
+        bridge = view.bridge
+        if bridge is not None and bridge.adapter is not None and read.version == bridge.new.version:
+            return replace(self._bridged(view, query, k, filters), mode="incremental")
         primary = self._rank_text(read, query, k, filters)
         if other is None or not self._incomplete(read):
             return SearchResult("incremental", (read.name,), primary, [])
@@ -244,6 +272,30 @@ class SegueReader:
         rankings = [self._rank_text(spec, query, k, filters) for spec in specs]
         hits = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings, k)
         return SearchResult("parallel", tuple(spec.name for spec in specs), hits, [])
+
+    def _bridged(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
+        bridge = view.bridge
+        if bridge is None or bridge.adapter is None:
+            self._say_refusal(bridge.refusal if bridge else "no migration is in progress: nothing to bridge")
+            return self._incremental(view, query, k, filters)
+        new, old = bridge.new, bridge.old
+        given = query.vectors.get(new.name)
+        vector = (check_query(new, given.vector, given.fingerprint) if given is not None
+                  else self._embed_query(new, query.text))
+        if not self._incomplete(new):
+            return SearchResult("bridged", (new.name,), self._rank(new, vector, new.fingerprint, k, filters), [])
+        with self._connection() as conn:
+            hits = nearest_bridged(conn, new, old, bridge.adapter.space_map, vector, k, filters=filters)
+        missed = [hit.doc_id for hit in hits if hit.model != new.name] if providers.embeds(new) else []
+        return SearchResult("bridged", (new.name, old.name), hits, self._misses.offer(missed, new.name))
+
+    def _say_refusal(self, refusal: str) -> None:
+        """Log why bridged reads search as incremental, once per reason."""
+        with self._lock:
+            first = refusal not in self._refusals_said
+            self._refusals_said.add(refusal)
+        if first:
+            log.warning("bridged reads search as incremental: %s", refusal)
 
     def _routing(self, view: _View, query: _Query, k: int, filters: dict | None) -> SearchResult:
         candidates = [view.read] + [spec for spec in view.candidates[1:] if not self._incomplete(spec)]
@@ -324,7 +376,7 @@ class SegueReader:
             view = self._view
         if refresh or view is None or time.monotonic() - view.loaded_at >= self._serving_ttl_s:
             with self._connection() as conn:
-                view = self._load_view(conn, self._read_model)
+                view = self._load_view(conn, self._read_model, view.bridge if view else None)
             with self._lock:
                 self._view = view
         return view
@@ -346,7 +398,7 @@ class SegueReader:
             conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', false)")
 
     @staticmethod
-    def _load_view(conn, read_model: str | None) -> _View:
+    def _load_view(conn, read_model: str | None, bridge: _Bridge | None) -> _View:
         models = registry.list_models(conn)
         live = {m.spec.name: m.spec for m in models if m.state == "live"}
         if read_model is not None:
@@ -362,7 +414,15 @@ class SegueReader:
         active = migration.active_migration(conn)
         if active is not None and read.version in (active.from_version, active.to_version):
             other = by_version.get(active.to_version if read.version == active.from_version else active.from_version)
-        return _View(read, other, live, time.monotonic())
+        new, old = (by_version.get(active.to_version), by_version.get(active.from_version)) if active else (None, None)
+        if new is None or old is None:
+            return _View(read, other, live, time.monotonic())
+        loaded = bridge.adapter if bridge is not None else None
+        try:
+            adapter, refusal = bridging.usable(conn, new, old, loaded=loaded), None
+        except bridging.BridgeRefused as error:
+            adapter, refusal = None, str(error)
+        return _View(read, other, live, time.monotonic(), _Bridge(new, old, adapter, refusal))
 
 
 def _check_mode(mode: str) -> None:

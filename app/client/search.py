@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from segue.embedding.adapters import SpaceMap
 from segue.spec import ModelSpec
 from segue.storage import documents
 
@@ -91,3 +92,60 @@ def nearest(conn: psycopg.Connection, spec: ModelSpec, query: np.ndarray, k: int
     rows = documents.nearest(conn, spec.version, query, k, filters=filters,
                              lacking_version=lacking.version if lacking else None, exact=exact)
     return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name) for doc_id, body, metadata, distance in rows]
+
+
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``slope * score + intercept``: a bridged score on the new model's scale."""
+
+    slope: float
+    intercept: float
+
+    def __call__(self, score: float) -> float:
+        return self.slope * score + self.intercept
+
+
+ANCHORS = 20  # documents of each list whose two scores put the bridged scores on the new model's scale
+
+
+def nearest_bridged(conn: psycopg.Connection, new: ModelSpec, old: ModelSpec, space_map: SpaceMap,
+                    query: np.ndarray, k: int, *, filters: dict | None = None,
+                    exact: bool = False) -> list[SearchHit]:
+    """The ``k`` best documents for ``query`` (embedded by ``new``) as bridged readers rank them.
+
+    Two searches: ``new``'s current vectors with ``query``, and ``old``'s with ``query`` carried
+    into its space by ``space_map``; each row also scored in the other space where it can be.
+    Documents both searches can score (the first :data:`ANCHORS` of each list) give this
+    query's calibration (:func:`calibrate`); the documents lacking a current ``new`` vector
+    are then ranked by their calibrated bridged score among the new model's own hits (named
+    ``"old<-new"``).
+    """
+    carried_query = space_map.apply(query)
+    depth = max(k, ANCHORS)
+    direct = documents.nearest(conn, new.version, query, depth, filters=filters, exact=exact,
+                               also=(old.version, carried_query))
+    carried = documents.nearest(conn, old.version, carried_query, depth, filters=filters, exact=exact,
+                                also=(new.version, query))
+    anchors = {row[0]: (1.0 - row[3], 1.0 - row[4]) for row in direct[:ANCHORS] if row[4] is not None}
+    anchors |= {row[0]: (1.0 - row[4], 1.0 - row[3]) for row in carried[:ANCHORS] if row[4] is not None}
+    scale = calibrate(list(anchors.values()))
+    hits = [SearchHit(doc_id, 1.0 - distance, body, metadata, new.name)
+            for doc_id, body, metadata, distance, _ in direct]
+    hits += [SearchHit(doc_id, scale(1.0 - distance), body, metadata, f"{old.name}<-{new.name}")
+             for doc_id, body, metadata, distance, lacking in carried if lacking is None]
+    return sorted(hits, key=lambda hit: (-hit.score, hit.doc_id))[:k]
+
+
+def calibrate(anchors: Sequence[tuple[float, float]]) -> Calibration:
+    """The line putting bridged scores on the new model's scale, from (new score, bridged score) pairs of
+    documents scored both ways: the one that gives the bridged scores the anchors' mean and spread of new
+    scores (moment matching keeps the spread, so neither side's extremes crowd the other out of the top,
+    as a least-squares line, which shrinks, would). Two anchors at least; with one, a shift; with none, none."""
+    if not anchors:
+        return Calibration(1.0, 0.0)
+    new, bridged = np.array(anchors, dtype=np.float64).T
+    spread = float(bridged.std())
+    slope = float(new.std()) / spread if len(anchors) > 1 and spread > 1e-9 else 1.0
+    return Calibration(slope, float(new.mean() - slope * bridged.mean()))

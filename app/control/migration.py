@@ -64,14 +64,21 @@ class Gate:
     verdict: str | None
     verdict_metric: str | None
     verdict_coverage_pct: float | None  # the new model's coverage when the verdict was reached
+    verdict_bridged: dict | None = None  # the adapter a bridged verdict judged readers through (segue eval --bridged)
+
+    @property
+    def bridged_pass(self) -> bool:
+        """A bridged verdict passed: readers were judged as they are served below full coverage."""
+        return self.verdict == "pass" and self.verdict_bridged is not None
 
     @property
     def coverage_ok(self) -> bool:
-        return self.coverage_pct >= self.min_coverage_pct
+        return self.coverage_pct >= self.min_coverage_pct or self.bridged_pass
 
     @property
     def quality_ok(self) -> bool:
-        return self.verdict == "pass" and (self.verdict_coverage_pct or 0.0) >= self.min_coverage_pct
+        reached = self.verdict_coverage_pct or 0.0
+        return self.verdict == "pass" and (self.bridged_pass or reached >= self.min_coverage_pct)
 
     @property
     def passed(self) -> bool:
@@ -222,7 +229,8 @@ def coverage_pct(conn: psycopg.Connection, version: int) -> float:
 def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
     """Evaluate the cutover gate, reading only: coverage of the new model against the threshold recorded at
     start, and the latest verdict ``segue eval`` recorded for this migration's two models. A verdict reached
-    on a column covered less than that threshold does not count."""
+    on a column covered less than that threshold does not count, unless it judged bridged reads
+    (``segue eval --bridged``): then its pass opens the gate at the coverage it was reached at."""
     verdict = migrations.latest_verdict(conn, migration.id, migration.from_version, migration.to_version)
     return Gate(
         coverage_pct=coverage_pct(conn, migration.to_version),
@@ -230,6 +238,7 @@ def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
         verdict=verdict[0] if verdict else None,
         verdict_metric=verdict[1] if verdict else None,
         verdict_coverage_pct=verdict[2] if verdict else None,
+        verdict_bridged=verdict[3] if verdict else None,
     )
 
 
@@ -263,6 +272,8 @@ def cutover(conn: psycopg.Connection, *, force_reason: str | None = None) -> Mig
             raise MigrationError("cutover refused: " + "; ".join(check.reasons())
                                  + " (override: --force --reason TEXT)")
         detail = {"coverage_pct": round(check.coverage_pct, 3), "verdict": check.verdict}
+        if check.coverage_pct < check.min_coverage_pct and check.bridged_pass:
+            detail.update(min_coverage_pct=check.min_coverage_pct, bridged=check.verdict_bridged)
         if not check.passed:
             detail.update(forced=True, reason=force_reason, gate_failures=check.reasons())
         return detail

@@ -5,6 +5,12 @@ gate and an auditor.
 Only queries with a judged document in the corpus count (others cannot tell the models
 apart); the count left out is reported. Evaluating a model whose column is not fully
 current is refused unless ``allow_partial``, which the verdict records.
+
+``bridged`` judges what bridged readers get at the new model's current coverage instead of
+the new model alone: its current vectors ranked in its space, the other documents through
+the migration's adapter on the old column, merged on the calibrated scale
+(:mod:`segue.client.reader`'s ``bridged`` mode, searched exactly). A bridged pass may open
+the cutover gate below its coverage threshold.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import numpy as np
 import psycopg
 from ir_measures import RR, P, R, nDCG
 
-from segue.client.search import nearest
-from segue.control import migration
+from segue.client.search import nearest, nearest_bridged
+from segue.control import bridging, migration
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.quality.evalsets import LabelledSet
 from segue.quality.verdict import Comparison, compare, decide, slices_below
 from segue.spec import ModelSpec
-from segue.storage import documents, migrations, model_columns
+from segue.storage import adapters, documents, migrations, model_columns
 
 PRIMARY = nDCG @ 10
 MEASURES = [nDCG @ 10, R @ 100, RR @ 10, P @ 10]
@@ -47,6 +53,7 @@ class Options:
     seed: int = 0
     allow_partial: bool = False
     slice_by: str | None = None
+    bridged: bool = False
 
     @property
     def threshold(self) -> float:
@@ -63,6 +70,7 @@ class ModelRun:
     index_recall_at_10: float | None  # mean overlap of the index's top 10 with the exact top 10; None: no index
     coverage_pct: float
     unembedded: list[str]  # queries the model gave no usable vector: they retrieve nothing (every score 0)
+    adapter: adapters.StoredAdapter | None = None  # the new side searched as bridged readers do, through it
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,9 @@ class Evaluation:
             "top1": {"old": [self.old.top1.get(q) for q in self.queries],
                      "new": [self.new.top1.get(q) for q in self.queries]},
             "slices": self.slices,
+            "bridged": None if self.new.adapter is None else {
+                "adapter_id": self.new.adapter.id, "kind": self.new.adapter.space_map.kind,
+                "pairs": self.new.adapter.pairs, "retention": self.new.adapter.retention},
         }
 
 
@@ -115,9 +126,11 @@ def require_embedded(*specs: ModelSpec) -> None:
 def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, new: ModelSpec,
              labelled: LabelledSet, options: Options) -> Evaluation:
     """Search ``labelled``'s queries with both models, score them and reach a verdict (not stored)."""
-    require_embedded(old, new)
+    require_embedded(old, new)  # the old model's own ranking is the baseline, bridged or not
+    adapter = bridging.usable(conn, new, old) if options.bridged else None
     coverage = {spec.name: migration.coverage_pct(conn, spec.version) for spec in (old, new)}
-    partial = {name: pct for name, pct in coverage.items() if pct < 100.0}
+    bridged_side = new.name if options.bridged else None  # bridged reads are judged at whatever coverage it has
+    partial = {name: pct for name, pct in coverage.items() if pct < 100.0 and name != bridged_side}
     if partial and not options.allow_partial:
         raise EvaluationError(
             "evaluating a column that is not fully current is refused: " + ", ".join(
@@ -129,7 +142,9 @@ def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, 
         raise EvaluationError(f"no query of {labelled.name} has a judged document in the corpus: its qrels name "
                               "doc_ids Segue does not hold (if your doc_ids carry a prefix, give it: --doc-id-prefix)")
     qrels = [ir_measures.Qrel(q, d, r) for q in queries for d, r in labelled.qrels[q].items()]
-    runs = [_run(conn, engine, spec, labelled, queries, qrels, coverage[spec.name]) for spec in (old, new)]
+    runs = [_run(conn, engine, old, labelled, queries, qrels, coverage[old.name]),
+            _run(conn, engine, new, labelled, queries, qrels, coverage[new.name],
+                 bridge=(old, adapter) if adapter else None)]
     comparisons = {NAMES[m]: _compare(runs[0], runs[1], NAMES[m], queries, options) for m in MEASURES}
     verdict = decide(comparisons["ndcg@10"], options.threshold)
     why = (f"nDCG@10 new − old = {comparisons['ndcg@10'].mean_difference:+.4f}, "
@@ -146,6 +161,9 @@ def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, 
                     f"(first: {run.unembedded[0]!r})")
     if partial:
         why += "; partial coverage: " + ", ".join(f"{n} {p:.2f}%" for n, p in partial.items())
+    if adapter is not None:
+        why += (f"; bridged at {coverage[new.name]:.2f}% coverage of {new.name} through adapter {adapter.id} "
+                f"({adapter.space_map.kind}, {adapter.pairs} pairs)")
     return Evaluation(labelled.name, labelled.fingerprint, queries, len(judged) - len(queries), runs[0], runs[1],
                       comparisons, slices, verdict, why, options)
 
@@ -172,11 +190,21 @@ def latest_line(conn: psycopg.Connection, active: migration.Migration) -> str:
 
 
 def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, labelled: LabelledSet,
-         queries: list[str], qrels: list, coverage_pct: float) -> ModelRun:
+         queries: list[str], qrels: list, coverage_pct: float,
+         bridge: tuple[ModelSpec, adapters.StoredAdapter] | None = None) -> ModelRun:
+    """``spec``'s side: its queries searched exactly (with ``bridge``, the (old model, adapter) that bridged
+    readers search the documents ``spec`` lacks with), scored; and its HNSW index's recall."""
     embedded = engine.embed_counted_sync(spec, [labelled.queries[q] for q in queries])
     unembedded = [q for i, q in enumerate(queries) if i in embedded.rejected]
     vectors = embedded.vectors
-    exact = {q: [] if q in unembedded else nearest(conn, spec, v, DEPTH, exact=True) for q, v in zip(queries, vectors)}
+
+    def search(vector) -> list:
+        if bridge is None:
+            return nearest(conn, spec, vector, DEPTH, exact=True)
+        old, adapter = bridge
+        return nearest_bridged(conn, spec, old, adapter.space_map, vector, DEPTH, exact=True)
+
+    exact = {q: [] if q in unembedded else search(v) for q, v in zip(queries, vectors)}
     run = [ir_measures.ScoredDoc(q, hit.doc_id, hit.score) for q, hits in exact.items() for hit in hits]
     scores: dict[str, dict[str, float]] = {NAMES[m]: dict.fromkeys(queries, 0.0) for m in MEASURES}
     for metric in ir_measures.iter_calc(MEASURES, qrels, run):
@@ -187,7 +215,7 @@ def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, lab
                     / max(min(10, len(exact[q])), 1) for q, v in zip(queries, vectors) if q not in unembedded]
         recall = float(np.mean(overlaps)) if overlaps else None
     top1 = {q: hits[0].score for q, hits in exact.items() if hits}
-    return ModelRun(spec, scores, top1, recall, coverage_pct, unembedded)
+    return ModelRun(spec, scores, top1, recall, coverage_pct, unembedded, bridge[1] if bridge else None)
 
 
 def _compare(old: ModelRun, new: ModelRun, measure: str, queries: list[str], options: Options) -> Comparison:

@@ -459,25 +459,33 @@ def heap_stats(conn: psycopg.Connection) -> tuple[int, float | None]:
 
 
 def nearest(conn: psycopg.Connection, version: int, query: np.ndarray, k: int, *, filters: dict | None = None,
-            lacking_version: int | None = None, exact: bool = False) -> list[tuple[str, str, dict, float]]:
+            lacking_version: int | None = None, exact: bool = False,
+            also: tuple[int, np.ndarray] | None = None) -> list[tuple]:
     """(doc_id, body, metadata, cosine distance) of the ``k`` documents whose current vectors of model
     ``version`` are nearest to ``query``, nearest first, ties by doc_id.
 
     ``filters`` keeps documents whose metadata contains it; ``lacking_version`` keeps documents
     without a current vector of that model. ``exact`` scans the column instead of using an
-    HNSW index.
+    HNSW index. ``also`` = (another model version, a query in its space) adds a fifth field:
+    each document's distance to that query on that model's column, None where that vector is
+    not current.
     """
     where = [sql.SQL("{} = content_sha256").format(sha_column(version))]
     params: dict[str, Any] = {"query": query, "k": k}
+    other = sql.SQL("")
+    if also is not None:
+        other = sql.SQL(", CASE WHEN {h} = content_sha256 THEN {v} <=> %(other)s END").format(
+            h=sha_column(also[0]), v=vector_column(also[0]))
+        params["other"] = also[1]
     if lacking_version is not None:
         where.append(sql.SQL("{} IS DISTINCT FROM content_sha256").format(sha_column(lacking_version)))
     if filters:
         where.append(sql.SQL("metadata @> %(filters)s::jsonb"))
         params["filters"] = Jsonb(filters)
     statement = sql.SQL(
-        "SELECT doc_id, body, metadata, {column} <=> %(query)s AS distance FROM documents"
+        "SELECT doc_id, body, metadata, {column} <=> %(query)s AS distance{other} FROM documents"
         " WHERE {where} ORDER BY distance LIMIT %(k)s"
-    ).format(column=vector_column(version), where=sql.SQL(" AND ").join(where))
+    ).format(column=vector_column(version), other=other, where=sql.SQL(" AND ").join(where))
     with conn.transaction():
         if exact:
             conn.execute("SET LOCAL enable_indexscan = off")

@@ -1,7 +1,7 @@
 """PostgreSQL advisory locks: every lock id Segue takes, and the ways to take one.
 
 Workers, the CLI and readers on many hosts coordinate through these: one schema
-upgrade at a time, one sweeper, one index builder, one dead-letter replay.
+upgrade at a time, one sweeper, one index builder, one dead-letter replay, one adapter refit.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Lock(IntEnum):
     SWEEPER = 0x5E6F  # the sweeper's step
     INDEX_BUILD = 0x5E70  # HNSW index builds
     DLQ_REPLAY = 0x5E71  # segue dlq replay: one replay at a time, so each letter is published once
+    ADAPTER_FIT = 0x5E72  # workers' adapter refits: one worker fits, the others read its result
 
 
 @contextlib.contextmanager

@@ -62,11 +62,11 @@ def elapsed_since(conn: psycopg.Connection, at: datetime) -> timedelta:
 
 
 def latest_verdict(conn: psycopg.Connection, migration_id: int, old_version: int,
-                   new_version: int) -> tuple[str, str, float | None] | None:
-    """(verdict, metric, the new model's coverage when reached) of the latest labelled evaluation recorded for
-    the migration and these two models, if any."""
+                   new_version: int) -> tuple[str, str, float | None, dict | None] | None:
+    """(verdict, metric, the new model's coverage when reached, the adapter it was bridged through or None) of the
+    latest labelled evaluation recorded for the migration and these two models, if any."""
     return conn.execute(
-        "SELECT verdict, metric, (detail->'coverage'->>'new')::float FROM model_evaluations"
+        "SELECT verdict, metric, (detail->'coverage'->>'new')::float, detail->'bridged' FROM model_evaluations"
         " WHERE migration_id = %s AND kind = 'labelled' AND old_version = %s AND new_version = %s"
         " ORDER BY evaluated_at DESC, id DESC LIMIT 1",
         (migration_id, old_version, new_version),
