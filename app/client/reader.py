@@ -3,7 +3,7 @@
 Upstream services import :class:`SegueReader`. It reads ``serving`` (which model
 readers use; re-read at most every ``serving_ttl_s``, so a cutover is picked up within
 seconds) and the active ``migrations`` row (whose other side is "the other model"),
-and searches in one of three modes:
+and searches in one of four modes:
 
 ``incremental`` (default)
     The read model ranks the documents whose vector for it is *current*
@@ -279,9 +279,7 @@ class SegueReader:
             self._say_refusal(bridge.refusal if bridge else "no migration is in progress: nothing to bridge")
             return self._incremental(view, query, k, filters)
         new, old = bridge.new, bridge.old
-        given = query.vectors.get(new.name)
-        vector = (check_query(new, given.vector, given.fingerprint) if given is not None
-                  else self._embed_query(new, query.text))
+        vector = self._query_vector(new, query)
         if not self._incomplete(new):
             return SearchResult("bridged", (new.name,), self._rank(new, vector, new.fingerprint, k, filters), [])
         with self._connection() as conn:
@@ -315,15 +313,19 @@ class SegueReader:
     def _rank_text(self, spec: ModelSpec, query: _Query, k: int, filters: dict | None,
                    lacking: ModelSpec | None = None) -> list[SearchHit]:
         """Rank ``spec``'s column with the query as ``spec`` embeds it (given by the caller, or embedded here)."""
+        return self._rank(spec, self._query_vector(spec, query), spec.fingerprint, k, filters, lacking)
+
+    def _query_vector(self, spec: ModelSpec, query: _Query) -> Any:
+        """The query as ``spec`` embeds it: the caller's vector (checked against ``spec``), or embedded here."""
         given = query.vectors.get(spec.name)
         if given is not None:
-            return self._rank(spec, given.vector, given.fingerprint, k, filters, lacking)
+            return check_query(spec, given.vector, given.fingerprint)
         if not providers.embeds(spec):
             raise IncompatibleQuery(
                 f"model {spec.name!r} holds adopted vectors and Segue cannot embed queries for it: pass the query"
                 f" embedded by that model (vectors={{{spec.name!r}: QueryVector(…)}}) or bind the model to a provider"
                 " (segue models bind)")
-        return self._rank(spec, self._embed_query(spec, query.text), spec.fingerprint, k, filters, lacking)
+        return self._embed_query(spec, query.text)
 
     def _embed_query(self, spec: ModelSpec, text: str) -> Any:
         """``text`` embedded by ``spec``; :class:`IncompatibleQuery` when the model gives it no usable vector."""
@@ -342,13 +344,9 @@ class SegueReader:
     def _log_query(self, query: _Query) -> None:
         """Log the query with the read model's vector and best hits, for shadow evaluation and drift."""
         read = self._current_view().read
-        given = query.vectors.get(read.name)
-        if given is None and not providers.embeds(read):
+        if read.name not in query.vectors and not providers.embeds(read):
             return
-        if given is not None:
-            vector = check_query(read, given.vector, given.fingerprint)
-        else:
-            vector = self._embed_query(read, query.text)
+        vector = self._query_vector(read, query)
         with self._connection() as conn:
             self._query_log.record(conn, read, query.text, vector, nearest(conn, read, vector, TOP_K))
 

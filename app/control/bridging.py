@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import psycopg
 
-from segue.control import migration, registry
+from segue.control import registry
 from segue.embedding import adapters as maps
 from segue.settings import Settings
 from segue.spec import ModelSpec
-from segue.storage import adapters, locks
+from segue.storage import adapters, locks, migrations, model_columns
 
 
 class BridgeRefused(RuntimeError):
@@ -37,8 +37,10 @@ class Fit:
 
 def migration_models(conn: psycopg.Connection) -> tuple[ModelSpec, ModelSpec]:
     """(new, old): the active migration's two models."""
-    active = migration.require_active(conn)
-    return registry.get_model(conn, active.to_name).spec, registry.get_model(conn, active.from_name).spec
+    active = migrations.active(conn)
+    if active is None:
+        raise BridgeRefused("no migration is in progress: there is nothing to bridge")
+    return registry.get_model(conn, active["to_name"]).spec, registry.get_model(conn, active["from_name"]).spec
 
 
 def fit(conn: psycopg.Connection, settings: Settings, kinds: tuple[str, ...] = maps.DEFAULT_KINDS) -> Fit:
@@ -61,16 +63,17 @@ def refit_when_due(conn: psycopg.Connection, settings: Settings) -> Fit | None:
     """What workers do each tick: fit the active migration's adapter again once its new model has
     ``adapter_refit_every`` more current vectors than the latest adapter was fitted on (and that one used fewer
     than ``adapter_max_pairs``). None when not due, too few pairs yet, or another worker is fitting."""
-    active = migration.active_migration(conn)
-    if active is None or active.state == "paused" or settings.adapter_refit_every == 0:
+    active = migrations.active(conn)
+    if active is None or active["state"] == "paused" or settings.adapter_refit_every == 0:
         return None
-    fitted_on = adapters.latest_pairs(conn, active.to_version, active.from_version)
-    current, _ = migration.vector_counts(conn, active.to_version)
+    new_version, old_version = active["to_version"], active["from_version"]
+    fitted_on = adapters.latest_pairs(conn, new_version, old_version)
+    current, _ = model_columns.vector_counts(conn, new_version) or (0, 0)
     if fitted_on >= settings.adapter_max_pairs or current < max(fitted_on + settings.adapter_refit_every,
                                                                   maps.MIN_PAIRS):
         return None
     with locks.held_if_free(conn, locks.Lock.ADAPTER_FIT) as held:
-        if not held or adapters.latest_pairs(conn, active.to_version, active.from_version) != fitted_on:
+        if not held or adapters.latest_pairs(conn, new_version, old_version) != fitted_on:
             return None
         try:
             return fit(conn, settings)

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-from segue.control import registry
+from segue.control import bridging, registry
 from segue.schemas.changelog import Action
 from segue.storage import changelog, migrations, model_columns, upgrades
 from segue.storage import registry as storage_registry
@@ -65,11 +65,12 @@ class Gate:
     verdict_metric: str | None
     verdict_coverage_pct: float | None  # the new model's coverage when the verdict was reached
     verdict_bridged: dict | None = None  # the adapter a bridged verdict judged readers through (segue eval --bridged)
+    bridge_refusal: str | None = None  # why readers may not bridge now (a bridged verdict counts only while they may)
 
     @property
     def bridged_pass(self) -> bool:
-        """A bridged verdict passed: readers were judged as they are served below full coverage."""
-        return self.verdict == "pass" and self.verdict_bridged is not None
+        """A bridged verdict passed, and readers may still bridge: they are served as they were judged."""
+        return self.verdict == "pass" and self.verdict_bridged is not None and self.bridge_refusal is None
 
     @property
     def coverage_ok(self) -> bool:
@@ -89,6 +90,8 @@ class Gate:
         why = []
         if not self.coverage_ok:
             why.append(f"coverage {self.coverage_pct:.2f}% is below {self.min_coverage_pct:.2f}%")
+            if self.verdict_bridged is not None and self.bridge_refusal is not None:
+                why.append(f"the bridged verdict no longer counts: {self.bridge_refusal}")
         if self.verdict is None:
             why.append("no quality verdict is recorded for this migration (run segue eval)")
         elif self.verdict != "pass":
@@ -232,6 +235,13 @@ def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
     on a column covered less than that threshold does not count, unless it judged bridged reads
     (``segue eval --bridged``): then its pass opens the gate at the coverage it was reached at."""
     verdict = migrations.latest_verdict(conn, migration.id, migration.from_version, migration.to_version)
+    refusal = None
+    if verdict is not None and verdict[3] is not None:
+        new, old = (registry.get_model(conn, name).spec for name in (migration.to_name, migration.from_name))
+        try:
+            bridging.usable(conn, new, old)
+        except bridging.BridgeRefused as error:
+            refusal = str(error)
     return Gate(
         coverage_pct=coverage_pct(conn, migration.to_version),
         min_coverage_pct=migration.cutover_min_coverage_pct,
@@ -239,6 +249,7 @@ def gate(conn: psycopg.Connection, migration: Migration) -> Gate:
         verdict_metric=verdict[1] if verdict else None,
         verdict_coverage_pct=verdict[2] if verdict else None,
         verdict_bridged=verdict[3] if verdict else None,
+        bridge_refusal=refusal,
     )
 
 

@@ -210,7 +210,7 @@ def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, lab
     for metric in ir_measures.iter_calc(MEASURES, qrels, run):
         scores[NAMES[metric.measure]][metric.query_id] = float(metric.value)
     recall = None
-    if model_columns.index_valid(conn, spec.version):
+    if bridge is None and model_columns.index_valid(conn, spec.version):  # bridged lists are not one index's
         overlaps = [len({h.doc_id for h in nearest(conn, spec, v, 10)} & {h.doc_id for h in exact[q][:10]})
                     / max(min(10, len(exact[q])), 1) for q, v in zip(queries, vectors) if q not in unembedded]
         recall = float(np.mean(overlaps)) if overlaps else None

@@ -103,6 +103,20 @@ def test_bridged_reads_beat_incremental_at_a_quarter_and_open_the_gate_early(bh)
     bh.segue("migrate", "rollback")
 
 
+def test_bridged_reads_never_embed_with_the_old_model_and_ask_for_the_documents_they_bridged(bh):
+    """The old column as an import would leave it (provider ``adopted``: Segue cannot embed its queries)."""
+    bh.segue("adapter", "fit")
+    bh.conn.execute("UPDATE embedding_models SET provider = 'adopted' WHERE name = 'static'")
+    try:
+        with SegueReader(bh.settings, database_url=bh.database_url, engine=bh.engine, read_model="minilm") as reader:
+            result = reader.search("vitamin D deficiency and bone density", k=10, mode="bridged")
+            bridged = [hit.doc_id for hit in result.hits if hit.model == "static<-minilm"]
+            assert result.mode == "bridged" and bridged and result.read_misses == bridged
+        assert reader.read_miss_stats["published"] == len(bridged)  # close() flushed them to the broker
+    finally:
+        bh.conn.execute("UPDATE embedding_models SET provider = 'static' WHERE name = 'static'")
+
+
 def test_an_adapter_between_unrelated_spaces_is_refused_and_readers_keep_todays_behaviour(bh, caplog):
     """The minilm vectors of the covered quarter shuffled among its documents: pairs that do not belong together."""
     with connections.connect(bh.settings, bh.database_url) as conn:
@@ -123,6 +137,8 @@ def test_an_adapter_between_unrelated_spaces_is_refused_and_readers_keep_todays_
             assert "bridged reads: refused: " in bh.segue("migrate", "status").stdout
             judged = bh.segue("eval", "--scifact", "--bridged", check=False)
             assert judged.returncode == 1 and "too far apart to bridge" in judged.stderr
+            cutover = bh.segue("migrate", "cutover", check=False)  # the bridged pass was judged with another map
+            assert cutover.returncode == 1 and "the bridged verdict no longer counts" in cutover.stderr
             with caplog.at_level(logging.WARNING, logger="segue.client.reader"):
                 _, by = ndcg_of(bh, "incremental", "minilm")
                 with SegueReader(database_url=bh.database_url, engine=bh.engine, mode="bridged",
