@@ -131,8 +131,11 @@ class _TokenizerThread:
         return future
 
     def close(self) -> None:
-        """Stop after the preparation in hand; those still queued are cancelled."""
+        """Stop after the preparation in hand (waiting up to 5 s for it, so an exiting interpreter does not tear
+        the thread down inside the tokenizer, and a stuck one still cannot hold up the exit); those still queued
+        are cancelled."""
         self._work.put(None)
+        self._thread.join(timeout=5.0)
 
     def _serve(self) -> None:
         while (item := self._work.get()) is not None:
