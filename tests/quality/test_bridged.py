@@ -8,7 +8,6 @@ MiniLM a quarter of the way through. (On 300 abstracts a quarter is 75 pairs, to
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import ir_measures
@@ -18,12 +17,12 @@ from ir_measures import nDCG
 from psycopg import sql
 
 from segue.client.reader import SegueReader
-from segue.control import bridging, migration, registry
-from segue.devtools.corpus import bundled_scifact, scifact_documents, store_embedded
-from segue.devtools.modelkit import distill_static, minilm_path
+from segue.control import bridging, registry
+from segue.devtools.corpus import bundled_scifact, scifact_documents
 from segue.embedding.engine import EmbeddingEngine
 from segue.storage import connections, locks, model_columns
 from tests.harness import Harness
+from tests.scifact import start_scifact_migration
 
 DOCS = 800
 COVERED_PCT = 25
@@ -33,20 +32,8 @@ COVERED_PCT = 25
 def bh(tmp_path_factory, model_cache):
     """Services with static → minilm running, a quarter of the abstracts embedded by minilm, all by static."""
     h = Harness(tmp_path_factory.mktemp("bridged"))
-    static_dir = distill_static(str(minilm_path()), model_cache / "minilm-static-256", dims=256)
     engine = EmbeddingEngine(device="cpu")
-    corpus = list(scifact_documents(DOCS))
-    covered = sorted(corpus, key=lambda d: hashlib.md5(d.doc_id.encode()).hexdigest())[:DOCS * COVERED_PCT // 100]
-    with connections.connect(h.settings, h.database_url) as conn:
-        static = registry.register_model(conn, "static", str(static_dir))
-        minilm = registry.register_model(conn, "minilm", str(minilm_path()))
-        store_embedded(conn, corpus, {static: engine.embed_sync(static, [d.text for d in corpus])})
-        write_vectors = sql.SQL("UPDATE documents SET {v} = %s, {h} = content_sha256 WHERE doc_id = %s").format(
-            v=model_columns.vector_column(minilm.version), h=model_columns.sha_column(minilm.version))
-        with conn.cursor() as cur:
-            cur.executemany(write_vectors, list(zip(engine.embed_sync(minilm, [d.text for d in covered]),
-                                                    [d.doc_id for d in covered])))
-        migration.start(conn, "minilm", cutover_min_coverage_pct=100.0)
+    start_scifact_migration(h, engine, model_cache, DOCS, covered_pct=COVERED_PCT)
     h.engine = engine
     yield h
     engine.close()

@@ -21,12 +21,12 @@ import pytest
 
 from segue.client.reader import SegueReader
 from segue.control import migration, registry
-from segue.devtools.corpus import bundled_scifact, scifact_documents, store_embedded
-from segue.devtools.modelkit import distill_static, minilm_path
+from segue.devtools.corpus import bundled_scifact
 from segue.embedding.engine import EmbeddingEngine
 from segue.quality.verdict import compare, decide, holm, p_below, slices_below
 from segue.storage import connections
 from tests.harness import ROOT, Harness
+from tests.scifact import start_scifact_migration
 
 DOCS = 300
 REFERENCE = {"minilm": 0.8093, "static": 0.5532}
@@ -37,14 +37,8 @@ TOLERANCE = 0.005
 def evh(tmp_path_factory, model_cache):
     """Services with both models registered, 300 abstracts embedded, a migration static → minilm running."""
     h = Harness(tmp_path_factory.mktemp("eval"))
-    static_dir = distill_static(str(minilm_path()), model_cache / "minilm-static-256", dims=256)
     engine = EmbeddingEngine(device="cpu")
-    corpus = list(scifact_documents(DOCS))
-    with connections.connect(h.settings, h.database_url) as conn:
-        static = registry.register_model(conn, "static", str(static_dir))
-        minilm = registry.register_model(conn, "minilm", str(minilm_path()))
-        store_embedded(conn, corpus, {spec: engine.embed_sync(spec, [d.text for d in corpus]) for spec in (static, minilm)})
-        migration.start(conn, "minilm", cutover_min_coverage_pct=100.0)
+    start_scifact_migration(h, engine, model_cache, DOCS)
     engine.close()
     yield h
     h.close()
