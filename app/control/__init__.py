@@ -1,1 +1,1 @@
-"""The control plane: model registry, migration lifecycle and gate, HNSW indexes, plan, backfill, import, publish and dead letters."""
+"""The control plane: model registry, migration lifecycle and gate, HNSW indexes, bridging adapters, plan, backfill, import, publish and dead letters."""
