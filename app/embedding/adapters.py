@@ -10,10 +10,11 @@ without ever embedding the query with the old model (Drift-Adapter, EMNLP 2025).
     dimensions zero-padded or projected when the two widths differ. Keeps angles, so it
     carries queries (short, unlike the documents it was fitted on) as well as documents.
 ``affine``
-    A ridge regression with a bias, the penalty picked on held-out pairs. It fits the
-    documents closer, but carries queries worse: on SciFact (static-256 → MiniLM,
-    ``benchmarks/bench_bridged.py``) its held-out retention beat procrustes' at every
-    coverage while its bridged nDCG@10 trailed it by 0.08–0.30. Fitted only when asked.
+    A ridge regression with a bias, the penalty picked on held-out pairs. It keeps documents'
+    neighbours as well or better, but carries queries worse: on SciFact
+    (``benchmarks/bench_bridged.py``) its held-out retention matched or beat Procrustes' at
+    every coverage of both migrations while its bridged nDCG@10 trailed it by up to 0.09.
+    Fitted only when asked.
 
 :func:`fit` fits each kind asked on 80 % of the pairs, scores it on the held-out rest by
 *retention* (of each held-out document's 10 nearest neighbours in the old space, the share

@@ -198,13 +198,18 @@ def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, lab
     unembedded = [q for i, q in enumerate(queries) if i in embedded.rejected]
     vectors = embedded.vectors
 
-    def search(vector) -> list:
+    old_vectors: list = [None] * len(queries)
+    if bridge is not None:  # bridged readers carry the new model's query with the old model's own
+        old_embedded = engine.embed_counted_sync(bridge[0], [labelled.queries[q] for q in queries])
+        old_vectors = [None if i in old_embedded.rejected else v for i, v in enumerate(old_embedded.vectors)]
+
+    def search(vector, old_vector) -> list:
         if bridge is None:
             return nearest(conn, spec, vector, DEPTH, exact=True)
         old, adapter = bridge
-        return nearest_bridged(conn, spec, old, adapter.space_map, vector, DEPTH, exact=True)
+        return nearest_bridged(conn, spec, old, adapter.space_map, vector, DEPTH, old_query=old_vector, exact=True)
 
-    exact = {q: [] if q in unembedded else search(v) for q, v in zip(queries, vectors)}
+    exact = {q: [] if q in unembedded else search(v, o) for q, v, o in zip(queries, vectors, old_vectors)}
     run = [ir_measures.ScoredDoc(q, hit.doc_id, hit.score) for q, hits in exact.items() for hit in hits]
     scores: dict[str, dict[str, float]] = {NAMES[m]: dict.fromkeys(queries, 0.0) for m in MEASURES}
     for metric in ir_measures.iter_calc(MEASURES, qrels, run):
