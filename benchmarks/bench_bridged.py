@@ -108,9 +108,9 @@ def main() -> None:
             if args.to == "minilm":
                 old = registry.register_model(conn, "static-256", str(static_dir))
                 new = registry.register_model(conn, "minilm", str(minilm_path()))
-            else:  # MPNet has no scaled-dot-product attention in transformers: eager
+            else:
                 old = registry.register_model(conn, "minilm", str(minilm_path()))
-                new = registry.register_model(conn, "mpnet", str(mpnet_path()), options={"attention": "eager"})
+                new = registry.register_model(conn, "mpnet", str(mpnet_path()))
             docs = {spec: embedded(engine, spec, [d.text for d in corpus], "docs") for spec in (old, new)}
             query_vectors = {spec: dict(zip(queries, embedded(engine, spec, [labelled.queries[q] for q in queries],
                                                               "queries"))) for spec in (old, new)}

@@ -48,31 +48,34 @@ def bundled_model_ready(name: str, data_dir: Path) -> bool:
     return name != STATIC_256 or is_static_folder(Path(data_dir) / "models" / STATIC_256)
 
 
-def build_tiny_transformer(target_dir: Path, *, hidden_size: int = 32, seed: int = 0, pooling: str = "mean") -> Path:
-    """Build a tiny random-weight BERT as a sentence-transformers folder; the same seed gives the same weights.
+def build_tiny_transformer(target_dir: Path, *, hidden_size: int = 32, seed: int = 0, pooling: str = "mean",
+                           architecture: str = "bert") -> Path:
+    """Build a tiny random-weight BERT (or MPNet) as a sentence-transformers folder; the same seed gives the same
+    weights.
 
     It uses the all-MiniLM-L6-v2 tokenizer, 2 layers, 2 heads, mean/cls/max pooling,
     L2 normalisation and a 128-token limit. An existing ``target_dir`` is replaced.
     """
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
 
     from segue.embedding.providers.transformer import POOLINGS, ST_POOLING_FLAGS
 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
+    config_class, model_class = {"bert": (BertConfig, BertModel), "mpnet": (MPNetConfig, MPNetModel)}[architecture]
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=512,
+        max_position_embeddings=512 if architecture == "bert" else 514,  # MPNet counts from the padding index
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertModel(config)
+        model = model_class(config)
     target_dir = Path(target_dir)
     with _publishing(target_dir) as folder:
         model.save_pretrained(folder)

@@ -167,3 +167,20 @@ def test_migrate_plan_and_start_refuse_a_wrong_option_in_one_line(harness, model
     assert refusal(start) == "Error: option attention: must be one of sdpa, eager, not 'flash'"
     assert harness.scalar("SELECT count(*) FROM migrations") == migrations
     assert harness.scalar("SELECT count(*) FROM embedding_models WHERE name = 'refused-model'") == 0
+
+
+def test_an_architecture_without_sdpa_registers_with_eager_attention_unless_sdpa_is_asked_for(harness, tmp_path):
+    """MPNet (all-mpnet-base-v2's architecture) has no SDPA kernel in transformers: the default loads it eagerly (the
+    same math; its identity and the config the registry stores say so), and asking for sdpa by name is refused in
+    one line (before, both were a 30-line traceback)."""
+    from segue.devtools.modelkit import build_tiny_transformer
+
+    source = str(build_tiny_transformer(tmp_path / "tiny-mpnet", architecture="mpnet"))
+    profile = providers.inspect(source)
+    assert profile.config["attention"] == "eager" and profile.dim == 32
+    assert profile.fingerprint != providers.inspect(source, options={"attention": "eager", "dtype": "float16"}).fingerprint
+    refused = harness.segue("models", "add", "tiny-mpnet-sdpa", "--source", source, "--option", "attention=sdpa",
+                            check=False)
+    assert refusal(refused) == (f"Error: option attention: {source} has no sdpa attention in transformers: "
+                                "use --option attention=eager")
+    assert harness.scalar("SELECT count(*) FROM embedding_models WHERE name LIKE 'tiny-mpnet%'") == 0

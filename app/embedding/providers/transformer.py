@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue.embedding.providers.base import Prepared, fingerprint, resolve_source
+from segue.embedding.providers.base import OptionsError, Prepared, fingerprint, resolve_source
 from segue.embedding.providers.options import DTYPES, TransformerOptions, from_config
 from segue.spec import ModelProfile, ModelSpec
 
@@ -146,8 +146,18 @@ def _read(folder: Path, options: TransformerOptions) -> _Read:
     model_dir = folder / by_type["Transformer"]["path"] if "Transformer" in by_type else folder
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model, info = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=options.attention,
-                                            output_loading_info=True)
+    try:
+        model, info = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=options.attention,
+                                                output_loading_info=True)
+    except ValueError as error:  # an architecture transformers has no SDPA kernel for (MPNet): the same math, eagerly
+        if options.attention != "sdpa" or "scaled_dot_product_attention" not in str(error):
+            raise
+        if "attention" in options.model_fields_set:
+            raise OptionsError(f"option attention: {folder} has no sdpa attention in transformers: "
+                               "use --option attention=eager") from None
+        options = options.model_copy(update={"attention": "eager"})
+        model, info = AutoModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                output_loading_info=True)
     model.eval()
     # Weights missing from the checkpoint are freshly random: only an unused pooler head may be.
     random_init = set(info["missing_keys"])
