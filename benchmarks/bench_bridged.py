@@ -26,6 +26,7 @@ retention that decides whether readers may use the adapter. Measures, asserts no
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
 import sys
@@ -94,6 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="segue-bench-bridged-")), embedded_kafka_port=29093)
     url = services.database_url(settings)
+    atexit.register(services.down, settings)  # the embedded services this run started end with it
     upgrades.upgrade(settings, url)
     static_dir = distill_static(str(minilm_path()), load_settings().data_dir / "models" / "minilm-static-256", dims=256)
     corpus = list(scifact_documents(args.docs))

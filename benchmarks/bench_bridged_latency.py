@@ -15,6 +15,7 @@ query). Prints p50 / p99 of each, and bridged minus incremental. Measures, asser
 from __future__ import annotations
 
 import argparse
+import atexit
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ def main() -> None:
     settings = Settings(data_dir=Path(tempfile.mkdtemp(prefix="segue-bench-latency-")), embedded_kafka_port=29094,
                         adapter_min_retention=0.0)
     url = services.database_url(settings)
+    atexit.register(services.down, settings)  # the embedded services this run started end with it
     upgrades.upgrade(settings, url)
     rng = np.random.default_rng(0)
     topics = rng.normal(size=(200, NEW_DIM))
