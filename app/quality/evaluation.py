@@ -142,9 +142,11 @@ def evaluate(conn: psycopg.Connection, engine: EmbeddingEngine, old: ModelSpec, 
         raise EvaluationError(f"no query of {labelled.name} has a judged document in the corpus: its qrels name "
                               "doc_ids Segue does not hold (if your doc_ids carry a prefix, give it: --doc-id-prefix)")
     qrels = [ir_measures.Qrel(q, d, r) for q in queries for d, r in labelled.qrels[q].items()]
-    runs = [_run(conn, engine, old, labelled, queries, qrels, coverage[old.name]),
-            _run(conn, engine, new, labelled, queries, qrels, coverage[new.name],
-                 bridge=(old, adapter) if adapter else None)]
+    texts = [labelled.queries[q] for q in queries]
+    old_vectors = _query_vectors(engine, old, texts)  # bridged readers carry the new query with the old one's
+    runs = [_run(conn, old, old_vectors, queries, qrels, coverage[old.name]),
+            _run(conn, new, _query_vectors(engine, new, texts), queries, qrels, coverage[new.name],
+                 bridge=(old, adapter, old_vectors) if adapter else None)]
     comparisons = {NAMES[m]: _compare(runs[0], runs[1], NAMES[m], queries, options) for m in MEASURES}
     verdict = decide(comparisons["ndcg@10"], options.threshold)
     why = (f"nDCG@10 new − old = {comparisons['ndcg@10'].mean_difference:+.4f}, "
@@ -189,27 +191,27 @@ def latest_line(conn: psycopg.Connection, active: migration.Migration) -> str:
     return f"{verdict} ({at:%Y-%m-%d %H:%M}): {why}"
 
 
-def _run(conn: psycopg.Connection, engine: EmbeddingEngine, spec: ModelSpec, labelled: LabelledSet,
-         queries: list[str], qrels: list, coverage_pct: float,
-         bridge: tuple[ModelSpec, adapters.StoredAdapter] | None = None) -> ModelRun:
-    """``spec``'s side: its queries searched exactly (with ``bridge``, the (old model, adapter) that bridged
-    readers search the documents ``spec`` lacks with), scored; and its HNSW index's recall."""
-    embedded = engine.embed_counted_sync(spec, [labelled.queries[q] for q in queries])
-    unembedded = [q for i, q in enumerate(queries) if i in embedded.rejected]
-    vectors = embedded.vectors
+def _query_vectors(engine: EmbeddingEngine, spec: ModelSpec, texts: list[str]) -> list:
+    """``texts`` embedded by ``spec``, None where the model gave no usable vector."""
+    embedded = engine.embed_counted_sync(spec, texts)
+    return [None if i in embedded.rejected else v for i, v in enumerate(embedded.vectors)]
 
-    old_vectors: list = [None] * len(queries)
-    if bridge is not None:  # bridged readers carry the new model's query with the old model's own
-        old_embedded = engine.embed_counted_sync(bridge[0], [labelled.queries[q] for q in queries])
-        old_vectors = [None if i in old_embedded.rejected else v for i, v in enumerate(old_embedded.vectors)]
+
+def _run(conn: psycopg.Connection, spec: ModelSpec, vectors: list, queries: list[str], qrels: list,
+         coverage_pct: float, bridge: tuple[ModelSpec, adapters.StoredAdapter, list] | None = None) -> ModelRun:
+    """``spec``'s side: its queries' ``vectors`` searched exactly (with ``bridge``, the (old model, adapter, old
+    model's query vectors) that bridged readers search the documents ``spec`` lacks with), scored; and its HNSW
+    index's recall."""
+    unembedded = [q for q, v in zip(queries, vectors) if v is None]
+    old_vectors = bridge[2] if bridge is not None else [None] * len(queries)
 
     def search(vector, old_vector) -> list:
         if bridge is None:
             return nearest(conn, spec, vector, DEPTH, exact=True)
-        old, adapter = bridge
+        old, adapter, _ = bridge
         return nearest_bridged(conn, spec, old, adapter.space_map, vector, DEPTH, old_query=old_vector, exact=True)
 
-    exact = {q: [] if q in unembedded else search(v, o) for q, v, o in zip(queries, vectors, old_vectors)}
+    exact = {q: [] if v is None else search(v, o) for q, v, o in zip(queries, vectors, old_vectors)}
     run = [ir_measures.ScoredDoc(q, hit.doc_id, hit.score) for q, hits in exact.items() for hit in hits]
     scores: dict[str, dict[str, float]] = {NAMES[m]: dict.fromkeys(queries, 0.0) for m in MEASURES}
     for metric in ir_measures.iter_calc(MEASURES, qrels, run):
