@@ -3,7 +3,10 @@
 Names follow Prometheus conventions (``segue_…_total`` counters, base units:
 seconds, records, a 0–1 ratio); the help text names the OpenTelemetry semantic
 convention a metric corresponds to where one exists. Every metric lives in
-:data:`REGISTRY`, which the worker's ``/metrics`` endpoint serves.
+:data:`REGISTRY`, which the worker's ``/metrics`` endpoint serves. Under a supervisor
+(``segue worker --processes N``) each worker writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` and the supervisor serves their sum; each gauge says how
+its workers' values combine (``multiprocess_mode``).
 """
 
 from __future__ import annotations
@@ -50,16 +53,17 @@ TRUNCATED_TEXTS = Counter(
     "segue_truncated_texts", "Texts over a model's input limit, embedded truncated.", ["model"], registry=REGISTRY)
 ENGINE_QUEUE = Gauge(
     "segue_engine_queue_chunks", "Chunks waiting in the embedding engine, by priority "
-    "(read_miss, change, backfill).", ["priority"], registry=REGISTRY)
+    "(read_miss, change, backfill).", ["priority"], multiprocess_mode="livesum", registry=REGISTRY)
 ENGINE_WAIT_SECONDS = Histogram(
     "segue_engine_wait_seconds", "Time a chunk waited in the embedding engine before its forward pass, by priority "
     "(read_miss, change, backfill).", ["priority"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
 MODEL_READY = Gauge(
-    "segue_model_ready", "1 when a live model is loaded and warm in this worker.", ["model"], registry=REGISTRY)
+    "segue_model_ready", "1 when a live model is loaded and warm in this worker (in every worker, under a supervisor).",
+    ["model"], multiprocess_mode="livemin", registry=REGISTRY)
 MODEL_HALTED = Gauge(
     "segue_model_halted", "1 while this worker has stopped writing a model until an operator acts, by reason "
     "(auth: the API key was refused; rejected: the endpoint refuses every request; canary_drift: the provider "
-    "changed the model behind the name).", ["model", "reason"], registry=REGISTRY)
+    "changed the model behind the name).", ["model", "reason"], multiprocess_mode="livemax", registry=REGISTRY)
 TEXTS_REJECTED = Counter(
     "segue_texts_rejected", "Texts a model gave no usable vector, by model and reason (refused or too_long by its "
     "endpoint, malformed, wrong_width, non_finite, zero); each is dead-lettered as input_rejected.",
@@ -73,11 +77,12 @@ PROVIDER_SECONDS = Histogram(
 
 LAG_RECORDS = Gauge(
     "segue_consumer_lag_records", "Records on a partition not processed yet (broker high watermark - next offset); "
-    "OpenTelemetry: messaging.kafka.consumer.lag.", ["topic", "partition"], registry=REGISTRY)
+    "OpenTelemetry: messaging.kafka.consumer.lag.", ["topic", "partition"], multiprocess_mode="livemax",
+    registry=REGISTRY)
 LAG_SECONDS = Gauge(
     "segue_consumer_lag_seconds", "How far behind a partition is in time: 0 when caught up, else the age of the "
     "last record processed (an upper bound on the oldest waiting record's age).", ["topic", "partition"],
-    registry=REGISTRY)
+    multiprocess_mode="livemax", registry=REGISTRY)
 
 DB_TRANSACTION_SECONDS = Histogram(
     "segue_db_transaction_seconds", "Time of a write transaction, to its commit; "
@@ -88,10 +93,10 @@ DB_ERRORS = Counter(
 
 MIGRATION_STATE = Gauge(
     "segue_migration_state", "1 for the state the active migration is in (none when there is none).", ["state"],
-    registry=REGISTRY)
+    multiprocess_mode="livemax", registry=REGISTRY)
 COVERAGE = Gauge(
     "segue_coverage_ratio", "Share of documents whose vector for a live model is current (from the counters).",
-    ["model"], registry=REGISTRY)
+    ["model"], multiprocess_mode="livemax", registry=REGISTRY)
 
 PRIORITY_NAMES = {0: "read_miss", 1: "change", 2: "backfill"}
 MIGRATION_STATES = ("none", "running", "paused", "ready", "cut_over", "rolled_back")

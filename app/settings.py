@@ -83,7 +83,10 @@ class Settings(BaseSettings):
         20_000, ge=50, description="documents current in both models an adapter is fitted on")
 
     metrics_host: str = Field("127.0.0.1", description="address the worker's /metrics, /healthz and /readyz bind to")
-    metrics_port: int = Field(9464, ge=1, le=65535, description="their port; a second worker takes the next free one")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="their port; a second worker takes the next free one "
+                              "(0: any free port)")
+    worker_processes: int | None = Field(None, ge=1, description="Faust workers `segue worker` runs on this host under "
+                                         "one supervisor; unset = one per GPU, else one per core")
     heartbeat_interval_s: float = Field(5.0, gt=0, description="how often a worker reports itself in SQL")
     worker_lost_after_s: float = Field(30.0, gt=0, description="a worker silent this long is shown as lost")
 

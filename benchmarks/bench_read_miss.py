@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness runs the services and workers
 
 from benchmarks.common import TEXT_CHARS, production_env, static_model  # noqa: E402
-from segue import registry  # noqa: E402
+from segue.control import registry  # noqa: E402
 from segue.devtools.corpus import scifact_documents  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
 from segue.schemas.events import encode_read_miss  # noqa: E402

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks import tests.harness
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
@@ -27,7 +28,10 @@ from benchmarks import (  # noqa: E402
     bench_pipeline,
     bench_progress,
     bench_read_miss,
+    bench_write_ceiling,
 )
+from benchmarks.common import describe_cores  # noqa: E402
+from benchmarks.mpnet import mpnet_path  # noqa: E402
 from segue.devtools.corpus import scifact_documents  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
 
@@ -39,53 +43,61 @@ class Row:
     measure: str
     goal: str
     figure: str
-    met: bool | None  # None: not run here
+    met: bool | None  # None: a figure with no goal to meet (printed), or not run
+    ran: bool = True
 
     def markdown(self) -> str:
-        verdict = {True: "met", False: "not met", None: "not run"}[self.met]
+        verdict = {True: "met", False: "not met", None: "printed"}[self.met] if self.ran else "not run"
         return f"| {self.measure} | {self.goal} | {self.figure} | {verdict} |"
 
 
-def gpu_model(args: argparse.Namespace, name: str) -> Path | None:
-    """The GPU rows' model ``name`` (``minilm`` or ``bert-base``) from ``--models``, with random weights of
-    its config's shape where the folder has none; MiniLM from the ``demo`` extra without ``--models``."""
+def gpu_model(args: argparse.Namespace, name: str) -> tuple[Path, str]:
+    """The GPU rows' model ``name`` (``minilm`` or ``mpnet``) and how it is labelled: from ``--models`` (random
+    weights of its config's shape where the folder has none, as benchmarks/gpu/prepare.py leaves them), else
+    the trained one on this machine (MiniLM from the ``demo`` extra; mpnet fetched by benchmarks/mpnet.py)."""
     if args.models is None:
-        return minilm_path() if name == "minilm" else None
+        return (minilm_path() if name == "minilm" else mpnet_path()), name
     folder = args.models / name
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
-        return folder
-    return bench_engine.random_weights_copy(folder)
+        return folder, name
+    return bench_engine.random_weights_copy(folder), f"{name} (random weights of its shape)"
 
 
 def gpu_encode(args: argparse.Namespace) -> Iterator[Row]:
-    measure, goal = f"GPU raw encode, MiniLM fp16, SciFact abstracts ×{args.gpu_repeat}", "≥ 20,000 docs/s"
+    measure, goal = f"GPU raw encode, MiniLM fp16, SciFact abstracts ×{args.gpu_repeat}", "≥ 30,000 docs/s"
     if not torch.cuda.is_available():
-        yield Row(measure, goal, "no CUDA device on this machine", None)
+        yield Row(measure, goal, "no CUDA device on this machine", None, ran=False)
         return
     texts = [doc.text for doc in scifact_documents()] * args.gpu_repeat
-    result = bench_engine.gpu_encode(gpu_model(args, "minilm"), texts, reference_texts=5183, batch_sizes=[256, 1024])
+    minilm, _ = gpu_model(args, "minilm")
+    result = bench_engine.gpu_encode(minilm, texts, reference_texts=5183, batch_sizes=[256, 1024])
     caps = ", ".join(f"{cap}: {rate:,.0f}" for cap, rate in result.by_batch_size.items())
     yield Row(f"{measure} ({torch.cuda.get_device_name(0)})", goal,
               f"{result.engine_per_s:,.0f} docs/s, MFU {result.mfu:.1%} ({result.tflops:.0f} of "
               f"{result.peak_tflops:.0f} TFLOP/s measured fp16); sentence-transformers {result.reference_per_s:,.0f};"
-              f" min cos {result.min_cosine:.4f}; docs/s by batch cap {caps}", result.engine_per_s >= 20_000)
+              f" min cos {result.min_cosine:.4f}; docs/s by batch cap {caps}", result.engine_per_s >= 30_000)
 
 
 def gpu_pipeline(args: argparse.Namespace) -> Iterator[Row]:
-    measure, goal = "GPU end to end, MiniLM + BERT-base fp16, ÷ raw encode of both", "≥ 0.8"
+    processes = args.gpu_processes
+    both = f"GPU end to end, Kafka → MiniLM + mpnet fp16 → PostgreSQL, {processes} worker processes, ÷ raw encode of both"
+    alone = f"GPU end to end, MiniLM alone, one host, {processes} worker processes"
     if not torch.cuda.is_available():
-        yield Row(measure, goal, "no CUDA device on this machine", None)
-        return
-    minilm, bert = gpu_model(args, "minilm"), gpu_model(args, "bert-base")
-    if bert is None:
-        yield Row(measure, goal, "needs --models with bert-base", None)
+        yield Row(both, "≥ 0.8", "no CUDA device on this machine", None, ran=False)
+        yield Row(alone, "≥ 20,000 docs/s", "no CUDA device on this machine", None, ran=False)
         return
     fp16 = {"dtype": "float16"}
-    full = bench_pipeline.end_to_end(5183, [("minilm", str(minilm), fp16), ("bert-base", str(bert), fp16)],
-                                     repeat=args.gpu_repeat)
+    (minilm, _), (mpnet, mpnet_label) = gpu_model(args, "minilm"), gpu_model(args, "mpnet")
+    texts = f"{5183 * args.gpu_repeat:,} abstracts"
+    full = bench_pipeline.end_to_end(5183, [("minilm", str(minilm), fp16), ("mpnet", str(mpnet), fp16)],
+                                     repeat=args.gpu_repeat, processes=processes)
     ratio = full.events_per_s / full.raw_per_s
-    yield Row(f"{measure}, {5183 * args.gpu_repeat:,} abstracts", goal,
-              f"{ratio:.3f} ({full.events_per_s:,.0f} vs {full.raw_per_s:,.0f} docs/s)", ratio >= 0.8)
+    yield Row(f"{both}, {texts}, {mpnet_label}", "≥ 0.8", f"{ratio:.3f} ({full.events_per_s:,.0f} vs "
+              f"{full.raw_per_s:,.0f} docs/s); {describe_cores(full.cores)}", ratio >= 0.8)
+    single = bench_pipeline.end_to_end(5183, [("minilm", str(minilm), fp16)], repeat=args.gpu_repeat,
+                                       processes=processes)
+    yield Row(f"{alone}, {texts}", "≥ 20,000 docs/s", f"{single.events_per_s:,.0f} docs/s (raw encode "
+              f"{single.raw_per_s:,.0f}); {describe_cores(single.cores)}", single.events_per_s >= 20_000)
 
 
 def cpu_engine(args: argparse.Namespace) -> Iterator[Row]:
@@ -102,11 +114,22 @@ def cpu_engine(args: argparse.Namespace) -> Iterator[Row]:
 def pipeline(args: argparse.Namespace) -> Iterator[Row]:
     full = bench_pipeline.end_to_end(300)
     ratio = full.events_per_s / full.raw_per_s
-    yield Row("End to end (static + MiniLM) ÷ raw encode of both, 300 abstracts", "≥ 0.9",
-              f"{ratio:.3f} ({full.events_per_s:.2f} vs {full.raw_per_s:.2f} docs/s)", ratio >= 0.9)
-    lean = bench_pipeline.non_model_path(20_000)
-    yield Row("Non-model path: two static models, 20,000 short upserts, one worker", "≥ 5,000 events/s",
-              f"{lean.events_per_s:,.0f} events/s", lean.events_per_s >= 5_000)
+    yield Row("CPU end to end (static + MiniLM) ÷ raw encode of both, 300 abstracts", "≥ 0.95",
+              f"{ratio:.3f} ({full.events_per_s:.2f} vs {full.raw_per_s:.2f} docs/s)", ratio >= 0.95)
+    lean = bench_pipeline.non_model_path(20_000, processes=(1, 2))
+    one, two = lean[1], lean[2]
+    yield Row("Non-model path: two static models, 20,000 short upserts, one worker process", "≥ 3,000 events/s",
+              f"{one.events_per_s:,.0f} events/s; {describe_cores(one.cores)}", one.events_per_s >= 3_000)
+    scale = two.events_per_s / one.events_per_s
+    yield Row("Non-model path: two worker processes ÷ one, same run", "≥ 1.6×",
+              f"{scale:.2f}× ({two.events_per_s:,.0f} events/s; {describe_cores(two.cores)})", scale >= 1.6)
+
+
+def write_ceiling(args: argparse.Namespace) -> Iterator[Row]:
+    for row in bench_write_ceiling.measure(20_000, (1, 2, 4)):
+        yield Row(f"PostgreSQL dual-write ceiling, 384-d + 768-d, {row.configuration}, 20,000 documents", "printed",
+                  f"{row.rows_per_s:,.0f} rows/s, {row.wal_mib_per_s:,.1f} MiB/s WAL ({row.wal_kib_per_row:.1f} KiB "
+                  f"a row); {row.busiest_states()}", None)
 
 
 def read_misses(args: argparse.Namespace) -> Iterator[Row]:
@@ -124,6 +147,12 @@ def cold_start(args: argparse.Namespace) -> Iterator[Row]:
     worker, bare = bench_cold_start.measure(3)
     yield Row("Worker start → ready (static + MiniLM) ÷ bare import + load + warm", "≤ 1.2",
               f"{worker / bare:.2f} ({worker:.1f} s vs {bare:.1f} s)", worker / bare <= 1.2)
+    after = bench_cold_start.measure_after_start(5)
+    first, steady = (float(np.percentile(after.first_ms, 99)), float(np.percentile(after.steady_ms, 99)))
+    yield Row("A reader's first search on the new model 4 s after `migrate start` (static → MiniLM, 5 fresh "
+              "readers), p99", "≤ its steady p99 + 50 ms",
+              f"{first:.1f} ms vs steady {steady:.1f} ms; its searches on the old model meanwhile: max "
+              f"{max(after.warming_ms):.1f} ms", first <= steady + 50)
 
 
 def progress(args: argparse.Namespace) -> Iterator[Row]:
@@ -134,16 +163,17 @@ def progress(args: argparse.Namespace) -> Iterator[Row]:
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Iterator[Row]]] = {
-    "gpu": gpu_encode, "gpu-pipeline": gpu_pipeline, "engine": cpu_engine, "pipeline": pipeline, "read-misses": read_misses,
-    "cold-start": cold_start, "progress": progress,
+    "gpu": gpu_encode, "gpu-pipeline": gpu_pipeline, "engine": cpu_engine, "pipeline": pipeline,
+    "write-ceiling": write_ceiling, "read-misses": read_misses, "cold-start": cold_start, "progress": progress,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"some of {', '.join(BENCHMARKS)}")
-    parser.add_argument("--models", type=Path, help="folders minilm and bert-base for the GPU rows (sentence-"
+    parser.add_argument("--models", type=Path, help="folders minilm and mpnet for the GPU rows (sentence-"
                         "transformers layout); one without weights gets random weights of its config's shape")
+    parser.add_argument("--gpu-processes", type=int, default=8, help="worker processes of the GPU end-to-end rows")
     parser.add_argument("--gpu-repeat", type=int, default=20, help="the GPU rows embed SciFact this many times over")
     args = parser.parse_args()
     chosen = args.only.split(",")

@@ -73,6 +73,7 @@ def harness_env(data_dir: Path) -> dict[str, str]:
         SEGUE_MAX_TEXT_BYTES="4000",
         SEGUE_RETRY_BACKOFF_S="0.05",
         SEGUE_GROUP_ID="segue-tests",
+        SEGUE_WORKER_PROCESSES="1",  # one process a worker, as the tests count them; test_supervisor asks for more
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )

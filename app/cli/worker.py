@@ -1,4 +1,7 @@
-"""``segue worker``: a Faust worker that dual-writes changes and re-embeds read misses and the backfill."""
+"""``segue worker``: Faust workers that dual-write changes and re-embed read misses and the backfill.
+
+One worker runs in this process; more run under a supervisor (``segue.worker.supervisor``).
+"""
 
 from __future__ import annotations
 
@@ -26,15 +29,48 @@ if TYPE_CHECKING:
 
 
 @click.command()
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Faust workers to run on this host under one supervisor [default: SEGUE_WORKER_PROCESSES, else "
+                   "one per GPU, else one per core]")
 @click.pass_obj
-def worker(settings: Settings) -> None:
-    """Run a Faust worker: dual-write changes, re-embed read misses."""
+def worker(settings: Settings, processes: int | None) -> None:
+    """Run Faust workers: dual-write changes, re-embed read misses and the backfill."""
+    from segue.worker import supervisor
+
+    processes = processes or settings.worker_processes or supervisor.default_processes()
+    if processes == 1:
+        _run_one(settings)
+    else:
+        _supervise(settings, processes)
+
+
+def _supervise(settings: Settings, processes: int) -> None:
+    """Run ``processes`` workers under one supervisor and one operations endpoint."""
+    from segue.worker import ops
+    from segue.worker.supervisor import Supervisor, supervised_command
+    from segue.worker.topics import ensure_topics
+
+    database(settings)
+    asyncio.run(ensure_topics(settings, kafka(settings)))
+    if processes > settings.topic_partitions:
+        log.warning("%d workers share topics of %d partitions (SEGUE_TOPIC_PARTITIONS): %d of them will wait idle",
+                    processes, settings.topic_partitions, processes - settings.topic_partitions)
+    boss = Supervisor(processes, supervised_command())
+    url = ops.serve(boss, settings.metrics_host, settings.metrics_port)
+    log.info("supervising %d workers; their metrics at %s/metrics, health at %s/healthz and %s/readyz",
+             processes, url, url, url)
+    raise SystemExit(boss.run())
+
+
+def _run_one(settings: Settings) -> None:
+    """Run one Faust worker in this process."""
     import faust
 
     from segue.agents.worker import create_app
     from segue.embedding.engine import EmbeddingEngine
     from segue.worker import ops
     from segue.worker.ops import WorkerState
+    from segue.worker.supervisor import write_ops_url
     from segue.worker.topics import ensure_topics
 
     database_url = database(settings)
@@ -46,6 +82,7 @@ def worker(settings: Settings) -> None:
     engine = EmbeddingEngine.from_settings(settings)
     state = WorkerState(engine, database_url, bootstrap)
     metrics_url = ops.serve(state, settings.metrics_host, settings.metrics_port)
+    write_ops_url(metrics_url)
     log.info("metrics at %s/metrics, health at %s/healthz and %s/readyz", metrics_url, metrics_url, metrics_url)
     if not models:
         log.warning("no model is registered yet: documents are stored, vectors come once one is (segue models add)")

@@ -39,6 +39,17 @@ Read misses go through a :class:`~segue.client.readmisses.ReadMissPublisher`: de
 (document, model) for ``read_miss_dedup_s``, at most ``read_miss_rate`` a second, sent
 without slowing a query; :meth:`SegueReader.close` flushes them.
 
+Models are loaded before their first query. Whenever the reader reads its view (when it is
+created, then as searches come, at most every ``serving_ttl_s``), a background thread loads
+and warms, through the engine, the models it may embed queries with that the engine has not
+loaded: the read model and the active migration's other side. So a reader created before
+``segue migrate start`` has the new model warm within a view refresh of the start, and its first
+search on it (in ``parallel`` or ``bridged`` mode, or once a cutover makes it the read model)
+pays no model load. An API model is loaded without a request (the engine warms only local
+models). A reader warms each model at most once; a warm-up that fails is logged as a warning,
+and a search then loads the model on demand. Searches on the models already loaded go on while
+one warms (the engine loads beside its forward passes).
+
 The reader is made for threaded host services: queries borrow connections from a pool
 (``pool_size``), so concurrent searches run in parallel in PostgreSQL. Importing it
 loads no model code; torch comes only when a local model is first loaded.
@@ -46,6 +57,7 @@ loads no model code; torch comes only when a local model is first loaded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -70,6 +82,7 @@ from segue.client.search import (
 from segue.control import bridging, migration, registry
 from segue.embedding import providers
 from segue.embedding.engine import EmbeddingEngine
+from segue.errors import EngineStopped
 from segue.quality.shadow import TOP_K, QueryLog
 from segue.settings import Settings, load_settings
 from segue.spec import ModelSpec
@@ -193,6 +206,8 @@ class SegueReader:
         self._closed = False
         self._owns_engine = engine is None
         self._engine = engine or EmbeddingEngine.from_settings(self._settings)
+        self._warm_ups: set[int] = set()  # versions whose warm-up this reader started (guarded by _lock)
+        threading.Thread(target=self._read_first_view, name="segue-reader-first-view", daemon=True).start()
 
     def __enter__(self) -> SegueReader:
         return self
@@ -379,7 +394,43 @@ class SegueReader:
                 view = self._load_view(conn, self._read_model, view.bridge if view else None)
             with self._lock:
                 self._view = view
+            self._warm_up(view)
         return view
+
+    def _read_first_view(self) -> None:
+        """Read the view as the reader is created, so its models start warming before the first search."""
+        try:
+            self._current_view()
+        except Exception as exc:  # noqa: BLE001 - the first search reads the view again and raises the error
+            log.debug("the reader's view was not read ahead of its first search: %s", exc)
+
+    def _warm_up(self, view: _View) -> None:
+        """Start loading, in a background thread, the models ``view`` may embed queries with that the engine has not
+        loaded and this reader has not tried to warm yet."""
+        loaded = self._engine.loaded()
+        with self._lock:
+            specs = [spec for spec in view.candidates if providers.embeds(spec)
+                     and spec.version not in loaded and spec.version not in self._warm_ups]
+            self._warm_ups.update(spec.version for spec in specs)
+        if specs:
+            threading.Thread(target=self._warm, args=(specs,), name="segue-reader-warm-up", daemon=True).start()
+
+    def _warm(self, specs: list[ModelSpec]) -> None:
+        """Load and warm ``specs`` one after another; a failure is logged, and a search loads that model on demand."""
+        for spec in specs:
+            if self._closed:
+                return
+            try:
+                seconds = asyncio.run(self._engine.ensure_loaded([spec]))
+            except EngineStopped:  # the reader, or whoever owns the engine, closed it
+                return
+            except Exception as exc:  # noqa: BLE001 - a warm-up never fails a search: the search loads on demand
+                log.warning("could not warm model %s (v%d) ahead of its first search, which will load it: %s",
+                            spec.name, spec.version, exc)
+            else:
+                if spec.version in seconds:
+                    log.info("warmed model %s (v%d) ahead of its first search in %.2fs",
+                             spec.name, spec.version, seconds[spec.version])
 
     def _connection(self):
         """A pooled connection, for one query (a context manager)."""

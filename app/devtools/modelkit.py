@@ -104,7 +104,7 @@ def distill_static(source: str, target_dir: Path, *, dims: int) -> Path:
         return target_dir
     if target_dir.exists() and any(target_dir.iterdir()):
         raise FileExistsError(f"{target_dir} exists and does not hold a static model")
-    model = model2vec().distill.distill(model_name=str(resolve_source(source)), pca_dims=dims, quantize_to="float32")
+    model = model2vec(distill=True).distill.distill(model_name=str(resolve_source(source)), pca_dims=dims, quantize_to="float32")
     with _publishing(target_dir) as folder:
         model.save_pretrained(folder)
     return target_dir

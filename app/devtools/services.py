@@ -131,6 +131,13 @@ def _broker_pid(settings: Settings) -> int | None:
     return pid if _alive(pid) else None
 
 
+def service_pids(settings: Settings) -> dict[str, int]:
+    """The process ids of the running embedded services (``postgres``: the postmaster; ``kafka``: Tansu)."""
+    info = None if settings.database_url else _pg_info(settings)
+    broker = None if settings.kafka_url else _broker_pid(settings)
+    return {name: pid for name, pid in (("postgres", info.pid if info else None), ("kafka", broker)) if pid}
+
+
 def kafka_bootstrap(settings: Settings, *, start: bool = True) -> str:
     """The Kafka bootstrap servers: ``SEGUE_KAFKA_URL``'s, or the embedded broker's.
 

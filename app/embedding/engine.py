@@ -214,7 +214,8 @@ class EmbeddingEngine:
         self._models: dict[int, Embedder] = {}  # written only under _model_lock
         self._names: dict[int, str] = {}
         self._versions: frozenset[int] = frozenset()
-        self._model_lock = threading.Lock()  # one forward pass or load at a time
+        self._model_lock = threading.Lock()  # one forward pass at a time
+        self._load_lock = threading.Lock()  # one load at a time, beside the forward passes of the models loaded
         self._jobs = _Jobs()
         self._tokenizing = _TokenizerThread()
         self._seq = itertools.count()
@@ -231,8 +232,7 @@ class EmbeddingEngine:
 
     def device_of(self, spec: ModelSpec) -> str:
         """Where ``spec`` runs, loading it first if needed (in the caller's thread, like :meth:`embed_sync`)."""
-        with self._model_lock:
-            return self._loaded_locked(spec).device
+        return self._loaded(spec).device
 
     def billed_tokens(self) -> dict[int, int]:
         """Tokens each loaded API model's endpoint has billed so far (every answered request), by model version."""
@@ -242,8 +242,7 @@ class EmbeddingEngine:
 
     def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int]:
         """Tokens each text takes as ``spec``'s input, before truncation (in the caller's thread)."""
-        with self._model_lock:
-            return self._loaded_locked(spec).prepare(texts).tokens
+        return self._loaded(spec).prepare(texts).tokens
 
     def loaded(self) -> set[int]:
         """Versions of the models loaded so far."""
@@ -271,14 +270,16 @@ class EmbeddingEngine:
     async def ensure_loaded(self, specs: Iterable[ModelSpec]) -> dict[int, float]:
         """Load and warm up every spec not loaded yet; return ``{version: seconds}`` for those loaded now.
 
-        Loads are queued in the worker at priority 0. Raises :class:`ModelUnavailable`
-        when a model cannot be loaded: :class:`FingerprintMismatch` when a source no longer
-        holds the registered model, :class:`DimensionMismatch` when it produces vectors of
-        another width.
+        Loads run one at a time in a thread of their own, beside the engine thread's forward passes
+        of the models already loaded (a worker keeps embedding with the old model while a
+        migration's new one loads). Raises :class:`ModelUnavailable` when a model cannot be
+        loaded: :class:`FingerprintMismatch` when a source no longer holds the registered model,
+        :class:`DimensionMismatch` when it produces vectors of another width.
         """
+        if self._closed:
+            raise EngineStopped("the embedding engine is closed")
         pending = {spec.version: spec for spec in specs if spec.version not in self._versions}
-        futures = [self._submit(0, functools.partial(self._load, spec)) for spec in pending.values()]
-        seconds = await self._gather(futures)
+        seconds = [await asyncio.to_thread(self._load, spec) for spec in pending.values()]
         return {version: took for version, took in zip(pending, seconds) if took is not None}
 
     async def embed(self, spec: ModelSpec, texts: Sequence[str], *, priority: int) -> np.ndarray:
@@ -317,8 +318,7 @@ class EmbeddingEngine:
         """Like :meth:`embed_counted`, but blocking and in the caller's thread."""
         if self._closed:
             raise EngineStopped("the embedding engine is closed")
-        with self._model_lock:
-            embedder = self._loaded_locked(spec)
+        embedder = self._loaded(spec)
         if getattr(embedder, "remote", False):
             self._refuse_halted(embedder)
             return self._remote(spec, *embedder.submit(list(texts), 0).result())
@@ -463,11 +463,14 @@ class EmbeddingEngine:
                 upcoming.chunk.prepare_ahead(embedder, self._tokenizing)
 
     def _load(self, spec: ModelSpec) -> float | None:
-        """Load ``spec`` unless it already is; return the seconds it took."""
-        with self._model_lock:
+        """Load ``spec`` unless it already is; return the seconds it took.
+
+        The load and its warm-up passes run outside the forward-pass lock: models already loaded keep
+        embedding meanwhile (a reader's searches on the old model while it warms the new one)."""
+        with self._load_lock:
             if spec.version in self._models:
                 return None
-            return self._load_locked(spec)
+            return self._load_new(spec)
 
     def _drop(self, versions: set[int]) -> None:
         with self._model_lock:
@@ -481,10 +484,14 @@ class EmbeddingEngine:
 
     def _encode(self, chunk: _Chunk) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """Vectors, token counts and rejections for one chunk (one forward pass), loading the model first if needed."""
-        with self._model_lock:
-            embedder = self._loaded_locked(chunk.spec)
-            prepared = chunk.prepared(embedder)
-            vectors, rejected = self._vectors(chunk.spec, embedder, chunk.texts, prepared)
+        while True:
+            embedder = self._loaded(chunk.spec)
+            with self._model_lock:
+                if self._models.get(chunk.spec.version) is not embedder:
+                    continue  # unloaded meanwhile: load it again
+                prepared = chunk.prepared(embedder)
+                vectors, rejected = self._vectors(chunk.spec, embedder, chunk.texts, prepared)
+                break
         self._count(chunk.spec, prepared.tokens, rejected)
         return vectors, prepared.tokens, rejected
 
@@ -497,13 +504,16 @@ class EmbeddingEngine:
         for why in rejected.values():
             metrics.TEXTS_REJECTED.labels(spec.name, why.partition(":")[0]).inc()
 
-    def _loaded_locked(self, spec: ModelSpec) -> Embedder:
-        """The loaded model of ``spec`` (the caller holds ``_model_lock``), loading it if needed."""
-        if spec.version not in self._models:
-            self._load_locked(spec)
-        return self._models[spec.version]
+    def _loaded(self, spec: ModelSpec) -> Embedder:
+        """The loaded model of ``spec``, loading it first if needed."""
+        embedder = self._models.get(spec.version)
+        if embedder is None:
+            self._load(spec)
+            embedder = self._models[spec.version]
+        return embedder
 
-    def _load_locked(self, spec: ModelSpec) -> float:
+    def _load_new(self, spec: ModelSpec) -> float:
+        """Load, check and warm ``spec`` (the caller holds ``_load_lock``); its errors as :class:`ModelUnavailable`."""
         try:
             return self._load_checked(spec)
         except ModelUnavailable:
@@ -526,9 +536,10 @@ class EmbeddingEngine:
             warm_up = embedder.prepare([_WARM_UP_TEXT])
             self._vectors(spec, embedder, [_WARM_UP_TEXT], warm_up, learn=False)  # a cold pass: kernels, caches
             self._vectors(spec, embedder, [_WARM_UP_TEXT], warm_up)
-        self._models[spec.version] = embedder
-        self._names[spec.version] = spec.name
-        self._versions = frozenset(self._models)
+        with self._model_lock:
+            self._models[spec.version] = embedder
+            self._names[spec.version] = spec.name
+            self._versions = frozenset(self._models)
         metrics.MODEL_READY.labels(spec.name).set(1)
         took = time.perf_counter() - started
         log.info("loaded model %s v%d (%s, %d) on %s in %.2fs",

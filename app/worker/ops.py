@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
+from typing import Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
@@ -28,6 +29,16 @@ log = logging.getLogger("segue.worker.ops")
 
 PORTS_TRIED = 32  # a second worker on the host takes the next free port
 CHECK_TIMEOUT_S = 2.0
+
+
+class Probed(Protocol):
+    """What the endpoint serves: a worker's state, or a supervisor's view of the workers it runs."""
+
+    def metrics(self) -> bytes: ...
+
+    def health(self) -> tuple[bool, dict]: ...
+
+    def readiness(self) -> tuple[bool, dict]: ...
 
 
 class WorkerState:
@@ -66,6 +77,10 @@ class WorkerState:
         if not self.models_warm:
             return "loading"
         return "waiting" if self.assigned is None else "ready"
+
+    def metrics(self) -> bytes:
+        """This process's metrics in Prometheus' text format."""
+        return generate_latest(REGISTRY)
 
     def health(self) -> tuple[bool, dict]:
         alive = self.engine.alive
@@ -111,7 +126,7 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug(format, *args)
 
 
-def _app(state: WorkerState) -> Callable:
+def _app(state: Probed) -> Callable:
     def respond(start_response, status: str, body: bytes, content_type: str) -> list[bytes]:
         start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
         return [body]
@@ -124,7 +139,7 @@ def _app(state: WorkerState) -> Callable:
     def application(environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return respond(start_response, "200 OK", generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            return respond(start_response, "200 OK", state.metrics(), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             return check(start_response, state.health())
         if path == "/readyz":
@@ -134,13 +149,13 @@ def _app(state: WorkerState) -> Callable:
     return application
 
 
-def serve(state: WorkerState, host: str, port: int) -> str:
-    """Serve the endpoint on ``host``, on ``port`` or the next free one; returns its base URL."""
-    for candidate in range(port, port + PORTS_TRIED):
+def serve(state: Probed, host: str, port: int) -> str:
+    """Serve the endpoint on ``host``, on ``port`` or the next free one (0: any free port); returns its base URL."""
+    for candidate in range(port, port + PORTS_TRIED) if port else [0]:
         try:
             server = make_server(host, candidate, _app(state), server_class=_Server, handler_class=_QuietHandler)
         except OSError:
             continue
         threading.Thread(target=server.serve_forever, name="segue-ops", daemon=True).start()
-        return f"http://{host}:{candidate}"
+        return f"http://{host}:{server.server_port}"
     raise OSError(f"no free port for the metrics endpoint in {port}–{port + PORTS_TRIED - 1} on {host}")

@@ -6,17 +6,17 @@ Writes, in the repository root, two git-ignored folders for the device tool to c
 
 - ``.whl/``: Segue's own wheel and its dependencies that the GPU image (Python 3.12, with
   torch, transformers and sentence-transformers) does not hold, for CPython 3.12 on x86-64;
-- ``.gpu/models/minilm`` and ``.gpu/models/bert-base``: the configs and tokenizer of
-  all-MiniLM-L6-v2 and of a BERT-base-shaped model (768-d, 12 layers, 512 tokens) with the
-  same vocabulary, without weights (they would not fit the carry limit): ``run.py --models``
-  gives them random weights of that shape there, which cost what trained ones cost.
+- ``.gpu/models/minilm`` and ``.gpu/models/mpnet``: the folders of all-MiniLM-L6-v2 and of
+  all-mpnet-base-v2 (768-d, 12 layers, 384 tokens; fetched by ``benchmarks/mpnet.py`` into the
+  data dir) without their weights (mpnet's 418 MB would not fit the carry limit, and the GPU
+  machine reaches no registry): ``run.py --models`` gives them random weights of their
+  configs' shape there, which cost what the trained ones cost; the rows say so.
 
 Then, on the GPU machine, ``bash benchmarks/gpu/run.sh`` installs the wheels and prints every GPU row.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.mpnet import mpnet_path  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
 
 WHEELS, MODELS = ROOT / ".whl", ROOT / ".gpu" / "models"
@@ -37,8 +38,8 @@ IN_IMAGE = {"numpy", "scipy", "aiohttp", "attrs", "idna", "packaging", "multidic
 PLATFORMS = ["manylinux_2_39_x86_64", "manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
-BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-             "max_position_embeddings": 512}
+WEIGHTS = shutil.ignore_patterns("*.safetensors", "*.bin", "README.md", "data_config.json", ".gitattributes",
+                                 "desktop.ini")
 
 
 def wheelhouse() -> None:
@@ -54,20 +55,10 @@ def wheelhouse() -> None:
 
 
 def skeletons() -> None:
-    """MiniLM's folder without its weights, and a BERT-base-shaped copy of it."""
+    """MiniLM's and mpnet's folders without their weights."""
     shutil.rmtree(MODELS, ignore_errors=True)
-    minilm = MODELS / "minilm"
-    shutil.copytree(minilm_path(), minilm, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "README.md",
-                                                                        "data_config.json", ".gitattributes"))
-    bert = MODELS / "bert-base"
-    shutil.copytree(minilm, bert)
-    _edit_json(bert / "config.json", BERT_BASE)
-    _edit_json(bert / "1_Pooling" / "config.json", {"word_embedding_dimension": BERT_BASE["hidden_size"]})
-    _edit_json(bert / "sentence_bert_config.json", {"max_seq_length": BERT_BASE["max_position_embeddings"]})
-
-
-def _edit_json(path: Path, changes: dict) -> None:
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
+    shutil.copytree(minilm_path(), MODELS / "minilm", ignore=WEIGHTS)
+    shutil.copytree(mpnet_path(), MODELS / "mpnet", ignore=WEIGHTS)
 
 
 def main() -> None:

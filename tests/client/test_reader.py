@@ -8,6 +8,7 @@ inserted (and removed) by the test itself. Each test tags its documents with a u
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from segue.client.search import (
     reciprocal_rank_fusion,
 )
 from segue.control import registry
+from segue.embedding import providers
+from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.storage import connections, model_columns
 from tests.conftest import NEW, OLD
@@ -371,7 +374,7 @@ def test_cutover_is_picked_up_within_the_ttl(harness, worker, engine, corpus):
     suite, _ = corpus
     specs = models(harness)
     ttl = 0.3
-    # ``slow`` owns its engine (the default) and loads its model lazily on the first search.
+    # ``slow`` owns its engine (the default) and keeps its first view for an hour.
     with reader_for(harness, engine, serving_ttl_s=ttl) as reader, \
             SegueReader(harness.settings, database_url=harness.database_url, serving_ttl_s=3600) as slow:
         assert reader.search("glaciers", k=2, filters={"suite": suite}).models == (OLD,)
@@ -422,3 +425,77 @@ def test_a_pinned_reader_reads_its_model_not_the_serving_one(harness, worker, en
     with reader_for(harness, engine, read_model="no-such-model") as broken:
         with pytest.raises(ValueError, match="not a live model"):
             broken.search("glaciers", k=1)
+
+
+@pytest.fixture
+def counted_loads(monkeypatch) -> list[int]:
+    """The version of every model the engines load from now on (each load from its source, warm-ups included)."""
+    loads: list[int] = []
+    load = providers.load
+
+    def counting(spec: ModelSpec, device: str | None):
+        loads.append(spec.version)
+        return load(spec, device)
+
+    monkeypatch.setattr(providers, "load", counting)
+    return loads
+
+
+def test_a_reader_warms_the_new_model_when_a_migration_starts(harness, worker, corpus, counted_loads):
+    suite, _ = corpus
+    specs = models(harness)
+    old, new = specs[OLD], specs[NEW]
+    ttl = 0.3
+    fresh = EmbeddingEngine()  # loads nothing until the reader warms a model
+    try:
+        with reader_for(harness, fresh, serving_ttl_s=ttl) as reader:
+            wait_for(lambda: old.version in fresh.loaded(), timeout=30, what="the read model warmed as the reader starts")
+            assert reader.search("glaciers", k=2, filters={"suite": suite}).models == (OLD,)
+            assert new.version not in fresh.loaded()
+            with migration(harness, old, new):
+                time.sleep(ttl)  # the reader's view was read before the start: it has expired now
+                # The read model's column is complete, so this search embeds with the read model alone.
+                assert reader.search("glaciers", k=2, filters={"suite": suite}).models == (OLD,)
+                wait_for(lambda: new.version in fresh.loaded(), timeout=30,
+                         what="the new model warmed within one view refresh, without a search on it")
+                loads_before = list(counted_loads)
+                first = reader.search("glaciers", k=2, filters={"suite": suite}, mode="parallel")
+                assert first.models == (OLD, NEW) and first.hits
+                assert counted_loads == loads_before  # the first search on the new model loaded nothing
+        assert sorted(counted_loads) == sorted([old.version, new.version])  # each warmed once
+    finally:
+        fresh.close()
+
+
+def test_a_failed_warm_up_is_logged_once_and_the_search_loads_on_demand(harness, worker, corpus, counted_loads,
+                                                                       monkeypatch, caplog):
+    suite, _ = corpus
+    specs = models(harness)
+    old, new = specs[OLD], specs[NEW]
+    counting = providers.load
+    refused: list[int] = []
+
+    def unreachable_once(spec: ModelSpec, device: str | None):
+        if spec.version == new.version and not refused:
+            refused.append(spec.version)
+            raise OSError("the model's files are briefly unreachable")
+        return counting(spec, device)
+
+    monkeypatch.setattr(providers, "load", unreachable_once)
+    caplog.set_level(logging.WARNING, logger="segue.client.reader")
+    fresh = EmbeddingEngine()
+    try:
+        # Created mid-migration, the reader warms both models; every search re-reads its view (TTL 0).
+        with migration(harness, old, new), reader_for(harness, fresh, serving_ttl_s=0) as reader:
+            said = wait_for(lambda: [r for r in caplog.records if "could not warm" in r.getMessage()], timeout=30,
+                            what="the failed warm-up to be logged")
+            assert old.version in fresh.loaded() and new.version not in fresh.loaded()
+            for _ in range(3):
+                result = reader.search("glaciers", k=2, filters={"suite": suite}, mode="parallel")
+                assert result.models == (OLD, NEW) and result.hits
+            assert len(said) == 1 and said[0].levelno == logging.WARNING and NEW in said[0].getMessage()
+            assert [r for r in caplog.records if "could not warm" in r.getMessage()] == said
+        # The new model: one failed warm-up, then one load on demand by the first search; never warmed again.
+        assert refused == [new.version] and sorted(counted_loads) == sorted([old.version, new.version])
+    finally:
+        fresh.close()

@@ -15,6 +15,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,38 @@ def test_retired_models_are_unloaded(tiny_a, static_dir):
         assert asyncio.run(engine.unload(retired=[old.version, new.version])) == {new.version}
         assert engine.loaded() == set()
     finally:
+        engine.close()
+
+
+def test_a_model_loading_holds_up_no_forward_pass_of_a_loaded_one(tiny_a, static_dir, monkeypatch):
+    """A migration's new model loads while the old one keeps embedding: in a worker (read misses, changes) and in
+    a reader warming the new model (searches on the old)."""
+    engine = EmbeddingEngine(device="cpu")
+    old, new = spec_for(static_dir, "old"), spec_for(tiny_a, "new")
+    loading, may_finish = threading.Event(), threading.Event()
+    real_load = providers.load
+
+    def slow_load(spec, device):
+        if spec.version == new.version:
+            loading.set()
+            assert may_finish.wait(30), "the old model's pass waited for the new model's load"
+        return real_load(spec, device)
+
+    monkeypatch.setattr(providers, "load", slow_load)
+    try:
+        asyncio.run(engine.ensure_loaded([old]))
+        load = threading.Thread(target=lambda: asyncio.run(engine.ensure_loaded([new])))
+        load.start()
+        assert loading.wait(30)
+        vectors = engine.embed_sync(old, ["p53 regulates the cell cycle"])  # in this thread, while `new` loads
+        urgent = asyncio.run(engine.embed(old, ["a read miss"], priority=0))  # on the engine thread
+        assert new.version not in engine.loaded()
+        may_finish.set()
+        load.join(30)
+        assert vectors.shape == (1, old.dim) and urgent.shape == (1, old.dim)
+        assert engine.loaded() == {old.version, new.version}
+    finally:
+        may_finish.set()
         engine.close()
 
 

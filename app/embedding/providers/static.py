@@ -88,11 +88,13 @@ class StaticEmbedder:
         self._rows = None
 
 
-def model2vec():
-    """The model2vec package, or a clear error naming the extra that brings it."""
+def model2vec(*, distill: bool = False):
+    """The model2vec package (with its ``distill`` module when asked: importing that takes seconds, so loading a
+    model does not), or a clear error naming the extra that brings it."""
     try:
         import model2vec
-        import model2vec.distill
+        if distill:
+            import model2vec.distill
     except ImportError as exc:
         raise ModuleNotFoundError("static (model2vec) models need the 'demo' extra: pip install 'segue[demo]'") from exc
     return model2vec
