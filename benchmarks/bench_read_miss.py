@@ -3,8 +3,10 @@
     python benchmarks/bench_read_miss.py                                # idle, 2,000 changes, 2,000 backfill
     python benchmarks/bench_read_miss.py --loads idle --fetch-waits 1500,100
     python benchmarks/bench_read_miss.py --misses 200 --rate 5 --queued 2000
+    python benchmarks/bench_read_miss.py --loads backfill --processes 2
 
-Embedded services of its own and one worker with the production batch settings. SciFact
+Embedded services of its own and ``segue worker --processes`` (default 1) with the production
+batch settings, on topics of two partitions (or one a process). SciFact
 abstracts are stored with a static model only; MiniLM is registered after, so each of them
 misses its MiniLM vector. Each load then gets ``--misses`` read misses paced at ``--rate`` a
 second, for abstracts nobody asked for before:
@@ -37,7 +39,7 @@ from segue.control import registry  # noqa: E402
 from segue.devtools.corpus import scifact_documents  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
 from segue.schemas.events import encode_read_miss  # noqa: E402
-from tests.harness import Harness, change, wait_for  # noqa: E402
+from tests.harness import Harness, change, harness_env, wait_for  # noqa: E402
 
 MODEL = "minilm"
 
@@ -86,10 +88,11 @@ def latencies(h: Harness, load: str, doc_ids: list[str], queued: list[str], orig
 class ReadMissBench:
     """A stored corpus missing its MiniLM vectors, and a worker to send read misses to."""
 
-    def __init__(self, *, misses: int, queued: int, loads: list[str], fetch_waits: list[int]):
-        self.misses, self.queued = misses, queued
-        self.h = Harness(Path(tempfile.mkdtemp(prefix="segue-bench-read-miss-")))
-        self.env = production_env(self.h)
+    def __init__(self, *, misses: int, queued: int, loads: list[str], fetch_waits: list[int], processes: int = 1):
+        self.misses, self.queued, self.processes = misses, queued, processes
+        data_dir = Path(tempfile.mkdtemp(prefix="segue-bench-read-miss-"))
+        self.h = Harness(data_dir, {**harness_env(data_dir), "SEGUE_TOPIC_PARTITIONS": str(max(2, processes))})
+        self.env = production_env(self.h) | {"SEGUE_WORKER_PROCESSES": str(processes)}
         texts = [doc.text[:TEXT_CHARS] for doc in scifact_documents()]
         rounds = max(len(fetch_waits), 1) * ("idle" in loads) + sum(load != "idle" for load in loads)
         stored = rounds * (misses + 1) + queued * ("backfill" in loads)
@@ -118,6 +121,9 @@ class ReadMissBench:
             warm_up = self.take(1)
             asyncio.run(publish_paced(self.h.bootstrap, self.h.settings.topic_read_misses, warm_up, rate))
             wait_for(lambda: embedded(self.h, warm_up) == 1, timeout=300, what="the worker ready and its model warm")
+            wait_for(lambda: self.h.scalar("SELECT count(*) FROM workers WHERE state = 'ready' AND last_beat > now() - "
+                                           "interval '10 seconds'") >= self.processes, timeout=300,
+                     what=f"{self.processes} worker(s) ready")
             queued, origin = self.queue(load)
             batch = self.take(self.misses)
             asyncio.run(publish_paced(self.h.bootstrap, self.h.settings.topic_read_misses, batch, rate))
@@ -148,9 +154,10 @@ class ReadMissBench:
         self.h.close()
 
 
-def measure(*, misses: int, rate: float, queued: int, loads: list[str], fetch_waits: list[int]) -> list[Latency]:
-    """Every load's read-miss latencies, one worker per load on the same services."""
-    bench = ReadMissBench(misses=misses, queued=queued, loads=loads, fetch_waits=fetch_waits)
+def measure(*, misses: int, rate: float, queued: int, loads: list[str], fetch_waits: list[int],
+            processes: int = 1) -> list[Latency]:
+    """Every load's read-miss latencies, a ``segue worker --processes`` per load on the same services."""
+    bench = ReadMissBench(misses=misses, queued=queued, loads=loads, fetch_waits=fetch_waits, processes=processes)
     try:
         results = []
         for load in loads:
@@ -170,11 +177,13 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=2000, help="changes or backfill requests queued first")
     parser.add_argument("--loads", default="idle,changes,backfill")
     parser.add_argument("--fetch-waits", default="", help="SEGUE_KAFKA_FETCH_MAX_WAIT_MS values to compare (idle)")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (segue worker --processes)")
     args = parser.parse_args()
     waits = [int(value) for value in args.fetch_waits.split(",") if value]
     results = measure(misses=args.misses, rate=args.rate, queued=args.queued, loads=args.loads.split(","),
-                      fetch_waits=waits)
-    print(f"{args.misses} read misses at {args.rate:g}/s, MiniLM, one worker, 2 partitions")
+                      fetch_waits=waits, processes=args.processes)
+    print(f"{args.misses} read misses at {args.rate:g}/s, MiniLM, {args.processes} worker process(es), "
+          f"{max(2, args.processes)} partitions")
     print(f"{'load':<28} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'queued left':>12}")
     for r in results:
         print(f"{r.load:<28} {r.p50:>8.0f} {r.p95:>8.0f} {r.p99:>8.0f} {r.top:>8.0f} {r.queued_left:>12}")

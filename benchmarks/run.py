@@ -126,10 +126,11 @@ def pipeline(args: argparse.Namespace) -> Iterator[Row]:
 
 
 def write_ceiling(args: argparse.Namespace) -> Iterator[Row]:
-    for row in bench_write_ceiling.measure(20_000, (1, 2, 4)):
-        yield Row(f"PostgreSQL dual-write ceiling, 384-d + 768-d, {row.configuration}, 20,000 documents", "printed",
+    for row in bench_write_ceiling.measure(10_000, (1, 2, 4)):
+        hot = f", {row.hot_share:.1%} HOT" if row.kind == "backfill" else ""
+        yield Row(f"PostgreSQL write ceiling, {row.configuration}, 10,000 documents into 100,000", "printed",
                   f"{row.rows_per_s:,.0f} rows/s, {row.wal_mib_per_s:,.1f} MiB/s WAL ({row.wal_kib_per_row:.1f} KiB "
-                  f"a row); {row.busiest_states()}", None)
+                  f"a row{hot}); {row.busiest_states()}", None)
 
 
 def read_misses(args: argparse.Namespace) -> Iterator[Row]:

@@ -8,7 +8,9 @@ after a back-off that grows while it keeps dying young), and serves one operatio
 endpoint for all of them: ``/metrics`` sums their metrics (prometheus-client's multiprocess
 collector over ``PROMETHEUS_MULTIPROC_DIR``), ``/readyz`` is ready when every worker is,
 ``/healthz`` while the supervisor runs. SIGTERM or SIGINT stops the workers (each finishes
-its batch and says ``stopped``) and then the supervisor.
+its batch and says ``stopped``) and then the supervisor. A supervisor killed outright (SIGKILL)
+leaves its workers running unsupervised; a service manager that stops the whole control group
+(systemd, Kubernetes, Docker) stops them with it.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ class Supervisor:
 
     def _start(self, worker: _Worker) -> None:
         worker.url_file.unlink(missing_ok=True)
-        worker.process = subprocess.Popen(self._command, env=worker.env)
+        # In a session of its own: a terminal's Ctrl-C reaches the supervisor alone, which stops each worker once.
+        worker.process = subprocess.Popen(self._command, env=worker.env, start_new_session=True)
         worker.started = time.monotonic()
         worker.restart_at = None
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
