@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # lay out their tables as they do in any pipe, however the suite is run.
 for name in ("COLUMNS", "LINES"):
     os.environ.pop(name, None)
+# A suite started in the background by a shell without job control (`pytest &` in a script) inherits SIGINT
+# ignored, and so would every CLI process it starts: the Ctrl-C tests would find their commands deaf to it. A
+# handler (unlike "ignored") is reset to the default in the children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tests import modelfactory  # noqa: E402
 from tests.harness import Harness  # noqa: E402
