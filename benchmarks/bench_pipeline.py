@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     describe_cores,
     production_env,
     static_model,
+    wait_workers_ready,
 )
 from segue.control import registry  # noqa: E402
 from segue.devtools.corpus import scifact_documents  # noqa: E402
@@ -60,8 +61,7 @@ def run_worker(h: Harness, prefix: str, texts: list[str], versions: int, process
     worker = h.start_worker({**production_env(h), "SEGUE_WORKER_PROCESSES": str(processes)})
     try:
         h.wait_ready(worker, timeout=300)
-        wait_for(lambda: h.scalar("SELECT count(*) FROM workers WHERE state = 'ready' AND last_beat > now() - "
-                                  "interval '10 seconds'") == processes, timeout=300, what=f"{processes} worker(s) ready")
+        wait_workers_ready(h, processes)
         ids = [f"{prefix}-{n}" for n in range(len(texts))]
         meter = CpuMeter(h, worker.pid)
         profiler = Profiler(worker.pid, profile, f"{processes}-processes") if profile else None

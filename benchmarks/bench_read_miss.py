@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness runs the services and workers
 
-from benchmarks.common import TEXT_CHARS, production_env, static_model  # noqa: E402
+from benchmarks.common import TEXT_CHARS, production_env, static_model, wait_workers_ready  # noqa: E402
 from segue.control import registry  # noqa: E402
 from segue.devtools.corpus import scifact_documents  # noqa: E402
 from segue.devtools.modelkit import minilm_path  # noqa: E402
@@ -121,9 +121,7 @@ class ReadMissBench:
             warm_up = self.take(1)
             asyncio.run(publish_paced(self.h.bootstrap, self.h.settings.topic_read_misses, warm_up, rate))
             wait_for(lambda: embedded(self.h, warm_up) == 1, timeout=300, what="the worker ready and its model warm")
-            wait_for(lambda: self.h.scalar("SELECT count(*) FROM workers WHERE state = 'ready' AND last_beat > now() - "
-                                           "interval '10 seconds'") >= self.processes, timeout=300,
-                     what=f"{self.processes} worker(s) ready")
+            wait_workers_ready(self.h, self.processes)
             queued, origin = self.queue(load)
             batch = self.take(self.misses)
             asyncio.run(publish_paced(self.h.bootstrap, self.h.settings.topic_read_misses, batch, rate))

@@ -51,7 +51,7 @@ sending the rows.
 
 Measured per configuration: seconds from the start of the first writer to the end of the last,
 documents a second, WAL (``pg_current_wal_lsn`` before and after) a second and a document, the
-CPU the PostgreSQL processes and the writer processes used (``/proc``, in cores busy), the HOT
+CPU the PostgreSQL processes and the writer processes used (psutil, in cores busy), the HOT
 share of the updates, and what the writers' backends were doing, sampled from
 ``pg_stat_activity`` every 20 ms: on CPU, waiting on an event (``IO:WalSync``,
 ``LWLock:WALWrite``, ``Client:ClientRead`` while a COPY waits for its data, …), or idle between
@@ -67,6 +67,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -76,21 +77,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import psycopg
 from psycopg import conninfo, sql
 
-from segue.agents.worker import GPU_BATCH_SIZE
-from segue.control import indexes
-from segue.control.registry import register_model
-from segue.devtools import services
-from segue.devtools.corpus import scifact_documents
-from segue.schemas.changelog import Action, Origin
-from segue.schemas.events import SourcePosition
-from segue.settings import Settings
-from segue.spec import ModelProfile
-from segue.storage import connections, documents, upgrades
-from segue.storage.changelog import ChangelogRow
-from segue.storage.documents import DocumentRow, Store, VectorRow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_storage's helpers
+
+from benchmarks.bench_storage import profile, unit_vectors  # noqa: E402
+from segue.agents.worker import GPU_BATCH_SIZE  # noqa: E402
+from segue.control import indexes  # noqa: E402
+from segue.control.registry import register_model  # noqa: E402
+from segue.devtools import services  # noqa: E402
+from segue.devtools.corpus import scifact_documents  # noqa: E402
+from segue.schemas.changelog import Action, Origin  # noqa: E402
+from segue.schemas.events import SourcePosition  # noqa: E402
+from segue.settings import Settings  # noqa: E402
+from segue.storage import connections, documents, upgrades  # noqa: E402
+from segue.storage.changelog import ChangelogRow  # noqa: E402
+from segue.storage.documents import DocumentRow, Store, VectorRow  # noqa: E402
 
 OLD_VERSION, NEW_VERSION = 1, 2
 OLD_DIM, NEW_DIM = 384, 768
@@ -107,7 +111,6 @@ PARTITIONS = 4  # SEGUE_TOPIC_PARTITIONS: the source positions the rows carry
 MiB = 2**20
 SERVER_SETTINGS = ("shared_buffers", "wal_buffers", "synchronous_commit", "fsync", "full_page_writes",
                    "wal_compression", "max_wal_size")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STATS_WAIT_S = 30.0  # for the writers' table statistics to arrive once their backends exit
 
 Batch = tuple[list[DocumentRow], list[ChangelogRow]] | list[tuple[str, np.ndarray]]
@@ -164,18 +167,6 @@ class CeilingRow:
         """The writers' backends' most frequent states, with their shares of the samples."""
         top = sorted(self.backend_states.items(), key=lambda item: -item[1])[:count]
         return ", ".join(f"{state} {100 * share:.0f}%" for state, share in top)
-
-
-def unit_vectors(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
-    """``rows`` random unit vectors of ``dim`` float32s."""
-    block = rng.standard_normal((rows, dim), dtype=np.float32)
-    return block / np.linalg.norm(block, axis=1, keepdims=True)
-
-
-def profile(name: str, dim: int) -> ModelProfile:
-    """A static model's profile: registering it needs no model files."""
-    return ModelProfile(provider="static", dim=dim, max_tokens=512, config={"normalize": True},
-                        fingerprint=f"fingerprint-{name}")
 
 
 def doc_id(number: int) -> str:
@@ -300,17 +291,14 @@ def shares(kind: str, corpus: int, docs: int, writers: int) -> list[list[int]]:
 
 def postgres_cpu_seconds(postmaster: int, excluded: set[int]) -> float:
     """CPU seconds used so far by the children of ``postmaster`` (the server's processes), but ``excluded``."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in excluded:
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == postmaster:  # fields: state, ppid, …, utime (12), stime (13)
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+    total = 0.0
+    for child in psutil.Process(postmaster).children():
+        if child.pid not in excluded:
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                continue
+    return total
 
 
 def server_description(conn: psycopg.Connection) -> str:
@@ -319,11 +307,6 @@ def server_description(conn: psycopg.Connection) -> str:
     shown = [f"{name} {conn.execute(sql.SQL('SHOW {}').format(sql.Identifier(name))).fetchone()[0]}"
              for name in SERVER_SETTINGS]
     return f"PostgreSQL {version}: " + ", ".join(shown)
-
-
-def parent_pid(pid: int) -> int:
-    """The parent of process ``pid``."""
-    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def sample_backends(conn: psycopg.Connection, stop: threading.Event, states: Counter) -> None:
@@ -393,7 +376,7 @@ def run_configuration(settings: Settings, admin: psycopg.Connection, url: str, k
             with psycopg.connect(dsn, autocommit=True) as observer:
                 ready.wait(timeout=600)
                 admin.execute("CHECKPOINT")
-                postmaster = parent_pid(admin.info.backend_pid)
+                postmaster = psutil.Process(admin.info.backend_pid).ppid()
                 observers = {admin.info.backend_pid, observer.info.backend_pid}
                 writes_before = table_writes(observer)
                 (start_lsn,) = admin.execute("SELECT pg_current_wal_lsn()").fetchone()

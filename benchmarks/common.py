@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.harness ru
 
 from segue.devtools.modelkit import distill_static, minilm_path  # noqa: E402
 from segue.devtools.services import service_pids  # noqa: E402
-from tests.harness import Harness  # noqa: E402
+from tests.harness import Harness, wait_for  # noqa: E402
 
 TEXT_CHARS = 3000  # abstracts are cut under the harness's 4,000-byte limit on a text
 _TEST_SIZED = ("SEGUE_BATCH_SIZE", "SEGUE_BATCH_TIMEOUT_S", "TOKENIZERS_PARALLELISM")  # the harness's test settings
@@ -27,6 +27,13 @@ _MODELS = Path(tempfile.gettempdir()) / "segue-bench-models"
 def production_env(h: Harness) -> dict[str, str]:
     """The harness's worker environment with Segue's default change batch size and window, tokenizers on every core."""
     return {key: value for key, value in h.env.items() if key not in _TEST_SIZED}
+
+
+def wait_workers_ready(h: Harness, processes: int) -> None:
+    """Wait until ``processes`` workers say ``ready`` in their heartbeats (each holds its partitions: no rebalance
+    will move them mid-measurement)."""
+    wait_for(lambda: h.scalar("SELECT count(*) FROM workers WHERE state = 'ready' AND last_beat > now() - "
+                              "interval '10 seconds'") >= processes, timeout=300, what=f"{processes} worker(s) ready")
 
 
 def static_model(dims: int) -> Path:

@@ -59,7 +59,7 @@ def _supervise(settings: Settings, processes: int) -> None:
     url = ops.serve(boss, settings.metrics_host, settings.metrics_port)
     log.info("supervising %d workers; their metrics at %s/metrics, health at %s/healthz and %s/readyz",
              processes, url, url, url)
-    raise SystemExit(boss.run())
+    boss.run()
 
 
 def _run_one(settings: Settings) -> None:

@@ -95,14 +95,14 @@ class Supervisor:
         self._dir = Path(tempfile.mkdtemp(prefix="segue-workers-"))
         self._stopping = threading.Event()
         self._beat = time.monotonic()
-        self._lock = threading.Lock()
-        self._workers = [_Worker(index, self._environment(index, gpus, cores), self._dir / f"worker-{index}.url")
-                         for index in range(processes)]
+        urls = [self._dir / f"worker-{index}.url" for index in range(processes)]
+        self._workers = [_Worker(index, self._environment(index, url, gpus, cores), url)
+                         for index, url in enumerate(urls)]
 
-    def _environment(self, index: int, gpus: int, cores: int) -> dict[str, str]:
+    def _environment(self, index: int, url_file: Path, gpus: int, cores: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(PROMETHEUS_MULTIPROC_DIR=str(self._dir), SEGUE_METRICS_HOST="127.0.0.1", SEGUE_METRICS_PORT="0")
-        env[OPS_URL_FILE_ENV] = str(self._dir / f"worker-{index}.url")
+        env[OPS_URL_FILE_ENV] = str(url_file)
         share = str(max(1, cores // self.processes))
         for threads in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS"):  # torch's and the tokenizers' thread pools
             env.setdefault(threads, share)
@@ -113,8 +113,8 @@ class Supervisor:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Run the workers until SIGTERM or SIGINT; returns the exit status."""
+    def run(self) -> None:
+        """Run the workers until SIGTERM or SIGINT, then stop them."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
         try:
@@ -127,7 +127,6 @@ class Supervisor:
         finally:
             self._stop_all()
             shutil.rmtree(self._dir, ignore_errors=True)
-        return 0
 
     def _start(self, worker: _Worker) -> None:
         worker.url_file.unlink(missing_ok=True)
@@ -142,8 +141,7 @@ class Supervisor:
         now = time.monotonic()
         if worker.restart_at is not None:
             if now >= worker.restart_at:
-                with self._lock:
-                    worker.restarts += 1
+                worker.restarts += 1
                 self._start(worker)
             return
         code = worker.process.poll()
