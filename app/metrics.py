@@ -45,6 +45,9 @@ VECTORS_WRITTEN = Counter(
 EMBED_SECONDS = Histogram(
     "segue_embed_seconds", "Time of one forward pass (a chunk of texts) of a model.", ["model"],
     buckets=LATENCY_BUCKETS, registry=REGISTRY)
+CHUNKS = Counter(
+    "segue_chunks", "Chunks of a chunked model's documents: embedded, or reused (the same text embedded before).",
+    ["model", "outcome"], registry=REGISTRY)
 TEXTS_EMBEDDED = Counter("segue_texts_embedded", "Texts embedded by a model.", ["model"], registry=REGISTRY)
 TOKENS_EMBEDDED = Counter(
     "segue_tokens_embedded", "Input tokens embedded by a model, after truncation; "

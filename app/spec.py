@@ -34,6 +34,17 @@ class ModelSpec:
     config: dict[str, Any] = field(hash=False)
     fingerprint: str
 
+    @property
+    def embedder_fingerprint(self) -> str:
+        """The fingerprint the loaded model must have: its own, without the chunking policy a chunked model's
+        ``fingerprint`` also covers (see :mod:`segue.embedding.chunking`)."""
+        return self.config.get("embedder_fingerprint", self.fingerprint)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the model embeds chunks of documents (into its chunk table) rather than whole documents."""
+        return "chunking" in self.config
+
     @classmethod
     def from_profile(cls, version: int, name: str, source: str, profile: ModelProfile) -> ModelSpec:
         """The spec of an inspected model (version 0 for one that is not registered)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -155,6 +156,34 @@ PROVIDER_OPTION = click.option("--provider", type=click.Choice(providers.PROVIDE
 
 OPTION_OPTION = click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
                              help="a provider option, e.g. dtype=float16 or prefix='passage: ' (repeatable)")
+
+
+_CHUNKING_OPTIONS = (
+    click.option("--chunk-size", type=int, help="chunk the documents: at most this many of the model's tokens a "
+                                                "chunk [default: 256 once any --chunk-* or --splitter is given]"),
+    click.option("--chunk-overlap", type=int, help="tokens a chunk repeats from the one before [default: 0]"),
+    click.option("--splitter", type=click.Choice(["tokens", "sentences", "markdown"]),
+                 help="where chunks are cut: token windows, sentences within paragraphs, or markdown sections "
+                      "[default: tokens]"),
+    click.option("--chunk-title", type=click.Choice(["none", "first_line"]),
+                 help="carry the document's first line into every chunk [default: none]"),
+)
+
+
+def chunking_options(command):
+    """Add the chunking options to ``command``, which receives them as one ``chunking`` argument: the policy's
+    settings (see :class:`segue.embedding.chunking.ChunkingPolicy`), or None for a model that embeds whole
+    documents."""
+
+    @functools.wraps(command)
+    def run(*args, chunk_size, chunk_overlap, splitter, chunk_title, **kwargs):
+        given = {"size": chunk_size, "overlap": chunk_overlap, "splitter": splitter, "title": chunk_title}
+        chunking = {key: value for key, value in given.items() if value is not None}
+        return command(*args, chunking=chunking or None, **kwargs)
+
+    for option in reversed(_CHUNKING_OPTIONS):
+        run = option(run)
+    return run
 
 
 def duration(text: str) -> float:

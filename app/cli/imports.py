@@ -19,13 +19,18 @@ from segue.storage import connections
 @click.command("import")
 @click.option("--source-url", help="the database holding the table [default: Segue's own]")
 @click.option("--table", required=True, help="the table: table, schema.table, or a quoted name (\"Items\")")
-@click.option("--id-column", required=True, help="its unique id (integer, text or uuid): the documents' doc_id")
+@click.option("--id-column", required=True, help="its unique id (integer, text or uuid): the documents' doc_id; "
+                                                 "of a chunk table, the id of the chunk's document")
 @click.option("--text-column", "text_columns", multiple=True, help="its text (several are joined by a blank line)")
 @click.option("--text-expression", help="or the text as one SQL expression over the table's columns, evaluated "
                                         "read-only, e.g. \"title || ': ' || body\"")
 @click.option("--version-column", help="an integer or timestamp column whose increase means a newer document")
 @click.option("--metadata-column", "metadata_columns", multiple=True, help="a column kept in metadata (repeatable)")
-@click.option("--vector-column", help="a vector column to adopt as --model's vectors, without embedding")
+@click.option("--chunk-column", help="the rows are chunks: this integer column orders them within their document "
+                                    "(documents are rebuilt from their chunks, joined by a blank line)")
+@click.option("--chunk-text-column", help="with --chunk-column: the chunk's text")
+@click.option("--vector-column", help="a vector column to adopt as --model's vectors (of a chunk table: its chunk "
+                                      "vectors), without embedding")
 @click.option("--model", help="the name the adopted vectors are registered under")
 @click.option("--page-size", default=5000, show_default=True, type=click.IntRange(min=1),
               help="rows per keyset page (the watermark's step)")
@@ -42,16 +47,20 @@ from segue.storage import connections
 @click.pass_obj
 def import_command(settings: Settings, source_url: str | None, table: str, id_column: str,
                    text_columns: tuple[str, ...], text_expression: str | None, version_column: str | None,
-                   metadata_columns: tuple[str, ...], vector_column: str | None, model: str | None, page_size: int,
-                   rate: float | None, follow: bool, poll_s: float, reconcile_every_s: float,
-                   max_delete_fraction: float) -> None:
+                   metadata_columns: tuple[str, ...], chunk_column: str | None, chunk_text_column: str | None,
+                   vector_column: str | None, model: str | None, page_size: int, rate: float | None, follow: bool,
+                   poll_s: float, reconcile_every_s: float, max_delete_fraction: float) -> None:
     """Adopt a corpus that already lives in a table: documents, and optionally their vectors as a model.
 
     Resumable (a killed import continues after its last page), idempotent (a document
     already stored at the same or a newer version is left alone); reports rows read,
     written and skipped, and why. The table is only read, in read-only transactions.
+
+    A table of chunks (--chunk-column, --chunk-text-column; --id-column names the document)
+    becomes documents whose bodies are their chunks joined in order, and its vectors the
+    chunk vectors of --model (each document's vector the normalised mean of its chunks').
     """
-    from segue.control.importer import ImportRefused, Source, run_import
+    from segue.control.importer import FOLLOW_CHUNKS, ImportRefused, Source, check_options, run_import
 
     def refusal(error: Exception) -> click.ClickException:
         if isinstance(error, psycopg.Error):  # its first line: libpq adds the query's text and a caret below
@@ -63,7 +72,14 @@ def import_command(settings: Settings, source_url: str | None, table: str, id_co
     url = database(settings)
     source = Source(url=source_url or url, table=table, id_column=id_column, text_columns=text_columns,
                     text_expression=text_expression, version_column=version_column,
-                    metadata_columns=metadata_columns, vector_column=vector_column)
+                    metadata_columns=metadata_columns, vector_column=vector_column, chunk_column=chunk_column,
+                    chunk_text_column=chunk_text_column)
+    try:
+        check_options(source)
+    except ImportRefused as error:
+        raise refusal(error) from None
+    if follow and source.chunked:
+        raise click.ClickException(FOLLOW_CHUNKS)
     with connections.connect(settings, url) as conn:
         try:
             report = run_import(conn, source, model=model, page_size=page_size, rate=rate, console=console)

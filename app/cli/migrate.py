@@ -11,6 +11,7 @@ from segue.cli.common import (
     OPTION_OPTION,
     PROVIDER_OPTION,
     REFUSALS,
+    chunking_options,
     console,
     control,
     database,
@@ -35,14 +36,17 @@ def migrate() -> None:
                                "or bundled:NAME)")
 @PROVIDER_OPTION
 @OPTION_OPTION
+@chunking_options
 @click.option("--sample", default=64, show_default=True, help="documents embedded to measure throughput")
 @click.pass_obj
 def migrate_plan(settings: Settings, to_name: str, source: str | None, provider: str | None,
-                 option_pairs: tuple[str, ...], sample: int) -> None:
+                 option_pairs: tuple[str, ...], chunking: dict | None, sample: int) -> None:
     """Measure the new model here and estimate documents, time, cost, storage and index memory."""
     from segue.control.plan import plan
     from segue.embedding.engine import EmbeddingEngine
 
+    if chunking and source is None:
+        raise click.UsageError("the chunking options describe a model to register: give --source too")
     source = model_source(settings, source) if source is not None else None
 
     def estimate(conn):
@@ -51,7 +55,8 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, provider:
         except registry.RegistryError:
             if source is None:
                 raise registry.RegistryError(f"model {to_name!r} is not registered; pass --source to plan it") from None
-            profile = providers.inspect(source, provider=provider, options=provider_options(option_pairs))
+            profile = providers.inspect(source, provider=provider, options=provider_options(option_pairs),
+                                        chunking=chunking)
             spec = ModelSpec.from_profile(0, to_name, source, profile)
         todo = None
         if spec.version:
@@ -78,21 +83,24 @@ def migrate_plan(settings: Settings, to_name: str, source: str | None, provider:
                                "bundled:NAME)")
 @PROVIDER_OPTION
 @OPTION_OPTION
+@chunking_options
 @click.option("--min-coverage", type=float, help="coverage % the cutover waits for [default: SEGUE_CUTOVER_MIN_COVERAGE_PCT]")
 @click.pass_obj
 def migrate_start(settings: Settings, to_name: str, from_name: str | None, source: str | None, provider: str | None,
-                  option_pairs: tuple[str, ...], min_coverage: float | None) -> None:
+                  option_pairs: tuple[str, ...], chunking: dict | None, min_coverage: float | None) -> None:
     """Start a migration: NEW is dual-written from now on. One migration at a time.
 
     With --source the model is registered and the migration recorded in one transaction:
     if either fails, neither happened.
     """
+    if chunking and source is None:
+        raise click.UsageError("the chunking options register a new model: give --source too")
     if source is not None:  # before the model loads (seconds): a second migration is refused at once
         control(settings, migration.ensure_none_active)
     source = model_source(settings, source) if source is not None else None
     try:
-        profile = (providers.inspect(source, provider=provider, options=provider_options(option_pairs))
-                   if source is not None else None)
+        profile = (providers.inspect(source, provider=provider, options=provider_options(option_pairs),
+                                     chunking=chunking) if source is not None else None)
     except REFUSALS as error:  # a wrong --option: one line, not a traceback
         raise click.ClickException(str(error)) from None
 

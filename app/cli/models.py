@@ -10,6 +10,7 @@ from rich.table import Table
 from segue.cli.common import (
     OPTION_OPTION,
     PROVIDER_OPTION,
+    chunking_options,
     console,
     control,
     model_source,
@@ -35,15 +36,17 @@ def models() -> None:
 @click.option("--api-key-env", help="the environment variable holding the API key [default: OPENAI_API_KEY]")
 @PROVIDER_OPTION
 @OPTION_OPTION
+@chunking_options
 @click.pass_obj
 def models_add(settings: Settings, name: str, source: str | None, base_url: str | None, api_model: str | None,
                dimensions: int | None, api_key_env: str | None, provider: str | None,
-               option_pairs: tuple[str, ...]) -> None:
+               option_pairs: tuple[str, ...], chunking: dict | None) -> None:
     """Register model NAME: compute its dim and fingerprint and add its columns.
 
     A local model comes from --source; a model behind an API from --base-url and --model
     (its key is read from the environment variable --api-key-env names, never stored).
-    From then on every change is embedded with it too; running workers pick it up.
+    With --chunk-size (or another chunking option) it embeds chunks of each document into
+    its own chunk table, and searches rank documents by their best chunk. From then on every change is embedded with it too; running workers pick it up.
     """
     options = provider_options(option_pairs)
     if base_url is not None:
@@ -58,11 +61,12 @@ def models_add(settings: Settings, name: str, source: str | None, base_url: str 
     else:
         source = model_source(settings, source)
     spec = control(settings, registry.register_model, name=name, source=source, provider=provider,
-                    options=options)
+                    options=options, chunking=chunking)
     console.print(
         f"registered [bold]{spec.name}[/] as v{spec.version}: {spec.provider}, {spec.dim}-d, "
         f"{json.dumps(providers.shown_config(spec.config))}, fingerprint {spec.fingerprint[:16]}…; "
         f"columns embedding_v{spec.version}, embedding_v{spec.version}_sha256"
+        + (f"; chunk table chunks_v{spec.version}" if spec.chunked else "")
     )
 
 

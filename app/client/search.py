@@ -17,7 +17,7 @@ import psycopg
 
 from segue.embedding.adapters import SpaceMap
 from segue.spec import ModelSpec
-from segue.storage import documents
+from segue.storage import chunks, documents
 
 RRF_K = 60  # the reciprocal rank fusion constant: score = sum of 1 / (RRF_K + rank)
 
@@ -36,13 +36,18 @@ class IncompatibleQuery(ValueError):
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One ranked document; ``model`` names the column(s) that ranked it, e.g. ``"new-tiny+old-static"``."""
+    """One ranked document; ``model`` names the column(s) that ranked it, e.g. ``"new-tiny+old-static"``.
+
+    A chunked model ranks a document by its best chunk: ``chunk`` is that chunk's
+    (number, start, end) characters in ``body``; None for a model that embeds whole documents.
+    """
 
     doc_id: str
     score: float
     body: str
     metadata: dict
     model: str
+    chunk: tuple[int, int, int] | None = None
 
 
 def check_query(spec: ModelSpec, vector: Any, fingerprint: str) -> np.ndarray:
@@ -67,30 +72,41 @@ def check_query(spec: ModelSpec, vector: Any, fingerprint: str) -> np.ndarray:
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[SearchHit]], limit: int) -> list[SearchHit]:
-    """Merge ranked lists: score = sum of 1 / (RRF_K + rank); ties broken by doc_id; top ``limit``."""
+    """Merge ranked lists: score = sum of 1 / (RRF_K + rank); ties broken by doc_id; top ``limit``. A merged hit
+    keeps the best chunk a chunked model's list gave it."""
     scores: dict[str, float] = {}
     models: dict[str, set[str]] = {}
     first: dict[str, SearchHit] = {}
+    chunk: dict[str, tuple[int, int, int]] = {}
     for hits in rankings:
         for rank, hit in enumerate(hits, start=1):
             scores[hit.doc_id] = scores.get(hit.doc_id, 0.0) + 1.0 / (RRF_K + rank)
             models.setdefault(hit.doc_id, set()).add(hit.model)
             first.setdefault(hit.doc_id, hit)
+            if hit.chunk is not None:
+                chunk.setdefault(hit.doc_id, hit.chunk)
     order = sorted(scores, key=lambda doc_id: (-scores[doc_id], doc_id))[:limit]
-    return [replace(first[d], score=scores[d], model="+".join(sorted(models[d]))) for d in order]
+    return [replace(first[d], score=scores[d], model="+".join(sorted(models[d])), chunk=chunk.get(d)) for d in order]
 
 
 def nearest(conn: psycopg.Connection, spec: ModelSpec, query: np.ndarray, k: int, *, filters: dict | None = None,
             lacking: ModelSpec | None = None, exact: bool = False) -> list[SearchHit]:
-    """The ``k`` documents whose current ``spec`` vectors are nearest to ``query``, nearest first.
+    """The ``k`` documents whose current ``spec`` vectors are nearest to ``query``, nearest first; a chunked
+    model's documents by their best chunk (max-sim), with that chunk.
 
     ``filters`` keeps documents whose metadata contains it; ``lacking`` keeps documents
     without a current vector for that model (the reader's fallback). ``exact`` scans the
     column instead of using an HNSW index (the ground truth an index's recall is measured
     against); otherwise PostgreSQL may use the index, as readers do.
     """
-    rows = documents.nearest(conn, spec.version, query, k, filters=filters,
-                             lacking_version=lacking.version if lacking else None, exact=exact)
+    lacking_version = lacking.version if lacking else None
+    if spec.chunked:
+        rows = chunks.nearest(conn, spec.version, query, k, filters=filters, lacking_version=lacking_version,
+                              exact=exact)
+        return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name, chunk)
+                for doc_id, body, metadata, distance, chunk in rows]
+    rows = documents.nearest(conn, spec.version, query, k, filters=filters, lacking_version=lacking_version,
+                             exact=exact)
     return [SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name) for doc_id, body, metadata, distance in rows]
 
 
@@ -127,18 +143,33 @@ def nearest_bridged(conn: psycopg.Connection, new: ModelSpec, old: ModelSpec, sp
     if old_query is not None:  # SciFact: +0.06 nDCG@10 at 5 % coverage from static-256, +0.20 from MiniLM
         carried_query = carried_query + np.asarray(old_query, dtype=np.float32) / np.linalg.norm(old_query)
     depth = max(k, ANCHORS)
-    direct = documents.nearest(conn, new.version, query, depth, filters=filters, exact=exact,
-                               also=(old.version, carried_query))
-    carried = documents.nearest(conn, old.version, carried_query, depth, filters=filters, exact=exact,
-                                also=(new.version, query))
-    anchors = {row[0]: (1.0 - row[3], 1.0 - row[4]) for row in direct[:ANCHORS] if row[4] is not None}
-    anchors |= {row[0]: (1.0 - row[4], 1.0 - row[3]) for row in carried[:ANCHORS] if row[4] is not None}
+    direct = _scored_both_ways(conn, (new, query), (old, carried_query), depth, filters=filters, exact=exact)
+    carried = _scored_both_ways(conn, (old, carried_query), (new, query), depth, filters=filters, exact=exact)
+    anchors = {hit.doc_id: (hit.score, 1.0 - other) for hit, other in direct[:ANCHORS] if other is not None}
+    anchors |= {hit.doc_id: (1.0 - other, hit.score) for hit, other in carried[:ANCHORS] if other is not None}
     scale = calibrate(list(anchors.values()))
-    hits = [SearchHit(doc_id, 1.0 - distance, body, metadata, new.name)
-            for doc_id, body, metadata, distance, _ in direct]
-    hits += [SearchHit(doc_id, scale(1.0 - distance), body, metadata, f"{old.name}<-{new.name}")
-             for doc_id, body, metadata, distance, lacking in carried if lacking is None]
+    hits = [hit for hit, _ in direct]
+    hits += [replace(hit, score=scale(hit.score), model=f"{old.name}<-{new.name}", chunk=None)
+             for hit, lacking in carried if lacking is None]
     return sorted(hits, key=lambda hit: (-hit.score, hit.doc_id))[:k]
+
+
+def _scored_both_ways(conn: psycopg.Connection, ranking: tuple[ModelSpec, np.ndarray],
+                      other: tuple[ModelSpec, np.ndarray], k: int, *, filters: dict | None,
+                      exact: bool) -> list[tuple[SearchHit, float | None]]:
+    """The ``k`` nearest of ``ranking``'s model to its query, each with its cosine distance to ``other``'s query on
+    that model (None where its vector there is not current); a chunked model scores a document by its best chunk."""
+    (spec, query), (other_spec, other_query) = ranking, other
+    if not spec.chunked and not other_spec.chunked:  # one statement scores both ways
+        rows = documents.nearest(conn, spec.version, query, k, filters=filters, exact=exact,
+                                 also=(other_spec.version, other_query))
+        return [(SearchHit(doc_id, 1.0 - distance, body, metadata, spec.name), also)
+                for doc_id, body, metadata, distance, also in rows]
+    hits = nearest(conn, spec, query, k, filters=filters, exact=exact)
+    ids = [hit.doc_id for hit in hits]
+    scored = (chunks.best_distances if other_spec.chunked else documents.distances)(
+        conn, other_spec.version, other_query, ids)
+    return [(hit, scored.get(hit.doc_id)) for hit in hits]
 
 
 def calibrate(anchors: Sequence[tuple[float, float]]) -> Calibration:

@@ -19,7 +19,14 @@ is). Every row read is written or counted under the reason it was not (no id, no
 a doc_id too long, a version out of range, a duplicate id, deleted or stored at a newer
 version), and reported.
 
-``--follow`` then keeps Segue in step with the table: a keyset on (version, id) publishes
+With ``--chunk-column`` and ``--chunk-text-column`` the table's rows are chunks of documents
+(the id column is then the document's id): see :func:`segue.storage.chunks.write_import_chunk_page`.
+A document's body is its chunks' texts joined by a blank line in chunk order, and its
+vectors become the chunk vectors of a chunked adopted model (``config["chunking"]`` is
+:data:`~segue.embedding.chunking.ADOPTED_CHUNKS`). Pages never split a document: a page
+ends after the last chunk of its last id.
+
+``--follow`` then keeps Segue in step with the table (not a chunk table): a keyset on (version, id) publishes
 rows whose version passed the newest one published, and a periodic reconcile pass walks
 the whole table to publish what that keyset cannot see (a per-row revision counter, a row
 committed late) and the deletes, unless they are too many to be believed.
@@ -54,6 +61,7 @@ from rich.progress import (
 )
 
 from segue.control import registry
+from segue.embedding.chunking import ADOPTED_CHUNKS
 from segue.embedding.providers import ADOPTED
 from segue.ratelimit import per_second
 from segue.schemas.changelog import Action
@@ -65,7 +73,7 @@ from segue.schemas.events import (
     encode_change,
 )
 from segue.spec import ModelProfile, ModelSpec
-from segue.storage import changelog, documents
+from segue.storage import changelog, chunks, documents
 
 log = logging.getLogger("segue.control.importer")
 
@@ -86,6 +94,11 @@ NO_TEXT = "no text"
 BAD_VERSION = "version below 0, infinite or past 2^63 µs"
 DUPLICATE_ID = "another row has the same id (the one at the newest version is imported)"
 DELETED_NEWER = "deleted at a newer version"
+NO_CHUNK_NO = "no chunk number"
+DUPLICATE_CHUNK = ("another row has the same id and chunk number (the one at the newest version, then the first text"
+                   " in byte order, is imported)")
+ZERO_MEAN = "its chunk vectors average to zero"
+FOLLOW_CHUNKS = "--follow does not follow a chunk table: run segue import again to take in its changes"
 
 
 class ImportRefused(RuntimeError):
@@ -104,13 +117,21 @@ class Source:
     version_column: str | None = None
     metadata_columns: tuple[str, ...] = ()
     vector_column: str | None = None
+    chunk_column: str | None = None  # set: the rows are chunks of the documents the id column names
+    chunk_text_column: str | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the table's rows are chunks (``--chunk-column``) rather than documents."""
+        return self.chunk_column is not None
 
     @property
     def identity(self) -> str:
-        """A name for this source that survives restarts: host, database, table, id and vector columns."""
+        """A name for this source that survives restarts: host, database, table, id, chunk and vector columns."""
         parts = urlsplit(self.url)
         where = f"{parts.hostname or 'local'}{parts.path}" if parts.scheme else "local"
-        return f"{where}/{self.table}#{self.id_column}" + (f"@{self.vector_column}" if self.vector_column else "")
+        return (f"{where}/{self.table}#{self.id_column}" + (f"[{self.chunk_column}]" if self.chunked else "")
+                + (f"@{self.vector_column}" if self.vector_column else ""))
 
 
 @dataclass(frozen=True)
@@ -143,11 +164,14 @@ class ImportReport:
     skipped: Counter[str] = field(default_factory=Counter)  # rows not imported, by reason
     vectors_not_adopted: Counter[str] = field(default_factory=Counter)  # documents imported without their vector
     seconds: float = 0.0
+    chunks: int | None = None  # of a chunk table: the rows that became chunks of the documents written
 
     def lines(self) -> list[str]:
+        """What the import did, for the user: a line of totals, then one per reason a row or vector was left."""
         rate = self.read / self.seconds if self.seconds else 0.0
+        built = "" if self.chunks is None else f" from {self.chunks} chunks"
         lines = [f"read {self.read} rows in {self.seconds:.1f}s ({rate:,.0f} rows/s); wrote {self.written} documents"
-                 f", {self.superseded} already stored at the same or a newer version"]
+                 f"{built}, {self.superseded} already stored at the same or a newer version"]
         lines += [f"skipped {n} row(s): {why}" for why, n in sorted(self.skipped.items()) if n]
         lines += [f"imported {n} document(s) without their vector: {why}" for why, n in
                   sorted(self.vectors_not_adopted.items()) if n]
@@ -224,18 +248,34 @@ def _describe(source_conn: psycopg.Connection, source: Source) -> SourceTable:
     return table
 
 
+def check_options(source: Source) -> None:
+    """Refuse, in one line, options that do not go together (before any database is asked)."""
+    if bool(source.chunk_column) != bool(source.chunk_text_column):
+        raise ImportRefused("--chunk-column and --chunk-text-column go together: the chunk's order in its document"
+                            " and its text")
+    if source.chunked:
+        if source.text_columns or source.text_expression:
+            raise ImportRefused("a chunk table's text is its --chunk-text-column: leave out --text-column and"
+                                " --text-expression (documents are rebuilt from their chunks)")
+    elif bool(source.text_columns) == bool(source.text_expression):
+        raise ImportRefused("give the text as --text-column (one or more) or as --text-expression, not both")
+
+
 def _check(source: Source, table: SourceTable) -> None:
+    check_options(source)
     types = {name: column.base for name, column in table.columns.items()}
     named = [source.id_column, *source.text_columns, *source.metadata_columns]
-    named += [c for c in (source.version_column, source.vector_column) if c]
+    named += [c for c in (source.version_column, source.vector_column, source.chunk_column,
+                          source.chunk_text_column) if c]
     missing = [c for c in named if c not in types]
     if missing:
         raise ImportRefused(f"{source.table} has no column {', '.join(map(repr, missing))}")
     if types[source.id_column] not in ID_TYPES:
         raise ImportRefused(f"--id-column {source.id_column} is {types[source.id_column]}: "
                            "use an integer, text or uuid column")
-    if bool(source.text_columns) == bool(source.text_expression):
-        raise ImportRefused("give the text as --text-column (one or more) or as --text-expression, not both")
+    if source.chunk_column and types[source.chunk_column] not in INTEGER_TYPES:
+        raise ImportRefused(f"--chunk-column {source.chunk_column} is {types[source.chunk_column]}: "
+                            "use an integer column (the chunk's order in its document)")
     if source.version_column and types[source.version_column] not in TIME_TYPES | INTEGER_TYPES:
         raise ImportRefused(f"--version-column {source.version_column} is {types[source.version_column]}: "
                            "use an integer or timestamp column")
@@ -244,7 +284,10 @@ def _check(source: Source, table: SourceTable) -> None:
 
 
 def _text(source: Source) -> sql.Composable:
-    """The row's text: the expression (its ``%`` doubled: every query holding it has parameters) or the columns."""
+    """The row's text: the expression (its ``%`` doubled: every query holding it has parameters), the columns, or
+    the chunk's text."""
+    if source.chunked:
+        return _name(source.chunk_text_column)
     if source.text_expression:
         return sql.SQL(source.text_expression.replace("%", "%%"))
     if len(source.text_columns) > 1:
@@ -265,16 +308,17 @@ def _version(source: Source, table: SourceTable) -> sql.Composable:
 
 
 def _rows(source: Source, table: SourceTable) -> sql.Composed:
-    """The source's rows as Segue sees them: key (the id, natively typed, never NULL), doc_id, body (NULL: no
-    text), version (NULL: out of range), metadata, vec."""
+    """The source's rows as Segue sees them: key (the id, natively typed, never NULL), doc_id, chunk (of a chunk
+    table: its number, else NULL), body (NULL: no text), version (NULL: out of range), metadata, vec."""
     metadata = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
         sql.SQL("{}, {}").format(_literal(c), _name(c)) for c in source.metadata_columns))
     vector = _name(source.vector_column) if source.vector_column else sql.SQL("NULL")
+    chunk = sql.SQL("{}::int8").format(_name(source.chunk_column)) if source.chunked else sql.SQL("NULL::int8")
     return sql.SQL(
-        "SELECT key, doc_id, CASE WHEN body ~ {has_text} THEN body END AS body, version, metadata, vec FROM"
-        " (SELECT {id} AS key, {id}::text AS doc_id, ({text})::text AS body, {version} AS version,"
+        "SELECT key, doc_id, chunk, CASE WHEN body ~ {has_text} THEN body END AS body, version, metadata, vec FROM"
+        " (SELECT {id} AS key, {id}::text AS doc_id, {chunk} AS chunk, ({text})::text AS body, {version} AS version,"
         " {metadata} AS metadata, {vector}::vector AS vec FROM {table} WHERE {id} IS NOT NULL) r"
-    ).format(has_text=sql.Literal(HAS_TEXT), id=_name(source.id_column), text=_text(source),
+    ).format(has_text=sql.Literal(HAS_TEXT), id=_name(source.id_column), chunk=chunk, text=_text(source),
              version=_version(source, table), metadata=metadata, vector=vector, table=table.name)
 
 
@@ -296,16 +340,19 @@ def _page_queries(source: Source, table: SourceTable) -> tuple[sql.Composed, sql
     """(the last id of the next page after a watermark, the rows up to it typed as the staging table is).
 
     Params: (watermark, watermark, page size) and (watermark, watermark, last id); a None
-    watermark means from the start.
+    watermark means from the start. The last id is the one at the page size's row, so a
+    page of a chunk table holds every chunk of its last document too (pages never split one).
     """
     column = table.columns[source.id_column]
     id_ = _name(source.id_column)
     last = sql.SQL("SELECT k::text FROM (SELECT {id} AS k FROM {table} WHERE {id} IS NOT NULL AND {after}"
                    " ORDER BY {id} LIMIT %s) p ORDER BY k DESC LIMIT 1").format(id=id_, table=table.name,
                                                                               after=_after(id_, column))
-    rows = sql.SQL("COPY (SELECT doc_id, body, version, metadata, vec, row_number() OVER (ORDER BY key) FROM ({rows}) r"
-                   " WHERE {after} AND key <= %s::{key_type} ORDER BY key) TO STDOUT (FORMAT BINARY)"
-                   ).format(rows=_rows(source, table), key_type=sql.SQL(column.full),
+    chunk = sql.SQL("chunk, ") if source.chunked else sql.SQL("")
+    order = sql.SQL("key, chunk") if source.chunked else sql.SQL("key")
+    rows = sql.SQL("COPY (SELECT doc_id, {chunk}body, version, metadata, vec, row_number() OVER (ORDER BY {order})"
+                   " FROM ({rows}) r WHERE {after} AND key <= %s::{key_type} ORDER BY {order}) TO STDOUT (FORMAT BINARY)"
+                   ).format(chunk=chunk, order=order, rows=_rows(source, table), key_type=sql.SQL(column.full),
                             after=_after(sql.Identifier("key"), column))
     return last, rows
 
@@ -344,21 +391,27 @@ def adopt_model(conn: psycopg.Connection, source_conn: psycopg.Connection, sourc
         if not widths:
             raise ImportRefused(f"{source.table}.{source.vector_column} holds no vector to adopt")
         dim = widths[0][0]
+    chunk = _name(source.chunk_column) if source.chunked else sql.SQL("NULL::int8")
     sample = _fetch(source_conn, sql.SQL(  # the first rows by id (an index scan), of which those of the model's width
-        "SELECT k::text, v::text FROM (SELECT {id} AS k, {c} AS v FROM {t} WHERE {c} IS NOT NULL"
-        " ORDER BY {id} LIMIT %s) s WHERE vector_dims(v) = %s ORDER BY k LIMIT %s").format(
-        id=_name(source.id_column), c=column, t=table.name),
+        "SELECT k::text, v::text FROM (SELECT {id} AS k, {chunk} AS n, {c} AS v FROM {t} WHERE {c} IS NOT NULL"
+        " ORDER BY {id}, {chunk} LIMIT %s) s WHERE vector_dims(v) = %s ORDER BY k, n LIMIT %s").format(
+        id=_name(source.id_column), chunk=chunk, c=column, t=table.name),
         (16 * FINGERPRINT_SAMPLE, dim, FINGERPRINT_SAMPLE))
+    config: dict[str, Any] = {"source": source.identity, "sampled_vectors": len(sample)}
+    if source.chunked:  # a chunked model: register_model creates its chunk table
+        config["chunking"] = ADOPTED_CHUNKS
     digest = hashlib.sha256(json.dumps({"provider": ADOPTED, "source": source.identity, "dim": dim,
                                         "sample": sample}, sort_keys=True).encode()).hexdigest()
-    profile = ModelProfile(provider=ADOPTED, dim=dim, max_tokens=0,
-                           config={"source": source.identity, "sampled_vectors": len(sample)}, fingerprint=digest)
+    profile = ModelProfile(provider=ADOPTED, dim=dim, max_tokens=0, config=config, fingerprint=digest)
     try:
         existing = registry.get_model(conn, name).spec
     except registry.RegistryError:
         return registry.register_model(conn, name, source.identity, profile=profile)
     if source.identity not in (existing.config.get("source"), existing.config.get("adopted_from")):
         raise ImportRefused(f"model {name!r} is already registered for something else ({existing.source})")
+    if existing.chunked != source.chunked:
+        raise ImportRefused(f"model {name!r} holds {'chunk' if existing.chunked else 'document'} vectors;"
+                            f" {source.table} holds {'chunks' if source.chunked else 'documents'}")
     if existing.dim != dim:
         raise ImportRefused(f"model {name!r} is {existing.dim}-d; {source.table}.{source.vector_column} is {dim}-d")
     return existing
@@ -367,10 +420,15 @@ def adopt_model(conn: psycopg.Connection, source_conn: psycopg.Connection, sourc
 def run_import(conn: psycopg.Connection, source: Source, *, model: str | None, page_size: int,
                rate: float | None, console: Console | None) -> ImportReport:
     """Import ``source`` into ``conn``'s documents (adopting its vectors as ``model``), resuming after its
-    watermark; returns what was read, written and skipped."""
+    watermark; returns what was read, written and skipped.
+
+    Of a chunk table (``source.chunked``) each document is rebuilt from its chunks and the
+    vectors are adopted as the chunk vectors of ``model``, a chunked model.
+    """
     if bool(model) != bool(source.vector_column):
         raise ImportRefused("--vector-column and --model go together: the model whose vectors the column holds")
-    report = ImportReport()
+    check_options(source)
+    report = ImportReport(chunks=0 if source.chunked else None)
     started = time.perf_counter()
     with _connect_source(source.url) as source_conn:
         table = _describe(source_conn, source)
@@ -446,6 +504,9 @@ def _page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page
     source is the truth, and this undoes a delete published by ``--follow``.
     """
     with conn.transaction():
+        if source.chunked:
+            _chunk_page(conn, source, spec, page, report)
+            return
         outcomes = documents.write_import_page(conn, page.data, label=f"import:{source.identity}", adopt=spec,
                                                unusable=_unusable("s"), duplicate=DUPLICATE_ID,
                                                deleted_newer=DELETED_NEWER)
@@ -460,6 +521,30 @@ def _page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page
                 report.vectors_not_adopted[vector_missed_because] += written
         conn.execute("UPDATE import_progress SET watermark = %s, rows_read = rows_read + %s, updated_at = now()"
                      " WHERE source = %s", (page.last, sum(rows for _, _, rows, _ in outcomes), source.identity))
+
+
+def _chunk_page(conn: psycopg.Connection, source: Source, spec: ModelSpec | None, page: _SourcePage,
+                report: ImportReport) -> None:
+    """Write one page of a chunk table (:func:`segue.storage.chunks.write_import_chunk_page`) and its watermark, in
+    the caller's transaction; counts it in ``report`` (rows read and skipped, documents written and superseded)."""
+    reasons = chunks.ImportReasons(bad_doc_id=BAD_DOC_ID, no_chunk_no=NO_CHUNK_NO, no_text=NO_TEXT,
+                                   bad_version=BAD_VERSION, duplicate=DUPLICATE_CHUNK, deleted_newer=DELETED_NEWER,
+                                   zero_mean=ZERO_MEAN)
+    outcomes = chunks.write_import_chunk_page(conn, page.data, label=f"import:{source.identity}",
+                                              adopt=(spec.version, spec.dim) if spec else None, reasons=reasons,
+                                              max_doc_id_chars=MAX_DOC_ID_CHARS)
+    for outcome in outcomes:
+        report.read += outcome.rows
+        if outcome.skipped is not None:
+            report.skipped[outcome.skipped] += outcome.rows
+            continue
+        report.written += outcome.documents_written
+        report.superseded += outcome.documents - outcome.documents_written
+        report.chunks += outcome.rows_written
+        if outcome.vector_missed is not None:
+            report.vectors_not_adopted[outcome.vector_missed] += outcome.documents_written
+    conn.execute("UPDATE import_progress SET watermark = %s, rows_read = rows_read + %s, updated_at = now()"
+                 " WHERE source = %s", (page.last, sum(o.rows for o in outcomes), source.identity))
 
 
 Record = tuple[str, bytes | None]  # a document-changes record: (doc_id, value); a None value is a tombstone
@@ -477,6 +562,8 @@ async def follow(conn: psycopg.Connection, source: Source, producer, topic: str,
     stored documents the table no longer has, unless they are more than ``max_delete_fraction``
     of its documents. A row that makes no valid change (see :func:`_changes`) is logged, not sent.
     """
+    if source.chunked:
+        raise ImportRefused(FOLLOW_CHUNKS)
     if not source.version_column:
         raise ImportRefused("--follow needs --version-column: it publishes the rows whose version moved")
     with _connect_source(source.url) as source_conn:

@@ -73,7 +73,7 @@ def index_failures(conn: psycopg.Connection, version: int) -> IndexFailures:
 
 def describe(conn: psycopg.Connection, version: int, policy: IndexPolicy) -> str:
     """One line on model ``version``'s HNSW index: built, building, waiting, or failing and why (reads only)."""
-    name = model_columns.index_name(version).as_string(conn)
+    name = model_columns.index_name(conn, version).as_string(conn)
     valid = model_columns.index_valid(conn, version)
     failures = index_failures(conn, version)
     if valid:
@@ -137,7 +137,7 @@ def _build_locked(conn: psycopg.Connection, version: int, policy: IndexPolicy) -
     spec = next((s for s in registry.live_models(conn) if s.version == version), None)
     if spec is None:
         raise MigrationError(f"model version {version} is not live")
-    name = model_columns.index_name(version).as_string(conn)
+    name = model_columns.index_name(conn, version).as_string(conn)
     valid = model_columns.index_valid(conn, version)
     if valid:
         return False, f"the HNSW index {name} already exists"
@@ -148,7 +148,7 @@ def _build_locked(conn: psycopg.Connection, version: int, policy: IndexPolicy) -
         raise IndexWaits(f"coverage of {spec.name} is {covered:.2f}% < {policy.min_coverage_pct:g}%: the HNSW index "
                          "waits, not built (built now, it would take every later vector one insert at a time); "
                          "build it anyway: segue migrate index --now")
-    rows = model_columns.document_count(conn)
+    rows = model_columns.indexed_rows(conn, version)
     memory_mb = build_memory_mb(rows, spec.dim, policy)
     settings = {"m": policy.m, "ef_construction": policy.ef_construction, "maintenance_work_mem_mb": memory_mb,
                 "coverage_pct": round(covered, 3)}

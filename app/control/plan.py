@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import psycopg
 
 from segue.control import indexes
 from segue.control.migration import MigrationError
+from segue.embedding import chunking
 from segue.embedding.engine import EmbeddingEngine
 from segue.spec import ModelSpec
 from segue.storage import documents, model_columns
@@ -66,6 +68,7 @@ class MigrationPlan:
     batch_price_per_million_tokens: float | None = None
     baseline: str | None = None  # the model reads use now, for the truncation comparison
     baseline_truncated_in_sample: int | None = None
+    chunks_per_document: float | None = None  # a chunked model: the sample's chunks a document
 
     @property
     def tokens_to_embed(self) -> int:
@@ -90,10 +93,15 @@ class MigrationPlan:
         if self.dim > HNSW_MAX_DIMS:
             warnings.append(f"warning: pgvector's HNSW index takes at most {HNSW_MAX_DIMS:,} dimensions; "
                             f"{self.dim}-d vectors will be searched without an index")
+        if self.truncated_in_sample and self.chunks_per_document:
+            warnings[0] = (f"warning: {self.truncated_in_sample} chunks of the {self.sample_docs} sampled documents "
+                           f"are over the model's {self.max_tokens}-token input limit with their carried title or "
+                           "heading, and are embedded truncated")
         return [
             f"model {self.model}: {self.dim}-d, measured {self.throughput_docs_per_s:.1f} docs/s on {self.device} "
             f"({self.sample_docs} sampled documents, {self.tokens_in_sample:,} tokens)",
             f"documents to embed: {self.documents_to_embed} (≈ {self.tokens_to_embed:,} tokens)",
+            *self._chunk_lines(),
             f"estimated time: {self.seconds:,.0f} s ({hours:.2f} h) on one such worker",
             *self._cost_lines(),
             f"extra storage: {self.storage_bytes / 2**20:,.1f} MiB ({self.storage_bytes / max(self.documents, 1):,.0f} "
@@ -105,6 +113,14 @@ class MigrationPlan:
             f"HNSW build memory: {self.hnsw_memory_bytes / 2**20:,.1f} MiB (maintenance_work_mem is set to this, "
             f"up to {self.index_memory_cap_mb} MiB)",
         ] + warnings
+
+    def _chunk_lines(self) -> list[str]:
+        if not self.chunks_per_document:
+            return []
+        chunks = round(self.documents_to_embed * self.chunks_per_document)
+        return [f"chunks to embed: ≈ {chunks:,} ({self.chunks_per_document:.2f} a document in the sample); storage "
+                f"and index memory below count the chunk table, ≈ {chunk_row_bytes(self.dim):,} bytes a chunk "
+                "with its primary-key entry, besides the documents' column"]
 
     def _out_of_line_note(self) -> str:
         return ", out of line in TOAST chunks" if self.out_of_line else ", inline"
@@ -159,8 +175,9 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     model reads use now) counts its truncations on the same sample, for comparison.
     """
     texts = sample_texts(conn, sample)
-    throughput = measure_throughput(engine, model, texts)
-    tokens = engine.count_tokens(model, texts)
+    embedded = chunk_texts(engine, model, texts)
+    throughput = measure_throughput(engine, model, embedded) * len(texts) / len(embedded)
+    tokens = engine.count_tokens(model, embedded)
     used = sum(min(count, model.max_tokens) if model.max_tokens else count for count in tokens)
     stored = model_columns.document_count(conn)
     todo = stored if documents_to_embed is None else documents_to_embed
@@ -171,6 +188,8 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     seconds = todo / throughput
     tokens_to_embed = todo * used / max(len(texts), 1)
     shape = table_shape(conn)
+    per_document = len(embedded) / len(texts) if model.chunked else None
+    chunk_bytes = round(stored * per_document * chunk_row_bytes(model.dim)) if per_document else 0
     not_hot = not_hot_share(shape.room)
     intervals, wal_max = checkpointed_fill_wal(conn, todo, model.dim, shape, not_hot, seconds)
     return MigrationPlan(
@@ -184,7 +203,7 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         cost_usd=(tokens_to_embed / 1e6 * price) if price is not None else seconds / 3600 * gpu_hour_usd,
         gpu_hour_usd=gpu_hour_usd,
         documents=stored,
-        storage_bytes=round(stored * vector_storage_bytes(model.dim, shape.tuple_bytes)),
+        storage_bytes=round(stored * vector_storage_bytes(model.dim, shape.tuple_bytes)) + chunk_bytes,
         out_of_line=out_of_line(model.dim, shape.tuple_bytes),
         wal_bytes=fill_wal_bytes(todo, model.dim, shape.tuple_bytes, not_hot=not_hot),
         wal_max_bytes=wal_max,
@@ -192,7 +211,7 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         dead_bytes=round(todo * shape.tuple_bytes),
         bloat_bytes=fill_bloat_bytes(todo, shape.tuple_bytes, not_hot),
         not_hot_share=not_hot,
-        hnsw_memory_bytes=indexes.hnsw_memory_bytes(stored, model.dim),
+        hnsw_memory_bytes=indexes.hnsw_memory_bytes(round(stored * (per_document or 1)), model.dim),
         index_memory_cap_mb=index_policy.max_memory_mb,
         max_tokens=model.max_tokens,
         truncated_in_sample=_truncated(model, tokens),
@@ -201,7 +220,23 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
         batch_price_per_million_tokens=batch_price,
         baseline=baseline.name if baseline else None,
         baseline_truncated_in_sample=_truncated(baseline, engine.count_tokens(baseline, texts)) if baseline else None,
+        chunks_per_document=per_document,
     )
+
+
+def chunk_texts(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> list[str]:
+    """What ``model`` embeds of ``texts``: the texts themselves, or a chunked model's chunks of them."""
+    policy = chunking.policy_of(model)
+    if policy is None:
+        return texts
+    spans = asyncio.run(engine.token_spans(model, texts))
+    return [chunk.text for text, found in zip(texts, spans) for chunk in chunking.split(policy, text, found)]
+
+
+def chunk_row_bytes(dim: int) -> int:
+    """Bytes a chunk row takes in a chunk table: its vector, hash, offsets, a doc_id of about 24 characters, the
+    tuple's overhead, and its primary-key entry (about 40 bytes)."""
+    return 4 * dim + 8 + HASH_BYTES + 4 * 4 + 25 + TUPLE_OVERHEAD_BYTES + 40
 
 
 def out_of_line(dim: int, tuple_bytes: float) -> bool:

@@ -14,7 +14,7 @@ import psycopg
 
 from segue.embedding import providers
 from segue.spec import ModelProfile, ModelSpec
-from segue.storage import documents, model_columns, upgrades
+from segue.storage import chunks, documents, model_columns, upgrades
 from segue.storage import registry as storage_registry
 from segue.storage.registry import RegisteredModel
 
@@ -45,16 +45,18 @@ def get_model(conn: psycopg.Connection, name: str) -> RegisteredModel:
 
 
 def register_model(conn: psycopg.Connection, name: str, source: str, *, provider: str | None = None,
-                   options: dict | None = None, profile: ModelProfile | None = None) -> ModelSpec:
-    """Register ``source`` as ``name``: a new version, its columns and its counters, in one transaction.
+                   options: dict | None = None, chunking: dict | None = None,
+                   profile: ModelProfile | None = None) -> ModelSpec:
+    """Register ``source`` as ``name``: a new version, its columns (and chunk table) and its counters, in one
+    transaction.
 
     The model is inspected by ``provider`` (default: detected from the source) with its
-    ``options``, unless the caller passes the ``profile`` it already has. Inside an outer
+    ``options`` and ``chunking`` policy, unless the caller passes the ``profile`` it already has. Inside an outer
     transaction the registration is part of it (and undone with it). The DDL waits for
     its locks at most briefly at a time (:func:`segue.storage.upgrades.run_ddl`), so writers never
     queue behind it for long.
     """
-    profile = profile or providers.inspect(source, provider=provider, options=options)
+    profile = profile or providers.inspect(source, provider=provider, options=options, chunking=chunking)
 
     def register() -> ModelSpec:
         storage_registry.lock(conn)
@@ -69,6 +71,8 @@ def register_model(conn: psycopg.Connection, name: str, source: str, *, provider
                         twin.name)
         storage_registry.insert(conn, spec)
         model_columns.add(conn, spec.version, spec.dim)
+        if spec.chunked:
+            chunks.create(conn, spec.version, spec.dim)
         return spec
 
     return upgrades.run_ddl(conn, register, what=f"registering model {name!r}")
@@ -96,6 +100,10 @@ def bind_model(conn: psycopg.Connection, engine, name: str, source: str, *, prov
     adopted = get_model(conn, name).spec
     if providers.embeds(adopted):
         raise RegistryError(f"model {name!r} is run by provider {adopted.provider!r}; only adopted models are bound")
+    if adopted.chunked:
+        raise RegistryError(f"model {name!r} holds adopted chunks, cut by a splitter Segue does not know: it cannot "
+                            "be bound; migrate to a chunked model instead (segue migrate start --to NEW --source … "
+                            "--chunk-size N)")
     profile = providers.inspect(source, provider=provider, options=options)
     if profile.dim != adopted.dim:
         raise RegistryError(f"{source} makes {profile.dim}-d vectors; model {name!r} holds {adopted.dim}-d ones")

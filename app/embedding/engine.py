@@ -244,6 +244,12 @@ class EmbeddingEngine:
         """Tokens each text takes as ``spec``'s input, before truncation (in the caller's thread)."""
         return self._loaded(spec).prepare(texts).tokens
 
+    async def token_spans(self, spec: ModelSpec, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Where each text's tokens are under ``spec``'s tokenizer (a chunked model's splitter needs them), found on
+        the tokenizer thread."""
+        await self.ensure_loaded([spec])
+        return await asyncio.wrap_future(self._tokenizing.submit(self._models[spec.version].token_spans, list(texts)))
+
     def loaded(self) -> set[int]:
         """Versions of the models loaded so far."""
         return set(self._versions)
@@ -526,11 +532,11 @@ class EmbeddingEngine:
     def _load_checked(self, spec: ModelSpec) -> float:
         started = time.perf_counter()
         embedder = providers.load(spec, self._device)
-        if embedder.profile.fingerprint != spec.fingerprint:
+        if embedder.profile.fingerprint != spec.embedder_fingerprint:
             embedder.close()
             raise FingerprintMismatch(
                 f"the model at {spec.source} changed since registration of model {spec.name!r} (v{spec.version}): "
-                f"fingerprint {embedder.profile.fingerprint[:12]}…, registered {spec.fingerprint[:12]}…"
+                f"fingerprint {embedder.profile.fingerprint[:12]}…, registered {spec.embedder_fingerprint[:12]}…"
             )
         if not getattr(embedder, "remote", False):  # an API model needs no warm-up and is checked on first use
             warm_up = embedder.prepare([_WARM_UP_TEXT])

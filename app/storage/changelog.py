@@ -37,6 +37,7 @@ class ChangelogRow:
     error: str | None = None
     tokens_used: int | None = None  # an embedded row: the tokens the model was given (what an API bills)
     tokens_total: int | None = None  # and the text's tokens before truncation (more: it was truncated)
+    detail: dict[str, Any] | None = None  # a chunked model's embedded row: {"chunks": n, "chunks_embedded": m}
 
     def storable(self) -> list[Any]:
         """The row's values as ``migration_changelog`` can always hold them.
@@ -46,7 +47,8 @@ class ChangelogRow:
         """
         return [_text(self.doc_id, MAX_DOC_ID_CHARS), self.model_version, self.action.value, self.origin.value,
                 self.doc_version, _text(self.event_id, MAX_DOC_ID_CHARS), self.latency_ms,
-                _text(self.error, MAX_CHANGELOG_TEXT_CHARS), self.tokens_used, self.tokens_total]
+                _text(self.error, MAX_CHANGELOG_TEXT_CHARS), self.tokens_used, self.tokens_total,
+                None if self.detail is None else Jsonb(self.detail)]
 
 
 def _text(value: str | None, limit: int) -> str | None:
@@ -64,6 +66,7 @@ _COLUMNS = [
     ("error", "text"),
     ("tokens_used", "int4"),
     ("tokens_total", "int4"),
+    ("detail", "jsonb"),
 ]
 
 

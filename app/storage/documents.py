@@ -27,7 +27,8 @@ from segue.embedding import providers
 from segue.schemas.events import SourcePosition
 from segue.settings import Settings
 from segue.spec import ModelSpec
-from segue.storage import changelog, connections, registry
+from segue.storage import changelog, chunks, connections, registry
+from segue.storage.chunks import ChunkRow
 from segue.storage.model_columns import sha_column, vector_column
 
 DOCUMENT_COLUMNS = ("doc_id", "body", "version", "content_sha256", "metadata", "source_topic", "source_partition",
@@ -62,6 +63,7 @@ class DocumentRow:
     metadata: dict[str, Any]
     source: SourcePosition
     vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    chunks: dict[int, Sequence[ChunkRow]] = field(default_factory=dict)  # a chunked model's chunks, by version
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class VectorRow:
     doc_id: str
     content_sha256: bytes
     vector: np.ndarray
+    chunks: Sequence[ChunkRow] | None = None  # a chunked model's chunks (the vector is their mean)
 
 
 def upsert_newer(rows: sql.Composable, versions: Sequence[int], *, adopting: int | None = None) -> sql.Composed:
@@ -159,6 +162,10 @@ class StoreTransaction:
         await self._conn.execute(sql.SQL(
             "DELETE FROM document_tombstones t USING {} s WHERE t.doc_id = s.doc_id AND t.version < s.version"
         ).format(sql.Identifier(stage)))
+        for m in models:
+            if m.chunked:
+                await chunks.replace(self._conn, m.version, m.dim, [
+                    (r.doc_id, r.chunks[m.version]) for r in rows if r.doc_id in applied and m.version in r.chunks])
         return applied
 
     async def delete_documents(self, deletes: Sequence[DeleteRow]) -> dict[str, int]:
@@ -233,7 +240,11 @@ class StoreTransaction:
                     " WHERE d.doc_id = s.doc_id AND d.content_sha256 = s.content_sha256 RETURNING d.doc_id"
                 ).format(v=vector_column(model.version), h=sha_column(model.version), stage=sql.Identifier(stage))
             )
-            return {row[0] for row in await cur.fetchall()}
+            written = {row[0] for row in await cur.fetchall()}
+        if model.chunked:
+            await chunks.replace(self._conn, model.version, model.dim,
+                                 [(r.doc_id, r.chunks) for r in rows if r.doc_id in written])
+        return written
 
     async def log(self, rows: Sequence[changelog.ChangelogRow]) -> None:
         """Append changelog rows (the activity counters follow by trigger)."""
@@ -274,6 +285,11 @@ class Store:
     async def computed_models(self) -> list[ModelSpec]:
         """The live models whose vectors Segue computes: all but those holding adopted vectors."""
         return [m for m in await self.live_models() if providers.embeds(m)]
+
+    async def known_chunk_vectors(self, version: int,
+                                  wanted: Sequence[tuple[str, bytes]]) -> dict[tuple[str, bytes], np.ndarray]:
+        """The vectors chunked model ``version`` has already of the ``(doc_id, chunk hash)`` pairs ``wanted``."""
+        return await chunks.known_vectors(await self.connection(), version, wanted)
 
     async def fetch(
         self, doc_ids: Sequence[str], models: Sequence[ModelSpec], *, with_body: bool = False
@@ -492,6 +508,15 @@ def nearest(conn: psycopg.Connection, version: int, query: np.ndarray, k: int, *
         rows = conn.execute(statement, params).fetchall()
     rows.sort(key=lambda row: (row[3], row[0]))  # deterministic among equal distances
     return rows
+
+
+def distances(conn: psycopg.Connection, version: int, query: np.ndarray, doc_ids: Sequence[str]) -> dict[str, float]:
+    """Each of ``doc_ids``' cosine distance to ``query`` on model ``version``'s column, for the documents whose
+    vector of it is current (the others are left out)."""
+    statement = sql.SQL("SELECT doc_id, {v} <=> %s FROM documents WHERE doc_id = ANY(%s) AND {h} = content_sha256")
+    rows = conn.execute(statement.format(v=vector_column(version), h=sha_column(version)),
+                        (query, list(doc_ids))).fetchall()
+    return dict(rows)
 
 
 def insert_embedded(conn: psycopg.Connection, documents: Sequence[tuple[str, str]],

@@ -2,7 +2,8 @@
 
 Each registered model version N owns two columns on ``documents``:
 ``embedding_vN vector(dim)`` and ``embedding_vN_sha256 bytea``, and may own an HNSW
-index on the first. ``vector_counters`` holds its current and stale vectors and
+index on the first; a chunked model also owns ``chunks_vN`` (:mod:`segue.storage.chunks`),
+which then holds its HNSW index. ``vector_counters`` holds its current and stale vectors and
 ``corpus_counters`` the documents; the statement-level triggers that keep them exact
 are generated here from the list of live models and regenerated whenever that list
 changes. Adding and dropping columns is DDL: callers run it through
@@ -22,14 +23,39 @@ def vector_column(version: int) -> sql.Identifier:
     return sql.Identifier(f"embedding_v{version}")
 
 
-def index_name(version: int) -> sql.Identifier:
-    """The HNSW index on model version ``version``'s column."""
-    return sql.Identifier(f"documents_embedding_v{version}_hnsw")
-
-
 def sha_column(version: int) -> sql.Identifier:
     """The column holding the content hash that model version ``version``'s vector was built from."""
     return sql.Identifier(f"embedding_v{version}_sha256")
+
+
+def chunk_table(version: int) -> sql.Identifier:
+    """The chunk table of model version ``version``, when it is a chunked model (see :mod:`segue.storage.chunks`)."""
+    return sql.Identifier(f"chunks_v{version}")
+
+
+def _indexed(conn: psycopg.Connection, version: int) -> tuple[sql.Identifier, sql.Identifier, sql.Identifier]:
+    """(index, table, column) of model ``version``'s HNSW index: on its chunk table's vectors when it has one,
+    else on its column of ``documents``."""
+    if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"chunks_v{version}",)).fetchone()[0]:
+        return sql.Identifier(f"chunks_v{version}_hnsw"), chunk_table(version), sql.Identifier("embedding")
+    return sql.Identifier(f"documents_embedding_v{version}_hnsw"), sql.Identifier("documents"), vector_column(version)
+
+
+def indexed_rows(conn: psycopg.Connection, version: int) -> int:
+    """Rows model ``version``'s HNSW index takes: its documents, or a chunked model's chunks (the planner's estimate,
+    counted when the table was never analysed)."""
+    estimate = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                            (f"chunks_v{version}",)).fetchone()
+    if estimate is None:
+        return document_count(conn)
+    if estimate[0] >= 0:
+        return estimate[0]
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(chunk_table(version))).fetchone()[0]
+
+
+def index_name(conn: psycopg.Connection, version: int) -> sql.Identifier:
+    """The HNSW index of model version ``version``."""
+    return _indexed(conn, version)[0]
 
 
 def add(conn: psycopg.Connection, version: int, dim: int) -> None:
@@ -41,8 +67,10 @@ def add(conn: psycopg.Connection, version: int, dim: int) -> None:
 
 
 def drop(conn: psycopg.Connection, version: int) -> None:
-    """Drop model ``version``'s index, columns and counters, and regenerate the triggers (it must be retired)."""
-    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index_name(version)))
+    """Drop model ``version``'s index, chunk table, columns and counters, and regenerate the triggers (it must be
+    retired)."""
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index_name(conn, version)))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(chunk_table(version)))
     conn.execute(sql.SQL("ALTER TABLE documents DROP COLUMN IF EXISTS {}, DROP COLUMN IF EXISTS {}").format(
         vector_column(version), sha_column(version)))
     conn.execute("DELETE FROM vector_counters WHERE model_version = %s", (version,))
@@ -53,25 +81,26 @@ def index_valid(conn: psycopg.Connection, version: int) -> bool | None:
     """Whether model ``version``'s HNSW index is usable: None when there is none, False when a build left it
     invalid (interrupted, or under way)."""
     row = conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-                       (index_name(version).as_string(conn),)).fetchone()
+                       (index_name(conn, version).as_string(conn),)).fetchone()
     return None if row is None else row[0]
 
 
 def create_index(conn: psycopg.Connection, version: int, *, m: int, ef_construction: int, memory_mb: int) -> None:
     """CREATE INDEX CONCURRENTLY model ``version``'s HNSW index with ``memory_mb`` of maintenance_work_mem
     (an autocommit connection, outside a transaction)."""
+    index, table, column = _indexed(conn, version)
     conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{memory_mb}MB")))
     conn.execute(
         sql.SQL(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON documents USING hnsw ({} vector_cosine_ops)"
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} USING hnsw ({} vector_cosine_ops)"
             " WITH (m = {}, ef_construction = {})"
-        ).format(index_name(version), vector_column(version), sql.Literal(m), sql.Literal(ef_construction))
+        ).format(index, table, column, sql.Literal(m), sql.Literal(ef_construction))
     )
 
 
 def drop_index_concurrently(conn: psycopg.Connection, version: int) -> None:
     """DROP INDEX CONCURRENTLY model ``version``'s HNSW index, if it exists (an invalid one a build left)."""
-    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(version)))
+    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index_name(conn, version)))
 
 
 def vector_counts(conn: psycopg.Connection, version: int) -> tuple[int, int] | None:

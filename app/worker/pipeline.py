@@ -9,6 +9,7 @@ dead-letter topic.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections import Counter
@@ -34,6 +35,7 @@ from segue.schemas.events import (
 from segue.settings import Settings
 from segue.spec import ModelSpec
 from segue.storage.changelog import ChangelogRow
+from segue.storage.chunks import ChunkRow
 from segue.storage.documents import (
     DeleteRow,
     DocumentRow,
@@ -41,6 +43,7 @@ from segue.storage.documents import (
     StoredDocument,
     VectorRow,
 )
+from segue.worker import chunked
 from segue.worker.batches import (
     ChangeEvent,
     Envelope,
@@ -48,6 +51,7 @@ from segue.worker.batches import (
     latest_per_document,
     split_rounds,
 )
+from segue.worker.chunked import ChunkedEmbedded
 from segue.worker.isolation import process_isolating_poison, retry_forever
 
 log = logging.getLogger("segue.worker.pipeline")
@@ -112,6 +116,16 @@ class _Processor:
         await self.engine.unload(retired=[m.version for m in await self.store.retired_models()])
         await self.engine.ensure_loaded(models)
         return models
+
+    async def _embed(self, model: ModelSpec, doc_ids: Sequence[str], texts: Sequence[str], *,
+                     priority: int) -> Embedded:
+        """Documents ``doc_ids`` (bodies ``texts``) embedded with ``model``: whole, or chunk by chunk for a chunked
+        model (its chunk vectors in :attr:`~segue.worker.chunked.ChunkedEmbedded.chunks`)."""
+        if model.chunked:
+            return await chunked.embed_documents(
+                self.engine, model, doc_ids, texts, priority=priority,
+                known=functools.partial(self.store.known_chunk_vectors, model.version))
+        return await self.engine.embed_counted(model, texts, priority=priority)
 
     async def _isolate(self, items, process, on_poison) -> None:
         await process_isolating_poison(
@@ -208,6 +222,8 @@ class _BatchVectors:
     tokens: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # (used, before truncation)
     failed: dict[tuple[str, int], str] = field(default_factory=dict)  # why a needed model wrote no vector
     rejected: dict[tuple[str, int], str] = field(default_factory=dict)  # texts a model rejected: dead-lettered
+    chunks: dict[tuple[str, int], list[ChunkRow]] = field(default_factory=dict)  # a chunked model's chunk vectors
+    details: dict[tuple[str, int], dict] = field(default_factory=dict)  # and its changelog detail
 
 
 class ChangeProcessor(_Processor):
@@ -232,7 +248,7 @@ class ChangeProcessor(_Processor):
             await self._isolate(round_, self._apply, self._poison)
 
     def _row(self, event: ChangeEvent, model_version: int | None, action: Action, error: str | None = None,
-             tokens: tuple[int, int] | None = None):
+             tokens: tuple[int, int] | None = None, detail: dict | None = None):
         return ChangelogRow(
             doc_id=event.change.doc_id,
             model_version=model_version,
@@ -244,17 +260,19 @@ class ChangeProcessor(_Processor):
             error=error,
             tokens_used=tokens[0] if tokens else None,
             tokens_total=tokens[1] if tokens else None,
+            detail=detail,
         )
 
-    async def _embed_available(self, model: ModelSpec, texts: list[str]) -> Embedded | BaseException:
-        """``texts`` embedded with ``model``, or the outage that keeps its API from answering now.
+    async def _embed_available(self, model: ModelSpec, upserts: list[_Upsert]) -> Embedded | BaseException:
+        """The ``upserts``' texts embedded with ``model``, or the outage that keeps its API from answering now.
 
         An API outage or a halted model must not hold up the other models' writes: the
         documents are written without this model's vector (a ``failed`` changelog row says
         why) and the sweeper re-enqueues them once ``sweeper_retry_failed_after_s`` passed.
         """
         try:
-            return await self.engine.embed_counted(model, texts, priority=PRIORITY_CHANGE)
+            return await self._embed(model, [u.doc_id for u in upserts], [u.event.change.text for u in upserts],
+                                     priority=PRIORITY_CHANGE)
         except (ProviderError, ModelHalted) as error:
             log.warning("model %s is unavailable; writing this batch's changes without its vectors: %s",
                         model.name, error)
@@ -272,12 +290,15 @@ class ChangeProcessor(_Processor):
             applied = await tx.upsert_documents(
                 [DocumentRow(doc_id=u.doc_id, body=u.event.change.text, version=u.event.change.version,
                              content_sha256=u.sha, metadata=u.event.change.metadata, source=u.event.envelope.source,
-                             vectors={m.version: embedded.vectors[(u.doc_id, m.version)] for m in u.embedded(embedded)})
+                             vectors={m.version: embedded.vectors[(u.doc_id, m.version)] for m in u.embedded(embedded)},
+                             chunks={m.version: embedded.chunks[(u.doc_id, m.version)]
+                                     for m in u.embedded(embedded) if m.chunked})
                  for u in upserts if not u.fill_in], models)
             filled: set[tuple[str, int]] = set()  # fill-ins: vectors of documents still at that text
             for model in models:
                 filled |= {(doc_id, model.version) for doc_id in await tx.write_vectors(model, [
-                    VectorRow(u.doc_id, u.sha, embedded.vectors[(u.doc_id, model.version)])
+                    VectorRow(u.doc_id, u.sha, embedded.vectors[(u.doc_id, model.version)],
+                              embedded.chunks.get((u.doc_id, model.version)))
                     for u in upserts if u.fill_in and model in u.embedded(embedded)])}
             deleted = await tx.delete_documents(
                 [DeleteRow(e.change.doc_id, e.change.version, seen.get(e.change.doc_id), e.envelope.source)
@@ -294,7 +315,8 @@ class ChangeProcessor(_Processor):
                 for v in slots:
                     key = (u.doc_id, v)
                     if v in {m.version for m in done}:
-                        changelog.append(self._row(u.event, v, Action.EMBEDDED, tokens=embedded.tokens[key]))
+                        changelog.append(self._row(u.event, v, Action.EMBEDDED, tokens=embedded.tokens[key],
+                                                   detail=embedded.details.get(key)))
                     elif key in embedded.failed:
                         changelog.append(self._row(u.event, v, Action.FAILED, embedded.failed[key]))
                     elif key in embedded.vectors:  # a fill-in whose document changed since it was read
@@ -346,8 +368,7 @@ class ChangeProcessor(_Processor):
         """Embed each upsert's text with the models it needs, all models at once."""
         todo = {m.version: [u for u in upserts if m in u.needed] for m in models}
         asked = [m for m in models if todo[m.version]]
-        results = await asyncio.gather(*(self._embed_available(m, [u.event.change.text for u in todo[m.version]])
-                                         for m in asked))
+        results = await asyncio.gather(*(self._embed_available(m, todo[m.version]) for m in asked))
         batch = _BatchVectors()
         for model, result in zip(asked, results):
             used = [] if isinstance(result, BaseException) else result.tokens_used(model)
@@ -361,6 +382,9 @@ class ChangeProcessor(_Processor):
                 else:
                     batch.vectors[key] = result.vectors[i]
                     batch.tokens[key] = (used[i], result.tokens[i])
+                    if isinstance(result, ChunkedEmbedded):
+                        batch.chunks[key] = result.chunks[i]
+                        batch.details[key] = result.detail(i)
         return batch
 
     async def _poison(self, event: ChangeEvent, error: BaseException) -> None:
@@ -420,7 +444,7 @@ class ReadMissProcessor(_Processor):
                 await self._isolate(mine, self._apply, self._poison)
 
     def _row(self, event: ReadMissEvent, action: Action, doc_version: int | None = None, error: str | None = None,
-             tokens: tuple[int, int] | None = None):
+             tokens: tuple[int, int] | None = None, detail: dict | None = None):
         return ChangelogRow(
             doc_id=event.miss.doc_id,
             model_version=event.model.version,
@@ -432,6 +456,7 @@ class ReadMissProcessor(_Processor):
             error=error,
             tokens_used=tokens[0] if tokens else None,
             tokens_total=tokens[1] if tokens else None,
+            detail=detail,
         )
 
     async def _apply(self, events: Sequence[ReadMissEvent]) -> None:
@@ -456,16 +481,20 @@ class ReadMissProcessor(_Processor):
         }
         docs = list(todo.values())
         try:
-            embedded = await self.engine.embed_counted(model, [d.body for d in docs], priority=self.priority)
+            embedded = await self._embed(model, [d.doc_id for d in docs], [d.body for d in docs],
+                                         priority=self.priority)
         except ModelHalted as error:  # until an operator acts: recorded, not retried; the sweeper comes back later
             await self._record_halted(known, stored, error)
             return
         rejected = {docs[i].doc_id: why for i, why in embedded.rejected.items()}
         tokens = dict(zip(todo, zip(embedded.tokens_used(model), embedded.tokens)))
+        details = ({d.doc_id: embedded.detail(i) for i, d in enumerate(docs)}
+                   if isinstance(embedded, ChunkedEmbedded) else {})
         async with self.store.transaction() as tx:
-            written = await tx.write_vectors(model, [VectorRow(d.doc_id, d.content_sha256, v)
-                                                     for d, v in zip(docs, embedded.vectors)
-                                                     if d.doc_id not in rejected])
+            written = await tx.write_vectors(model, [
+                VectorRow(d.doc_id, d.content_sha256, embedded.vectors[i],
+                          embedded.chunks[i] if isinstance(embedded, ChunkedEmbedded) else None)
+                for i, d in enumerate(docs) if d.doc_id not in rejected])
             changelog = []
             outcomes: list[tuple[Envelope, Action]] = []
             first_seen: set[str] = set()
@@ -482,7 +511,8 @@ class ReadMissProcessor(_Processor):
                     action = Action.UNCHANGED
                 first_seen.add(doc_id)
                 counted = tokens[doc_id] if action is Action.EMBEDDED else None
-                changelog.append(self._row(event, action, stored[doc_id].version, error, tokens=counted))
+                changelog.append(self._row(event, action, stored[doc_id].version, error, tokens=counted,
+                                           detail=details.get(doc_id) if counted else None))
                 outcomes.append((event.envelope, action))
             await tx.log(changelog)
         self._committed(outcomes, {model.name: len(written)})

@@ -84,7 +84,7 @@ def test_migrate_index_below_the_threshold_says_so_and_builds_only_with_now(sh):
 
 def test_an_index_whose_coverage_is_enough_is_not_said_to_wait(sh):
     _, new = sh.models
-    sh.conn.execute(sql.SQL("DROP INDEX {}").format(model_columns.index_name(new.version)))  # as if never built
+    sh.conn.execute(sql.SQL("DROP INDEX {}").format(model_columns.index_name(sh.conn, new.version)))  # as if never built
     fill_new_vectors(sh)
     line = hnsw_line(sh)
     assert "is not built yet: coverage 100.0% is enough" in line and "waits" not in line

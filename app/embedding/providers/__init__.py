@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+from segue.embedding.chunking import ChunkingPolicy, chunked_profile
 from segue.embedding.providers.base import Embedder, OptionsError, resolve_source
 from segue.embedding.providers.options import BY_PROVIDER
 from segue.embedding.providers.options import parse as parse_options
@@ -53,14 +54,19 @@ def detect(source: str) -> str:
     return "static" if is_static_folder(resolve_source(source)) else "transformer"
 
 
-def inspect(source: str, *, provider: str | None = None, options: Mapping[str, Any] | None = None) -> ModelProfile:
-    """Profile the model at ``source`` with ``provider`` (default: :func:`detect`) and its ``options``.
+def inspect(source: str, *, provider: str | None = None, options: Mapping[str, Any] | None = None,
+            chunking: Mapping[str, Any] | None = None) -> ModelProfile:
+    """Profile the model at ``source`` with ``provider`` (default: :func:`detect`) and its ``options``; with
+    ``chunking`` (a :class:`~segue.embedding.chunking.ChunkingPolicy`'s settings), a chunked model.
 
-    The options are validated first: a wrong one is an :class:`OptionsError` naming it and what it takes.
+    The options and the policy are validated first: a wrong one is an :class:`OptionsError` naming it and what
+    it takes.
     """
     name = _known(provider or detect(source))
     checked = parse_options(name, options or {})  # before the provider's module (and torch) is imported
-    return _module(name).inspect(source, checked)
+    policy = None if chunking is None else ChunkingPolicy.parse(chunking)
+    profile = _module(name).inspect(source, checked)
+    return profile if policy is None else chunked_profile(profile, policy)
 
 
 def load(spec: ModelSpec, device: str | None) -> Embedder:

@@ -9,7 +9,7 @@ A provider is one module in this package with two functions:
 
 An :class:`Embedder` only turns texts into vectors, in two steps: ``prepare`` (tokenization,
 CPU work that the engine overlaps with the previous forward pass) and ``embed`` (the forward
-pass). Batching, priorities, threads, normalisation and the dimension and fingerprint checks
+pass); ``token_spans`` tells a chunked model's splitter where its tokens are. Batching, priorities, threads, normalisation and the dimension and fingerprint checks
 are the engine's. A model behind an
 API (``remote = True``, see ``openai``) also offers ``submit(texts, priority)``, a future of
 (raw vectors, tokens per text, the texts its endpoint rejected) computed on its own event
@@ -57,6 +57,10 @@ class Embedder(Protocol):
 
     def embed(self, prepared: Prepared) -> np.ndarray:
         """One vector per prepared text, ``(len(prepared.tokens), profile.dim)``; the engine normalises them."""
+
+    def token_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """The (start, end) characters of each content token of each text (no special tokens): what a chunked
+        model's splitter counts and cuts by (see :mod:`segue.embedding.chunking`)."""
 
     def close(self) -> None:
         """Free what the model holds (device memory)."""

@@ -151,6 +151,9 @@ class ApiEmbedder:
     def prepare(self, texts: Sequence[str]) -> Prepared:
         return Prepared(self._tokenizer.count(texts), list(texts))
 
+    def token_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        return [self._tokenizer.spans(text) for text in texts]
+
     def embed(self, prepared: Prepared) -> np.ndarray:
         return self.submit(prepared.inputs, 0).result()[0]
 
@@ -276,6 +279,14 @@ class _Tokenizer:
         if self._hf is not None:
             return [len(encoding.ids) for encoding in self._hf.encode_batch(list(texts))]
         return [len(ids) for ids in self._tiktoken.encode_batch(list(texts), disallowed_special=())]
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """The (start, end) characters of each of ``text``'s content tokens."""
+        if self._hf is not None:
+            encoding = self._hf.encode(text)
+            return [offsets for offsets, special in zip(encoding.offsets, encoding.special_tokens_mask) if not special]
+        decoded, starts = self._tiktoken.decode_with_offsets(self._tiktoken.encode(text, disallowed_special=()))
+        return list(zip(starts, [*starts[1:], len(decoded)]))
 
     def truncate(self, text: str, limit: int) -> str:
         """``text`` cut after the token that makes it ``limit`` tokens long (special tokens included)."""

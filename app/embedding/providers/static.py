@@ -84,6 +84,10 @@ class StaticEmbedder:
             vectors[known] = np.add.reduceat(rows, starts, axis=0) / lengths[known, None]
         return vectors
 
+    def token_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [list(encoding.offsets) for encoding in encodings]
+
     def close(self) -> None:
         self._rows = None
 

@@ -100,6 +100,12 @@ class TransformerEmbedder:
             hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
             return _pool(hidden, mask, self._pooling).cpu().numpy()
 
+    def token_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        encoded = self._tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False,
+                                  return_offsets_mapping=True, return_attention_mask=False,
+                                  return_token_type_ids=False)["offset_mapping"]
+        return [[(start, end) for start, end in spans] for spans in encoded]
+
     def close(self) -> None:
         self._model = None
         if self.device.startswith("cuda"):
