@@ -1,6 +1,6 @@
 """Long documents: a migration from truncated all-MiniLM-L6-v2 to the same model chunked, through the CLI.
 
-    python benchmarks/bench_chunking.py               # 5,183 SciFact abstracts (about 15 min on 2 cores)
+    python benchmarks/bench_chunking.py               # 5,183 SciFact abstracts (about 20 min on 2 cores)
     python benchmarks/bench_chunking.py --docs 1000   # a quick look (nDCG on a partial corpus)
 
 Prints:
@@ -26,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,54 +49,83 @@ from tests.harness import Harness, change, run_segue, wait_for  # noqa: E402
 TRUNCATED, CHUNKED = "minilm", "minilm-chunked"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=None, help="only the first N abstracts")
-    parser.add_argument("--splitter", default="sentences")
-    parser.add_argument("--chunk-size", type=int, default=224)
-    parser.add_argument("--chunk-overlap", type=int, default=48)
-    parser.add_argument("--chunk-title", default="first_line")
-    args = parser.parse_args()
+POLICY = {"splitter": "sentences", "chunk-size": "224", "chunk-overlap": "48", "chunk-title": "first_line"}
+
+
+@dataclass(frozen=True)
+class ChunkingResult:
+    """What one run measured (see the module's docstring)."""
+
+    documents: int
+    chunks: int
+    backfill_s: float
+    ndcg_truncated: float
+    ndcg_chunked: float
+    verdict: str
+    evaluation: str  # segue eval's lines
+    cutover_exit: int
+    edit: tuple[int, int]  # (chunks re-embedded, chunks of the document)
+    bytes_a_document: tuple[float, float]  # (one vector, the chunk table and its indexes)
+    documents_per_s: tuple[float, float]  # written by the store: (one vector each, 5 chunks each)
+
+    def describe(self) -> str:
+        return (f"nDCG@10 {self.ndcg_truncated:.4f} truncated vs {self.ndcg_chunked:.4f} best chunk "
+                f"(Δ {self.ndcg_chunked - self.ndcg_truncated:+.4f}): {self.verdict}")
+
+
+def measure(docs: int | None = None, policy: dict[str, str] = POLICY, *, say=print) -> ChunkingResult:
+    """Store ``docs`` SciFact abstracts with truncated MiniLM, migrate to MiniLM chunked by ``policy`` (the
+    ``migrate start`` options) through the CLI, and measure (``say`` prints as it goes)."""
     h = Harness(Path(tempfile.mkdtemp(prefix="segue-bench-chunking-")))
     env = {**production_env(h), "SEGUE_MAX_TEXT_BYTES": "200000"}
     try:
-        corpus = list(scifact_documents(args.docs))
+        corpus = list(scifact_documents(docs))
         engine = EmbeddingEngine(device="cpu")
         with connections.connect(h.settings, h.database_url) as conn:
             truncated = registry.register_model(conn, TRUNCATED, str(minilm_path()))
             started = time.perf_counter()
             store_embedded(conn, corpus, {truncated: engine.embed_sync(truncated, [d.text for d in corpus])})
-            print(f"stored {len(corpus)} abstracts with {TRUNCATED} (truncated at 256 tokens) in "
-                  f"{time.perf_counter() - started:.0f} s")
+            say(f"stored {len(corpus)} abstracts with {TRUNCATED} (truncated at 256 tokens) in "
+                f"{time.perf_counter() - started:.0f} s")
         engine.close()
         worker = h.start_worker(env)
-        policy = ["--splitter", args.splitter, "--chunk-size", str(args.chunk_size), "--chunk-overlap",
-                  str(args.chunk_overlap), "--chunk-title", args.chunk_title]
-        print(f"$ segue migrate start --to {CHUNKED} --source <all-MiniLM-L6-v2> {' '.join(policy)}")
-        print(run_segue("migrate", "start", "--to", CHUNKED, "--source", str(minilm_path()), *policy,
-                        env=env).stdout.strip())
+        options = [part for name, value in policy.items() for part in (f"--{name}", value)]
+        say(f"$ segue migrate start --to {CHUNKED} --source <all-MiniLM-L6-v2> {' '.join(options)}")
+        say(run_segue("migrate", "start", "--to", CHUNKED, "--source", str(minilm_path()), *options,
+                      env=env).stdout.strip())
         started = time.perf_counter()
         run_segue("backfill", "--wait", env=env, timeout=7200)
         took = time.perf_counter() - started
         chunked = registry_spec(h, CHUNKED)
         chunks, tokens = h.sql(sql.SQL("SELECT count(*), sum(tokens) FROM {}").format(
             model_columns.chunk_table(chunked.version)))[0]
-        print(f"backfill of {len(corpus)} documents: {took:.0f} s, {len(corpus) / took:.1f} documents/s, "
-              f"{chunks / took:.1f} chunks/s; {chunks} chunks ({chunks / len(corpus):.2f} a document), "
-              f"{tokens} tokens ({tokens / chunks:.0f} a chunk)")
-        evaluated = run_segue("eval", "--scifact", env=env, timeout=3600)
-        print(evaluated.stdout.strip())
-        row = h.sql("SELECT old_value, new_value, verdict FROM model_evaluations ORDER BY id DESC LIMIT 1")[0]
-        print(f"nDCG@10 SciFact: {TRUNCATED} truncated {row[0]:.4f}, {CHUNKED} max-sim {row[1]:.4f} "
-              f"(Δ {row[1] - row[0]:+.4f}); verdict recorded: {row[2]}")
+        say(f"backfill of {len(corpus)} documents: {took:.0f} s, {len(corpus) / took:.1f} documents/s, "
+            f"{chunks / took:.1f} chunks/s; {chunks} chunks ({chunks / len(corpus):.2f} a document), "
+            f"{tokens} tokens ({tokens / chunks:.0f} a chunk)")
+        evaluation = run_segue("eval", "--scifact", env=env, timeout=3600).stdout.strip()
+        say(evaluation)
+        old, new, verdict = h.sql("SELECT old_value, new_value, verdict FROM model_evaluations ORDER BY id DESC"
+                                  " LIMIT 1")[0]
         cutover = run_segue("migrate", "cutover", env=env, check=False)
-        print(f"$ segue migrate cutover → exit {cutover.returncode}: {(cutover.stdout + cutover.stderr).strip()}")
-        edit_one_paragraph(h, chunked, corpus)
-        storage(h, chunked, len(corpus))
+        say(f"$ segue migrate cutover → exit {cutover.returncode}: {(cutover.stdout + cutover.stderr).strip()}")
+        edit = edit_one_paragraph(h, chunked, corpus, say)
+        stored = storage(h, chunked, len(corpus), say)
         h.stop_worker(worker)
-        write_rates(h)
+        rates = write_rates(h, say=say)
+        return ChunkingResult(len(corpus), chunks, took, old, new, verdict, evaluation, cutover.returncode, edit,
+                              stored, rates)
     finally:
         h.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=None, help="only the first N abstracts")
+    for name, default in POLICY.items():
+        parser.add_argument(f"--{name}", default=default)
+    args = parser.parse_args()
+    result = measure(args.docs, {name: getattr(args, name.replace("-", "_")) for name in POLICY})
+    print(result.describe())
 
 
 def registry_spec(h: Harness, name: str):
@@ -103,7 +133,7 @@ def registry_spec(h: Harness, name: str):
         return registry.get_model(conn, name).spec
 
 
-def edit_one_paragraph(h: Harness, spec, corpus) -> None:
+def edit_one_paragraph(h: Harness, spec, corpus, say=print) -> tuple[int, int]:
     """A document of SciFact abstracts as paragraphs, 20 chunks or more; then one word of one paragraph changed."""
     paragraphs = [d.text.split("\n\n", 1)[-1] for d in corpus[:40]]
     for count in range(4, 41):
@@ -125,11 +155,12 @@ def edit_one_paragraph(h: Harness, spec, corpus) -> None:
     detail = wait_for(lambda: h.scalar("SELECT detail FROM migration_changelog WHERE doc_id = 'long-doc'"
                                        " AND doc_version = %s AND model_version = %s AND action = 'embedded'",
                                        (version, spec.version)), timeout=600, what="the edit embedded")
-    print(f"edit of one word in paragraph {middle} of {count} (a {held}-chunk document): "
-          f"{detail['chunks_embedded']} of {detail['chunks']} chunks re-embedded")
+    say(f"edit of one word in paragraph {middle} of {count} (a {held}-chunk document): "
+        f"{detail['chunks_embedded']} of {detail['chunks']} chunks re-embedded")
+    return detail["chunks_embedded"], detail["chunks"]
 
 
-def storage(h: Harness, spec, documents: int) -> None:
+def storage(h: Harness, spec, documents: int, say=print) -> tuple[float, float]:
     with connections.connect(h.settings, h.database_url) as conn:
         model_columns.create_index(conn, spec.version, m=16, ef_construction=64, memory_mb=512)
         table, index, rows = conn.execute(
@@ -138,12 +169,14 @@ def storage(h: Harness, spec, documents: int) -> None:
         truncated = registry.get_model(conn, TRUNCATED).spec
         column = conn.execute(sql.SQL("SELECT sum(pg_column_size({})) FROM documents").format(
             model_columns.vector_column(truncated.version))).fetchone()[0]
-    print(f"storage: one vector a document {column / 2**20:.1f} MiB ({column / documents:.0f} B a document); "
-          f"chunk table {table / 2**20:.1f} MiB + {index / 2**20:.1f} MiB of indexes "
-          f"({(table + index) / documents:.0f} B a document, {(table + index) / column:.1f}×)")
+    say(f"storage: one vector a document {column / 2**20:.1f} MiB ({column / documents:.0f} B a document); "
+        f"chunk table {table / 2**20:.1f} MiB + {index / 2**20:.1f} MiB of indexes "
+        f"({(table + index) / documents:.0f} B a document, {(table + index) / column:.1f}×)")
+    return column / documents, (table + index) / documents
 
 
-def write_rates(h: Harness, documents: int = 5000, chunks: int = 5, dim: int = 384) -> None:
+def write_rates(h: Harness, documents: int = 5000, chunks: int = 5, dim: int = 384,
+                say=print) -> tuple[float, float]:
     """Documents written through Store.upsert_documents: one vector each, then one vector and ``chunks`` chunks."""
     with connections.connect(h.settings, h.database_url) as conn:
         whole = registry.register_model(conn, "write-whole", "bench", profile=ModelProfile(
@@ -174,11 +207,13 @@ def write_rates(h: Harness, documents: int = 5000, chunks: int = 5, dim: int = 3
         await store.close()
         return time.perf_counter() - started
 
+    rates = []
     for label, spec, with_chunks in (("one vector a document", whole, False),
                                      (f"{chunks} chunks a document", cut, True)):
-        seconds = asyncio.run(write(rows(label.split()[0], spec, with_chunks), spec))
-        print(f"write rate, {label} ({dim}-d, batches of 256, no index): {documents / seconds:,.0f} documents/s"
-              + (f", {documents * chunks / seconds:,.0f} chunk rows/s" if with_chunks else ""))
+        rates.append(documents / asyncio.run(write(rows(label.split()[0], spec, with_chunks), spec)))
+        say(f"write rate, {label} ({dim}-d, batches of 256, no index): {rates[-1]:,.0f} documents/s"
+            + (f", {rates[-1] * chunks:,.0f} chunk rows/s" if with_chunks else ""))
+    return rates[0], rates[1]
 
 
 if __name__ == "__main__":

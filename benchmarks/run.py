@@ -23,8 +23,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import (  # noqa: E402
+    bench_chunking,
     bench_cold_start,
     bench_engine,
+    bench_import_chunks,
     bench_pipeline,
     bench_progress,
     bench_read_miss,
@@ -163,9 +165,35 @@ def progress(args: argparse.Namespace) -> Iterator[Row]:
               timing.max_ms <= 100 and timing.exact)
 
 
+def chunking(args: argparse.Namespace) -> Iterator[Row]:
+    run = bench_chunking.measure(say=lambda line: None)
+    policy = ", ".join(f"{name} {value}" for name, value in bench_chunking.POLICY.items())
+    yield Row(f"SciFact nDCG@10, all-MiniLM-L6-v2 truncated at 256 tokens vs chunked ({policy}), best chunk",
+              "printed, with `segue eval`'s verdict", run.describe(), None)
+    yield Row("A migration from the truncated model to the chunked one through the CLI", "works end to end, gate "
+              "included", f"backfill of {run.documents:,} documents ({run.chunks:,} chunks) in {run.backfill_s:.0f} s, "
+              f"eval {run.verdict}, `migrate cutover` exit {run.cutover_exit}",
+              run.verdict == "pass" and run.cutover_exit == 0)
+    embedded, held = run.edit
+    yield Row("Edit one paragraph of a 20-chunk document", "only the touched chunks re-embedded",
+              f"{embedded} of {held} chunks", embedded <= 2)
+    whole, chunked = run.bytes_a_document
+    one, five = run.documents_per_s
+    yield Row("Chunk-table storage and write rate vs one vector a document (384-d, 5 chunks a document, no index)",
+              "printed", f"{chunked:,.0f} vs {whole:,.0f} bytes a document ({chunked / whole:.1f}×); "
+              f"{five:,.0f} documents/s ({5 * five:,.0f} chunk rows/s) vs {one:,.0f}", None)
+
+
+def import_chunks(args: argparse.Namespace) -> Iterator[Row]:
+    rates = bench_import_chunks.measure(say=lambda line: None)
+    yield Row(f"`segue import` of a {rates.rows:,}-row chunk table, 384-d", "≥ 20,000 rows/s",
+              f"{rates.first:,.0f} rows/s; again with nothing newer {rates.again:,.0f}", rates.first >= 20_000)
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], Iterator[Row]]] = {
     "gpu": gpu_encode, "gpu-pipeline": gpu_pipeline, "engine": cpu_engine, "pipeline": pipeline,
     "write-ceiling": write_ceiling, "read-misses": read_misses, "cold-start": cold_start, "progress": progress,
+    "chunking": chunking, "import-chunks": import_chunks,
 }
 
 
