@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 
@@ -38,8 +39,8 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
     """Enqueue every document lacking a current vector, at low priority; resumable.
 
     The workers embed what is enqueued; --wait follows them to the end. With --max-usd the
-    documents' tokens are counted with the model's tokenizer (after truncation) as they are
-    enqueued, and the run stops before their price exceeds it. Interrupted (Ctrl-C), it
+    documents' tokens are counted with the model's tokenizer (after truncation; a chunked model's over its
+    chunks) as they are enqueued, and the run stops before their price exceeds it. Interrupted (Ctrl-C), it
     resumes where it stopped when run again.
     """
     from segue.control.backfill import BackfillLimits, run_backfill
@@ -61,14 +62,14 @@ def backfill(settings: Settings, name: str | None, rate: float | None, max_docs:
                 engine.close()
         engine = None
         if max_usd is not None:
+            from segue.control.plan import tokens_given
             from segue.embedding.engine import EmbeddingEngine
 
             engine = EmbeddingEngine.from_settings(settings)
         limits = BackfillLimits(
             rate=rate, max_docs=max_docs, max_gpu_seconds=max_gpu_seconds, throughput=throughput, max_usd=max_usd,
             price_per_million_tokens=spec.config.get("price_per_million_tokens"),
-            count_tokens=engine and (lambda texts: [min(count, spec.max_tokens or count)
-                                                    for count in engine.count_tokens(spec, texts)]))
+            count_tokens=engine and functools.partial(tokens_given, engine, spec))
         try:
             outcome = asyncio.run(run_backfill(settings, conn, bootstrap, spec, limits, page_size=page_size,
                                                console=console))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -157,10 +157,12 @@ def sample_texts(conn: psycopg.Connection, size: int) -> list[str]:
 
 
 def measure_throughput(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> float:
-    """Documents per second embedding ``texts`` (after one warm-up batch)."""
-    engine.embed_counted_sync(model, texts[:2])
+    """Documents per second ``model`` embeds ``texts`` at (a chunked model: every chunk of them), after one warm-up
+    batch."""
+    embedded = [piece for pieces in embedded_texts(engine, model, texts) for piece in pieces]
+    engine.embed_counted_sync(model, embedded[:2])
     started = time.perf_counter()
-    engine.embed_counted_sync(model, texts)
+    engine.embed_counted_sync(model, embedded)
     return len(texts) / (time.perf_counter() - started)
 
 
@@ -175,10 +177,10 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     model reads use now) counts its truncations on the same sample, for comparison.
     """
     texts = sample_texts(conn, sample)
-    embedded = chunk_texts(engine, model, texts)
-    throughput = measure_throughput(engine, model, embedded) * len(texts) / len(embedded)
-    tokens = engine.count_tokens(model, embedded)
-    used = sum(min(count, model.max_tokens) if model.max_tokens else count for count in tokens)
+    pieces = [piece for text in embedded_texts(engine, model, texts) for piece in text]
+    throughput = measure_throughput(engine, model, texts)
+    tokens = engine.count_tokens(model, pieces)
+    used = sum(_given(model, count) for count in tokens)
     stored = model_columns.document_count(conn)
     todo = stored if documents_to_embed is None else documents_to_embed
     price = model.config.get("price_per_million_tokens")
@@ -188,7 +190,7 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     seconds = todo / throughput
     tokens_to_embed = todo * used / max(len(texts), 1)
     shape = table_shape(conn)
-    per_document = len(embedded) / len(texts) if model.chunked else None
+    per_document = len(pieces) / len(texts) if model.chunked else None
     chunk_bytes = round(stored * per_document * chunk_row_bytes(model.dim)) if per_document else 0
     not_hot = not_hot_share(shape.room)
     intervals, wal_max = checkpointed_fill_wal(conn, todo, model.dim, shape, not_hot, seconds)
@@ -224,13 +226,26 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     )
 
 
-def chunk_texts(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> list[str]:
-    """What ``model`` embeds of ``texts``: the texts themselves, or a chunked model's chunks of them."""
+def embedded_texts(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> list[list[str]]:
+    """What ``model`` embeds of each text: the text itself, or a chunked model's chunks of it."""
     policy = chunking.policy_of(model)
     if policy is None:
-        return texts
-    spans = asyncio.run(engine.token_spans(model, texts))
-    return [chunk.text for text, found in zip(texts, spans) for chunk in chunking.split(policy, text, found)]
+        return [[text] for text in texts]
+    spans = engine.token_spans_sync(model, texts)
+    return [[chunk.text for chunk in chunking.split(policy, text, found)] for text, found in zip(texts, spans)]
+
+
+def tokens_given(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> list[int]:
+    """Tokens ``model`` is given for each text after truncation (what an API model bills): a chunked model's are
+    those of every chunk, its carried title and overlaps included."""
+    pieces = embedded_texts(engine, model, texts)
+    counts = iter(engine.count_tokens(model, [piece for text in pieces for piece in text]))
+    return [sum(_given(model, count) for count in itertools.islice(counts, len(text))) for text in pieces]
+
+
+def _given(model: ModelSpec, count: int) -> int:
+    """Tokens ``model`` is given of an input ``count`` tokens long: its input limit at most."""
+    return min(count, model.max_tokens) if model.max_tokens else count
 
 
 CHUNK_KEY_BYTES = 4 * 4 + 25  # a chunk row's four integers and a doc_id of about 24 characters

@@ -123,15 +123,21 @@ def split(policy: ChunkingPolicy, body: str, spans: Spans) -> list[Chunk]:
         first, last = bisect.bisect_left(starts, section[0]), bisect.bisect_left(starts, section[1])
         units = [(bisect.bisect_left(starts, a), bisect.bisect_left(starts, b))
                  for a, b in _units(policy, body, section)]
-        for a, b in _pack(policy, [(a, b) for a, b in units if a < b] or [(first, last)]):
-            if a == b:
-                continue
-            start, end = spans[a][0], max(e for _, e in spans[a:b])
-            chunks.append(Chunk(start, end, "\n".join([line for line in (title, heading) if line] + [body[start:end]]),
-                                b - a))
-    if not chunks:  # no tokens outside the title and headings: the whole body, as a model that does not chunk
-        return [Chunk(0, len(body), body, len(spans))]
-    return chunks
+        carried = [line for line in (title, heading) if line]
+        chunks += [_chunk(body, spans, a, b, carried)
+                   for a, b in _pack(policy, [(a, b) for a, b in units if a < b] or [(first, last)]) if a < b]
+    if chunks:
+        return chunks
+    if not spans:  # no tokens at all (an empty or blank body): one empty chunk, as a model that does not chunk
+        return [Chunk(0, len(body), body, 0)]
+    # Every token is in the title or a heading: the body's own token windows, carrying nothing.
+    return [_chunk(body, spans, a, b, []) for a, b in _windows(policy, 0, len(spans))]
+
+
+def _chunk(body: str, spans: Spans, a: int, b: int, carried: list[str]) -> Chunk:
+    """The chunk of tokens ``[a, b)`` of ``body``, after the ``carried`` lines (title, heading)."""
+    start, end = spans[a][0], max(e for _, e in spans[a:b])
+    return Chunk(start, end, "\n".join(carried + [body[start:end]]), b - a)
 
 
 def _title(policy: ChunkingPolicy, body: str) -> tuple[str, int]:

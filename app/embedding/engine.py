@@ -244,6 +244,10 @@ class EmbeddingEngine:
         """Tokens each text takes as ``spec``'s input, before truncation (in the caller's thread)."""
         return self._loaded(spec).prepare(texts).tokens
 
+    def token_spans_sync(self, spec: ModelSpec, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Like :meth:`token_spans`, but in the caller's thread (like :meth:`count_tokens`)."""
+        return self._loaded(spec).token_spans(list(texts))
+
     async def token_spans(self, spec: ModelSpec, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         """Where each text's tokens are under ``spec``'s tokenizer (a chunked model's splitter needs them), found on
         the tokenizer thread."""

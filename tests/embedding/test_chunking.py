@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from segue.embedding.chunking import ChunkingPolicy, chunked_profile, split
@@ -49,6 +49,8 @@ def excluded_lines(policy: ChunkingPolicy, body: str) -> list[tuple[int, int]]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=policies, body=bodies)
+@example(policy=ChunkingPolicy(splitter="markdown", size=1), body="## cells.")  # headings only: windows of them
+@example(policy=ChunkingPolicy(splitter="markdown", size=2, title="first_line"), body="A title\n## cells divide.")
 def test_chunks_fit_the_size_cover_the_body_and_say_where_they_are(tokenizer, policy, body):
     spans = spans_of(tokenizer, body)
     chunks = split(policy, body, spans)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from segue.client.reader import SegueReader
-from segue.control import migration, registry
+from segue.control import migration, plan, registry
 from segue.embedding import chunking, providers
 from segue.embedding.engine import EmbeddingEngine
 from segue.schemas.events import encode_read_miss
@@ -65,10 +65,7 @@ def uid(prefix: str) -> str:
 
 
 def expected_chunks(engine: EmbeddingEngine, spec, body: str) -> list[chunking.Chunk]:
-    import asyncio
-
-    spans = asyncio.run(engine.token_spans(spec, [body]))[0]
-    return chunking.split(chunking.policy_of(spec), body, spans)
+    return chunking.split(chunking.policy_of(spec), body, engine.token_spans_sync(spec, [body])[0])
 
 
 def chunk_rows(h: Harness, spec, doc_id: str) -> list[tuple]:
@@ -119,6 +116,18 @@ def test_a_change_writes_its_chunks_with_offsets_and_the_document_vector_is_thei
     stored = ch.scalar(sql.SQL("SELECT {} FROM documents WHERE doc_id = %s").format(
         model_columns.vector_column(spec.version)), (doc_id,)).to_numpy()
     assert np.allclose(stored, mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_a_dollar_budget_counts_the_tokens_the_worker_gives_every_chunk(ch, spec, local_engine):
+    doc_id = uid("budget")
+    body = long_document(20)
+    ch.publish_changes([(doc_id, change(doc_id, body, 1))])
+    wait_for(lambda: embedded_detail(ch, spec, doc_id, 1), what="the chunked model's embedded row")
+    worker_used = ch.scalar("SELECT tokens_used FROM migration_changelog WHERE doc_id = %s AND model_version = %s"
+                            " AND action = 'embedded'", (doc_id, spec.version))
+    [counted] = plan.tokens_given(local_engine, spec, [body])
+    assert counted == worker_used
+    assert counted >= local_engine.count_tokens(spec, [body])[0] > spec.max_tokens  # all of it, not a truncation
 
 
 def test_editing_one_paragraph_re_embeds_only_its_chunks(ch, spec, local_engine):
