@@ -3,6 +3,7 @@ read misses, and reads that rank documents by their best chunk, alone and merged
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import numpy as np
@@ -298,6 +299,12 @@ def test_the_cli_plans_a_chunked_model_and_refuses_a_chunk_over_its_input_limit(
     planned = ch.segue("migrate", "plan", "--to", "planned", "--source", source, "--splitter", "sentences",
                        "--chunk-size", "16", "--sample", "8").stdout
     assert "chunks to embed: ≈" in planned and "a document in the sample" in planned
+    dim = int(re.search(r"model planned: (\d+)-d", planned).group(1))
+    chunks_a_document = float(re.search(r"\(([\d.]+) a document in the sample\)", planned).group(1))
+    wal_a_document = re.search(r"WAL to fill the column and the chunk table: ≈ [\d.,]+ MiB \(([\d,]+) bytes a document",
+                               planned).group(1)
+    assert int(wal_a_document.replace(",", "")) > chunks_a_document * plan.chunk_row_bytes(dim) > 0
+    assert "bytes a document: its vector, its hash and its chunks; 4·" in planned
 
     refused = ch.segue("models", "add", "too-wide", "--source", source, "--chunk-size", "500", check=False)
     assert refused.returncode == 1
