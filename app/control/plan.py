@@ -161,11 +161,16 @@ def sample_texts(conn: psycopg.Connection, size: int) -> list[str]:
 def measure_throughput(engine: EmbeddingEngine, model: ModelSpec, texts: list[str]) -> float:
     """Documents per second ``model`` embeds ``texts`` at (a chunked model: every chunk of them), after one warm-up
     batch."""
-    embedded = [piece for pieces in embedded_texts(engine, model, texts) for piece in pieces]
-    engine.embed_counted_sync(model, embedded[:2])
+    pieces = [piece for text in embedded_texts(engine, model, texts) for piece in text]
+    return _documents_per_second(engine, model, pieces, len(texts))
+
+
+def _documents_per_second(engine: EmbeddingEngine, model: ModelSpec, pieces: list[str], documents: int) -> float:
+    """Documents per second, embedding the ``pieces`` (texts or chunks) of ``documents`` after one warm-up batch."""
+    engine.embed_counted_sync(model, pieces[:2])
     started = time.perf_counter()
-    engine.embed_counted_sync(model, embedded)
-    return len(texts) / (time.perf_counter() - started)
+    engine.embed_counted_sync(model, pieces)
+    return documents / (time.perf_counter() - started)
 
 
 def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *, sample: int,
@@ -180,7 +185,7 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     """
     texts = sample_texts(conn, sample)
     pieces = [piece for text in embedded_texts(engine, model, texts) for piece in text]
-    throughput = measure_throughput(engine, model, texts)
+    throughput = _documents_per_second(engine, model, pieces, len(texts))
     tokens = engine.count_tokens(model, pieces)
     used = sum(_given(model, count) for count in tokens)
     stored = model_columns.document_count(conn)
@@ -193,9 +198,10 @@ def plan(conn: psycopg.Connection, engine: EmbeddingEngine, model: ModelSpec, *,
     tokens_to_embed = todo * used / max(len(texts), 1)
     shape = table_shape(conn)
     per_document = len(pieces) / len(texts) if model.chunked else None
-    chunk_bytes = round(stored * per_document * chunk_row_bytes(model.dim)) if per_document else 0
-    # A chunk row's insert logs about what it stores (a 384-d row, foreign key checked: 1,867 B of WAL, 2,081 stored).
-    chunk_wal = round(todo * per_document * chunk_row_bytes(model.dim)) if per_document else 0
+    # Chunk-table bytes a document; a chunk row's insert logs about what it stores (a 384-d row, foreign key
+    # checked: 1,867 B of WAL, 2,081 stored).
+    chunks_a_document = (per_document or 0) * chunk_row_bytes(model.dim)
+    chunk_bytes, chunk_wal = round(stored * chunks_a_document), round(todo * chunks_a_document)
     not_hot = not_hot_share(shape.room)
     intervals, wal_max = checkpointed_fill_wal(conn, todo, model.dim, shape, not_hot, seconds)
     return MigrationPlan(
